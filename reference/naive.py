@@ -1,0 +1,46 @@
+"""The step-by-step recurrence of Gated Slot Attention: the ground truth every other form is checked against."""
+from __future__ import annotations
+
+import torch
+
+from reference._inputs import compute_dtype, initial_states, sequence_bounds
+
+
+def naive_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+                        cu_seqlens=None):
+    """o, (hk, hv) = GSA by its recurrence, one token at a time (SPEC section 1).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
+    float32 otherwise; o is returned in q's dtype, the final states in the compute dtype.
+    """
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = compute_dtype(q), q.dtype
+    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
+    bounds = sequence_bounds(B, T, cu_seqlens)
+    hk0, hv0 = initial_states(initial_state, len(bounds), H, K, M, V, dt, q.device)
+
+    outputs, final_hk, final_hv = [], [], []
+    for n, (b, start, end) in enumerate(bounds):
+        hk, hv = hk0[n], hv0[n]                              # [H, K, M], [H, M, V]
+        seq_out = []
+        for t in range(start, end):
+            alpha = g[b, t].exp()                            # [H, M]
+            hk = hk * alpha[:, None, :] + k[b, t, :, :, None] * s[b, t, :, None, :]
+            hv = hv * alpha[:, :, None] + s[b, t, :, :, None] * v[b, t, :, None, :]
+            scores = scale * torch.einsum('hk,hkm->hm', q[b, t], hk)
+            p = scores.softmax(-1)
+            seq_out.append(torch.einsum('hm,hmv->hv', p, hv))
+        outputs.append(torch.stack(seq_out, 0) if seq_out else v.new_zeros(0, H, V))
+        final_hk.append(hk)
+        final_hv.append(hv)
+
+    if cu_seqlens is None:
+        o = torch.stack(outputs, 0)
+    else:
+        o = torch.cat(outputs, 0)[None]
+    o = o.to(out_dtype)
+    if not output_final_state:
+        return o, (None, None)
+    return o, (torch.stack(final_hk, 0), torch.stack(final_hv, 0))

@@ -1,0 +1,34 @@
+"""One switch for every kernel test: CUDA when a GPU is present, Triton's interpreter on CPU otherwise.
+
+TRITON_INTERPRET must be set before triton is first imported, so this runs at conftest import,
+before any test module (or gsa_kernels) imports triton.
+"""
+import os
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Kernel tests run their tensors here: "cuda" on a GPU, "cpu" under the interpreter.
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=False, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "thorough", max_examples=600, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=15, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def device():
+    return DEVICE
