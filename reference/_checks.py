@@ -1,0 +1,63 @@
+"""Input validation shared by the quadratic and chunked reference forms.
+
+Errors name the argument, what it is and what was expected, so that a wrong call fails here and
+not deep inside an einsum.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> int:
+    """Raise TypeError/ValueError on malformed inputs; return N, the number of sequences."""
+    named = dict(q=q, k=k, v=v, s=s, g=g)
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {_describe(x)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, *], got {_describe(x)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {_describe(x)}")
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    expected = dict(k=(B, T, H, K), v=(B, T, H, V), s=(B, T, H, M), g=(B, T, H, M))
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from q [B, T, H, K] = {tuple(q.shape)}, "
+                             f"v [.., V] and s [.., M]), got {_describe(named[name])}")
+
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+                or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of N+1 >= 2 offsets, "
+                             f"got {_describe(cu_seqlens)}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got q {_describe(q)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={T}, got {cu}")
+        N = len(cu) - 1
+
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError(f"initial_state must be a pair (hk0, hv0), got {_describe(initial_state)}")
+        for name, x, shape in (("hk0", initial_state[0], (N, H, K, M)), ("hv0", initial_state[1], (N, H, M, V))):
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"initial_state {name} must be a floating-point tensor, got {_describe(x)}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"initial_state {name} must have shape {shape} ([N, H, ...] with N = "
+                                 f"{'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got {_describe(x)}")
+            if x.device != q.device:
+                raise ValueError(f"initial_state {name} must be on q's device {q.device}, got {_describe(x)}")
+    return N

@@ -1,0 +1,80 @@
+"""The masked quadratic form of Gated Slot Attention (SPEC section 1): all time steps at once.
+
+Every output step sees every earlier step through a [T, T, M] tensor of decays, so it costs
+O(T^2 M) memory and serves short sequences. It has no loop over time, which makes it an
+independent check of the recurrence and of the chunked algorithm.
+"""
+from __future__ import annotations
+
+import torch
+
+from reference._checks import check_inputs
+from reference._inputs import compute_dtype, initial_states, sequence_bounds
+
+
+def _causal_decay(gc: torch.Tensor) -> torch.Tensor:
+    """exp(Gc_t - Gc_j) for j <= t, exactly 0 above the diagonal: [B, H, T, T, M] from gc [B, H, T, M].
+
+    The difference is masked before exp, so the positive exponents above the diagonal (which
+    overflow for very negative gates) never reach exp, in the forward or the backward pass.
+    """
+    T = gc.shape[2]
+    diff = gc[:, :, :, None, :] - gc[:, :, None, :, :]                   # [B, H, t, j, M]
+    causal = torch.ones(T, T, dtype=torch.bool, device=gc.device).tril()
+    return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
+
+
+def _quadratic_core(q, k, v, s, g, scale, hk0, hv0):
+    """o [B, T, H, V], hk [B, H, K, M], hv [B, H, M, V] for B independent sequences of one length."""
+    q, k, v, s, g = (x.transpose(1, 2) for x in (q, k, v, s, g))       # [B, H, T, *]
+    gc = g.cumsum(2)                                                     # Gc_t, log decay since t=0
+    # w[t, j, m] = s_j[m] exp(Gc_t - Gc_j): how much of step j's slot write survives at step t
+    w = s[:, :, None, :, :] * _causal_decay(gc)                          # [B, H, t, j, M]
+
+    # keys side: scores over slots, then the slot softmax
+    qk = q @ k.transpose(-1, -2)                                         # [B, H, t, j]
+    scores = torch.einsum("bhtj,bhtjm->bhtm", qk, w) + (q @ hk0) * gc.exp()
+    p = (scale * scores).softmax(-1)
+
+    # values side: read the value memory with the slot weights p
+    av = torch.einsum("bhtm,bhtjm->bhtj", p, w)                          # [B, H, t, j]
+    o = av @ v + (p * gc.exp()) @ hv0
+
+    # final states: every write decayed to the last step (exponents <= 0 there, no mask needed)
+    if q.shape[2] == 0:
+        return o.transpose(1, 2), hk0, hv0
+    tail = s * (gc[:, :, -1:, :] - gc).exp()                             # [B, H, T, M]
+    hk = hk0 * gc[:, :, -1, None, :].exp() + k.transpose(-1, -2) @ tail
+    hv = hv0 * gc[:, :, -1, :, None].exp() + tail.transpose(-1, -2) @ v
+    return o.transpose(1, 2), hk, hv
+
+
+def quadratic_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+                  cu_seqlens=None):
+    """o, (hk, hv) = GSA by the masked quadratic form; same contract as naive_recurrent_gsa.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
+    float32 otherwise; o is returned in q's dtype, the final states [N, H, K, M] and [N, H, M, V]
+    in the compute dtype (or (None, None) without output_final_state).
+    """
+    N = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = compute_dtype(q), q.dtype
+    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
+    hk0, hv0 = initial_states(initial_state, N, H, K, M, V, dt, q.device)
+
+    if cu_seqlens is None:
+        o, hk, hv = _quadratic_core(q, k, v, s, g, scale, hk0, hv0)
+    else:
+        # sequences differ in length: one batch of one per sequence
+        parts = [_quadratic_core(*(x[:, start:end] for x in (q, k, v, s, g)), scale,
+                                 hk0[n:n + 1], hv0[n:n + 1])
+                 for n, (_, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens))]
+        o = torch.cat([part[0] for part in parts], 1)
+        hk = torch.cat([part[1] for part in parts], 0)
+        hv = torch.cat([part[2] for part in parts], 0)
+
+    o = o.to(out_dtype)
+    return (o, (hk, hv)) if output_final_state else (o, (None, None))
