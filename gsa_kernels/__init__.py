@@ -1,0 +1,5 @@
+"""gsa-kernels: Gated Slot Attention as Triton kernels, a drop-in for flash-linear-attention's fla.ops.gsa."""
+from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.configs import last_configs
+
+__all__ = ["chunk_gsa", "last_configs"]

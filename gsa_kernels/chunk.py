@@ -1,0 +1,199 @@
+"""chunk_gsa: launchers of the chunkwise kernels and the autograd Function that only calls them.
+
+Forward, 2 launches:  states_fwd (hk, hv at every chunk start, and the final states)
+                      -> chunk_fwd (scores, softmax, o per chunk).
+Backward, 3 launches: chunk_bwd_dscores (dz, dG_loc per chunk) -> states_bwd (dhk, dhv at every
+                      chunk end, and the initial-state gradients) -> chunk_bwd (dq, dk, dv, ds, dg).
+Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
+No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from gsa_kernels.checks import check_inputs
+from gsa_kernels.configs import launch_config
+from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_kernel
+from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
+from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get IEEE float32 dots (the contract is 1e-5); half inputs get tf32 for the dots
+    whose operands are float32 intermediates (states, probabilities), which bf16 would round."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class ChunkLayout:
+    """Where every chunk lives: the chunk slots of the saved states, and for varlen the device tables
+    (sequence offsets, first slot of each sequence, and (sequence, chunk) of every slot)."""
+
+    def __init__(self, B: int, T: int, BT: int, cu_seqlens: torch.Tensor | None, device):
+        self.BT, self.T = BT, T
+        self.is_varlen = cu_seqlens is not None
+        if not self.is_varlen:
+            self.N = B
+            self.num_slots = B * triton.cdiv(T, BT)
+            self.cu = self.chunk_offsets = self.table = None
+            return
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        self.N = cu.numel() - 1
+        lengths = cu[1:] - cu[:-1]
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.zeros(self.N + 1, dtype=torch.int32, device=device)
+        offsets[1:] = torch.cumsum(chunks, 0)
+        # sum_n ceil(len_n / BT) <= T // BT + N: a bound known on the host, so no sync to size the grid
+        self.num_slots = T // BT + self.N
+        slot = torch.arange(self.num_slots, dtype=torch.int32, device=device)
+        seq = torch.searchsorted(offsets[1:].contiguous(), slot, right=True).to(torch.int32)
+        valid = slot < offsets[-1]
+        seq_c = seq.clamp(max=self.N - 1)
+        within = slot - offsets[seq_c.long()]
+        table = torch.stack([torch.where(valid, seq_c, -1), torch.where(valid, within, 0)], 1)
+        self.cu, self.chunk_offsets, self.table = cu, offsets, table.to(torch.int32).contiguous()
+
+    def ptrs(self, dummy):
+        """(cu_seqlens, chunk_offsets, chunk_table) kernel arguments; a dummy where not varlen."""
+        if self.is_varlen:
+            return self.cu, self.chunk_offsets, self.table
+        return dummy, dummy, dummy
+
+
+def _grid_states(K, V, cfg, N, H):
+    return (triton.cdiv(K, cfg["BK"]) + triton.cdiv(V, cfg["BV"]), N * H)
+
+
+def _warps(cfg):
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout):
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, BT, BM = layout.N, layout.BT, max(16, triton.next_power_of_2(M))
+    prec = dot_precision(q.dtype)
+    cu, offsets, table = layout.ptrs(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, **f32)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, **f32)
+    hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
+    hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
+
+    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype)
+    states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
+        k, v, s, g, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
+        hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
+        cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    scores = torch.empty(B, T, H, M, **f32)
+    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    chunk_fwd_kernel[(layout.num_slots, H)](
+        q, k, v, s, g, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
+        H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
+
+
+def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks,
+                  layout: ChunkLayout):
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, BT, BM = layout.N, layout.BT, max(16, triton.next_power_of_2(M))
+    prec = dot_precision(q.dtype)
+    cu, offsets, table = layout.ptrs(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+
+    dz = torch.empty(B, T, H, M, **f32)
+    dG_loc = torch.empty(B, T, H, M, **f32)
+    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    chunk_bwd_dscores_kernel[(layout.num_slots, H)](
+        v, s, g, do, hv_chunks, scores, dz, dG_loc, cu, table, scale, T,
+        H=H, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+
+    dhk_chunks = torch.empty_like(hk_chunks)
+    dhv_chunks = torch.empty_like(hv_chunks)
+    dhk0 = torch.empty(N, H, K, M, **f32)
+    dhv0 = torch.empty(N, H, M, V, **f32)
+    use_dht = dhk_final is not None
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype)
+    states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
+        q, do, dz, scores, g, dhk_final if use_dht else q, dhv_final if use_dht else q,
+        dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
+        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ds, dg = torch.empty_like(s), torch.empty_like(g)
+    cfg = launch_config("chunk_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    chunk_bwd_kernel[(layout.num_slots, H)](
+        q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, scores, dz, dG_loc,
+        dq, dk, dv, ds, dg, cu, table, T,
+        H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    return dq, dk, dv, ds, dg, dhk0, dhv0
+
+
+class ChunkGSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout):
+        o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
+            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
+        ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks)
+        ctx.scale, ctx.layout = scale, layout
+        ctx.initial_dtypes = (None if hk0 is None else hk0.dtype, None if hv0 is None else hv0.dtype)
+        return o, hk_final, hv_final
+
+    @staticmethod
+    def backward(ctx, do, dhk_final, dhv_final):
+        q, k, v, s, g, scores, hk_chunks, hv_chunks = ctx.saved_tensors
+        do = torch.zeros_like(v, dtype=q.dtype) if do is None else do.contiguous()
+        if dhk_final is not None or dhv_final is not None:
+            dhk_final = torch.zeros_like(hk_chunks[:ctx.layout.N]) if dhk_final is None else dhk_final
+            dhv_final = torch.zeros_like(hv_chunks[:ctx.layout.N]) if dhv_final is None else dhv_final
+            dhk_final = dhk_final.float().contiguous()
+            dhv_final = dhv_final.float().contiguous()
+        dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
+            q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout)
+        hk_dtype, hv_dtype = ctx.initial_dtypes
+        dhk0 = None if hk_dtype is None else dhk0.to(hk_dtype)
+        dhv0 = None if hv_dtype is None else dhv0.to(hv_dtype)
+        return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None
+
+
+def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+              **kwargs):
+    """Gated Slot Attention by the chunkwise algorithm (SPEC section 2).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g <= 0, the log forget gate); one dtype among
+    float32 / float16 / bfloat16. Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M],
+    hv [N, H, M, V]) float32 final states when output_final_state, else (None, None).
+    `chunk_size` (keyword, power of two 16..128) overrides the tuned chunk length.
+    """
+    chunk_size = kwargs.pop("chunk_size", None)
+    if "head_first" in kwargs:
+        raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
+    if kwargs:
+        raise TypeError(f"chunk_gsa got unexpected keyword arguments {sorted(kwargs)}")
+    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
+    if chunk_size is not None and (chunk_size not in (16, 32, 64, 128)):
+        raise ValueError(f"chunk_size must be a power of two between 16 and 128, got {chunk_size}")
+    scale = problem.K ** -0.5 if scale is None else float(scale)
+    BT = chunk_size or launch_config("chunk", K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype)["BT"]
+
+    hk0 = hv0 = None
+    if initial_state is not None and any(x is not None for x in initial_state):
+        hk0, hv0 = initial_state
+        f32 = dict(dtype=torch.float32, device=q.device)
+        hk0 = torch.zeros(problem.N, problem.H, problem.K, problem.M, **f32) if hk0 is None else hk0
+        hv0 = torch.zeros(problem.N, problem.H, problem.M, problem.V, **f32) if hv0 is None else hv0
+    layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
+    o, hk, hv = ChunkGSAFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(),
+        None if hk0 is None else hk0.float().contiguous(), None if hv0 is None else hv0.float().contiguous(),
+        scale, bool(output_final_state), layout)
+    return o, (hk, hv)

@@ -1,0 +1,139 @@
+"""Backward of one chunk, in two launches around the reverse state walk of states.py.
+
+1. chunk_bwd_dscores_kernel (per chunk; needs only this chunk's forward state Hv):
+       dp     = exp(G) * (do Hv^T) + apply_causal(do v^T, s, G)
+       dz     = scale * p * (dp - sum_m p dp)            gradient w.r.t. the unscaled scores
+       dG_loc = dscores * scores + p * dp                the rows' own part of d loss / d G
+   dz feeds the reverse walk (dHk needs it); dG_loc waits for kernel 2.
+2. chunk_bwd_kernel (per chunk; needs Hk, Hv at the chunk start and dHk', dHv' at its end), with
+   w = s * exp(Gend - G), A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
+       dq = (dz * exp(G)) Hk^T + dA k                   dk = dA^T q + w dHk'^T
+       dv = Av^T do + w dHv'                             dAv = do v^T
+       ds = apply_anticausal(A, dz, G) + apply_anticausal(dAv, p, G)
+            + exp(Gend - G) * (k dHk' + v dHv'^T)
+       dG = dG_loc - s * ds, plus on the chunk's last row the carry through the next state:
+            exp(Gend) * (sum_k dHk' * Hk + sum_v dHv' * Hv) + sum_j s_j * (inter-chunk part of ds_j)
+       dg = reverse cumulative sum of dG within the chunk (G is a cumulative sum of g).
+"""
+import triton
+import triton.language as tl
+
+from gsa_kernels.kernels.chunk_fwd import chunk_coords
+from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, matrix_causal
+from gsa_kernels.kernels.states import chunk_gates, slot_softmax
+
+
+@triton.jit
+def chunk_bwd_dscores_kernel(v, s, g, do, hv_chunks, scores, dz, dG_loc, cu_seqlens, chunk_table,
+                             scale, T,
+                             H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                             BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                             IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    t0, eos, valid = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if valid:
+        slot = pid.to(tl.int64)
+        rows = t0 + tl.arange(0, BT)
+        row_mask = (rows < eos)[:, None]
+        m = tl.arange(0, BM)
+        slot_mask = (m < M)[None, :]
+        io_mask = row_mask & slot_mask
+        G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+        sc = tl.load(s + (rows[:, None] * H + h) * M + m[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        p = slot_softmax(scores, rows, eos, h, H, M, BM)
+
+        dph = tl.zeros((BT, BM), dtype=tl.float32)
+        dAv = tl.zeros((BT, BT), dtype=tl.float32)
+        for i in range(tl.cdiv(V, BV)):
+            vv = i * BV + tl.arange(0, BV)
+            vmask = row_mask & (vv < V)[None, :]
+            doc = tl.load(do + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            vc = tl.load(v + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
+                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
+            dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
+            dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, BT, BC, BM, PREC)
+        dscores = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        sv = tl.load(scores + (rows[:, None] * H + h) * M + m[None, :], mask=io_mask, other=0.0)
+        off = (rows[:, None] * H + h) * M + m[None, :]
+        tl.store(dz + off, scale * dscores, mask=io_mask)
+        tl.store(dG_loc + off, dscores * sv + p * dp, mask=io_mask)
+
+
+@triton.jit
+def chunk_bwd_kernel(q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, scores, dz, dG_loc,
+                     dq, dk, dv, ds, dg, cu_seqlens, chunk_table, T,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    t0, eos, valid = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if valid:
+        slot = pid.to(tl.int64)
+        rows = t0 + tl.arange(0, BT)
+        row_mask = (rows < eos)[:, None]
+        m = tl.arange(0, BM)
+        slot_mask = (m < M)[None, :]
+        io_mask = row_mask & slot_mask
+        off = (rows[:, None] * H + h) * M + m[None, :]
+        G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+        sc = tl.load(s + off, mask=io_mask, other=0.0).to(tl.float32)
+        p = slot_softmax(scores, rows, eos, h, H, M, BM)
+        dzc = tl.load(dz + off, mask=io_mask, other=0.0)
+        w = sc * tl.exp(Gend[None, :] - G)
+        dA = matrix_causal(dzc, sc, G, BT, BC, BM, PREC)
+        Av = matrix_causal(p, sc, G, BT, BC, BM, PREC)
+        dze = dzc * tl.exp(G)
+
+        # keys side, over K tiles: dq, dk out; A, the inter-chunk ds and the state carry in
+        A = tl.zeros((BT, BT), dtype=tl.float32)
+        ds_inter = tl.zeros((BT, BM), dtype=tl.float32)
+        carry = tl.zeros((BM,), dtype=tl.float32)
+        for i in range(tl.cdiv(K, BK)):
+            kk = i * BK + tl.arange(0, BK)
+            kmask = row_mask & (kk < K)[None, :]
+            st_mask = (kk < K)[:, None] & slot_mask
+            st_off = (slot * H + h) * K * M + kk[:, None] * M + m[None, :]
+            qc = tl.load(q + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
+            kc = tl.load(k + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
+            hk = tl.load(hk_chunks + st_off, mask=st_mask, other=0.0)
+            dhk = tl.load(dhk_chunks + st_off, mask=st_mask, other=0.0)
+            dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
+                + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
+            dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
+                + tl.dot(w, tl.trans(dhk), input_precision=PREC)
+            tl.store(dq + (rows[:, None] * H + h) * K + kk[None, :], dqc.to(dq.dtype.element_ty), mask=kmask)
+            tl.store(dk + (rows[:, None] * H + h) * K + kk[None, :], dkc.to(dk.dtype.element_ty), mask=kmask)
+            A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
+            ds_inter += tl.dot(kc.to(tl.float32), dhk, input_precision=PREC)
+            carry += tl.sum(dhk * hk, axis=0)
+
+        # values side, over V tiles: dv out; dAv, the inter-chunk ds and the state carry in
+        dAv = tl.zeros((BT, BT), dtype=tl.float32)
+        for i in range(tl.cdiv(V, BV)):
+            vv = i * BV + tl.arange(0, BV)
+            vmask = row_mask & (vv < V)[None, :]
+            st_mask = (m < M)[:, None] & (vv < V)[None, :]
+            st_off = (slot * H + h) * M * V + m[:, None] * V + vv[None, :]
+            vc = tl.load(v + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            doc = tl.load(do + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
+            dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
+            dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
+                + tl.dot(w, dhv, input_precision=PREC)
+            tl.store(dv + (rows[:, None] * H + h) * V + vv[None, :], dvc.to(dv.dtype.element_ty), mask=vmask)
+            dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
+            ds_inter += tl.dot(vc.to(tl.float32), tl.trans(dhv), input_precision=PREC)
+            carry += tl.sum(dhv * hv, axis=1)
+
+        ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
+        dsc = ds_inter + apply_anticausal(A, dzc, G, BT, BC, BM, PREC) \
+            + apply_anticausal(dAv, p, G, BT, BC, BM, PREC)
+        tl.store(ds + off, dsc.to(ds.dtype.element_ty), mask=io_mask)
+
+        # dg: every row t of the chunk gets the dG of rows i >= t; the state carry reaches them all
+        dG = tl.load(dG_loc + off, mask=io_mask, other=0.0) - sc * dsc
+        carry = tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
+        dgc = tl.cumsum(dG, axis=0, reverse=True) + carry[None, :]
+        tl.store(dg + off, dgc.to(dg.dtype.element_ty), mask=io_mask)
