@@ -1,0 +1,150 @@
+"""chunk_gsa forward and forward+backward, side by side with flash-linear-attention and SDPA, on a GPU.
+
+    python -m benchmarks.bench_chunk [--shapes a,b,c,d] [--dtype bf16] [--no-fla] [--json PATH]
+
+Times are medians of triton.testing.do_bench after a warm-up call. The byte floor is the fewest bytes
+the op must move (read q, k, v, s, g once and write o once; the backward adds reading do and writing
+every gradient), timed at the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # [B, T, H, K=V, M]
+    "a": (8, 2048, 4, 512, 64),   # the paper's 1.3B layer
+    "b": (8, 2048, 16, 128, 64),
+    "c": (2, 8192, 4, 512, 64),
+    "d": (32, 512, 4, 256, 64),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(B, T, H, D, M, dtype, device="cuda", requires_grad=True, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, T, H, M, device=device, generator=gen)) / 8
+    s = 1 - g.exp()
+    xs = [q, k, v, s.to(dtype), g.to(dtype)]
+    return [x.requires_grad_(requires_grad) for x in xs]
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    """Device-to-device copy, bytes read plus written per second."""
+    import triton
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def floor_bytes(B, T, H, D, M, dtype, backward):
+    el = torch.tensor([], dtype=dtype).element_size()
+    fwd = el * B * T * H * (3 * D + 2 * M) + el * B * T * H * D
+    if not backward:
+        return fwd
+    return fwd + el * B * T * H * D + el * B * T * H * (3 * D + 2 * M)   # read do, write 5 grads
+
+
+def providers(include_fla):
+    from gsa_kernels import chunk_gsa
+    out = {"gsa_kernels": lambda q, k, v, s, g: chunk_gsa(q, k, v, s, g)[0]}
+    if include_fla:
+        try:
+            from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
+            out["fla"] = lambda q, k, v, s, g: fla_chunk_gsa(q, k, v, s, g)[0]
+        except Exception as e:  # the optional peer: report why it is missing, keep going
+            print(f"# flash-linear-attention not available ({type(e).__name__}: {e}); skipping it",
+                  file=sys.stderr)
+    return out
+
+
+def sdpa_inputs(B, T, H, D, dtype):
+    hd = min(D, 256)                       # same hidden size H*D, in heads the attention kernels take
+    heads = H * D // hd
+    return [torch.randn(B, heads, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def time_op(fn, inputs, backward):
+    import triton
+    out = fn(*inputs)
+    do = torch.randn_like(out)
+    if backward:
+        def step():
+            fn(*inputs).backward(do)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+    step()                                  # warm-up: compilation and (for fla) autotuning
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="a,b,c,d")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--no-fla", action="store_true", help="leave out flash-linear-attention")
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_chunk needs a CUDA GPU")
+    dtype = DTYPES[args.dtype]
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s, {args.dtype}")
+    provs = providers(not args.no_fla)
+    rows = []
+    for name in args.shapes.split(","):
+        B, T, H, D, M = SHAPES[name]
+        for backward in (False, True):
+            mode = "fwd+bwd" if backward else "fwd"
+            nbytes = floor_bytes(B, T, H, D, M, dtype, backward)
+            floor_ms = nbytes / bw * 1e3
+            times = {}
+            for pname, fn in provs.items():
+                inputs = make_inputs(B, T, H, D, M, dtype)
+                times[pname] = time_op(fn, inputs, backward)
+                del inputs
+            if not args.no_sdpa:
+                for backend, sdp in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                                     ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+                    try:
+                        with torch.nn.attention.sdpa_kernel(sdp):
+                            times[f"sdpa_{backend}"] = time_op(
+                                lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                sdpa_inputs(B, T, H, D, dtype), backward)
+                    except RuntimeError as e:
+                        print(f"# sdpa {backend} unavailable: {str(e).splitlines()[0]}", file=sys.stderr)
+            ours = times["gsa_kernels"]
+            row = {"shape": name, "B": B, "T": T, "H": H, "D": D, "M": M, "mode": mode,
+                   "floor_ms": floor_ms, "ms": times,
+                   "speedup_vs_fla": times["fla"] / ours if "fla" in times else None,
+                   "ours_GBps": nbytes / (ours * 1e-3) / 1e9, "ours_x_floor": ours / floor_ms}
+            rows.append(row)
+            fla = f"{times['fla']:.3f}" if "fla" in times else "-"
+            spd = f"{row['speedup_vs_fla']:.2f}x" if row["speedup_vs_fla"] else "-"
+            sd = " ".join(f"{k}={v:.3f}" for k, v in times.items() if k.startswith("sdpa"))
+            print(f"{name} {mode:8s} ours {ours:.3f} ms | fla {fla} ms | speed-up {spd} | "
+                  f"{row['ours_GBps']:.0f} GB/s, {row['ours_x_floor']:.1f}x floor ({floor_ms:.3f} ms) | {sd}",
+                  flush=True)
+    print("\n| shape | mode | gsa_kernels ms | fla ms | speed-up | GB/s | x floor | sdpa flash | sdpa cudnn |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["ms"]
+        f = lambda k: f"{t[k]:.3f}" if k in t else "-"   # noqa: E731
+        spd = f"{r['speedup_vs_fla']:.2f}x" if r["speedup_vs_fla"] else "-"
+        print(f"| {r['shape']} | {r['mode']} | {f('gsa_kernels')} | {f('fla')} | {spd} | {r['ours_GBps']:.0f} | "
+              f"{r['ours_x_floor']:.1f} | {f('sdpa_flash')} | {f('sdpa_cudnn')} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

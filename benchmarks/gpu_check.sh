@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session's check, for the device tool: the whole test suite on CUDA, then the benchmarks side by
+# side with flash-linear-attention (carried as a wheel in .whl/, see shared/GPU.md). Logs land in $OUT.
+#   usage: bash benchmarks/gpu_check.sh [tests|bench|all] [pytest targets and args; default: tests]
+#   BENCH_ARGS="--shapes a --no-fla" bash benchmarks/gpu_check.sh bench
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-/tmp/gsa-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  [ $# -gt 0 ] || set -- tests
+  python3 -m pytest -q -rs --durations=10 "$@" 2>&1 | tee "$OUT/tests.log" || status=1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit $status

@@ -1,0 +1,271 @@
+"""chunk_gsa (Triton) against the float64 naive recurrence: forward, final states and every gradient.
+
+Runs on CUDA when present, in Triton's interpreter on CPU tensors otherwise (tests/conftest.py). The
+interpreter is slow, so its shapes are small; the GPU runs the same properties at larger sizes and in
+bfloat16 (the interpreter's bf16 tl.dot is wrong in Triton 3.6).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import DEVICE, ON_GPU
+from gsa_kernels import chunk_gsa, last_configs
+from reference import naive_recurrent_gsa
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# SPEC section 3: relative L2 error bounds (o, and states + gradients)
+BOUNDS = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
+GRAD_NAMES = ("dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0")
+
+
+def make_gates(shape, kind, dtype, gen):
+    if kind == "model":          # the layer's own: g = logsigmoid(x) / 8, s = 1 - exp(g)
+        g = F.logsigmoid(torch.randn(shape, generator=gen, dtype=torch.float64)) / 8
+        s = 1 - g.exp()
+    elif kind == "zero":         # no forgetting at all
+        g = torch.zeros(shape, dtype=torch.float64)
+        s = torch.rand(shape, generator=gen, dtype=torch.float64)
+    elif kind == "steep":        # near-total forgetting, down to -30 a step, with exact zeros mixed in
+        g = -30 * torch.rand(shape, generator=gen, dtype=torch.float64)
+        g = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.2, 0.0, g)
+        s = torch.rand(shape, generator=gen, dtype=torch.float64)
+    else:                        # mixed magnitudes over the whole range
+        g = -torch.rand(shape, generator=gen, dtype=torch.float64) ** 4 * 30
+        s = torch.rand(shape, generator=gen, dtype=torch.float64)
+    return s.to(dtype), g.to(dtype)
+
+
+def make_inputs(B, T, H, K, V, M, dtype, gates="model", seed=0, initial_state=True):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, K, generator=gen).to(dtype)
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    s, g = make_gates((B, T, H, M), gates, dtype, gen)
+    N = B
+    hk0 = torch.randn(N, H, K, M, generator=gen) if initial_state else None
+    hv0 = torch.randn(N, H, M, V, generator=gen) if initial_state else None
+    return q, k, v, s, g, hk0, hv0
+
+
+def rel_err(got, ref):
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
+    """Forward + backward of chunk_gsa on DEVICE and of the float64 naive recurrence on the same
+    (already rounded) inputs, with the same random upstream gradients. Returns (ours, ref) dicts."""
+    gen = torch.Generator().manual_seed(seed)
+    has_h0 = hk0 is not None
+    ins = [q, k, v, s, g] + ([hk0, hv0] if has_h0 else [])
+    ours_in = [x.to(DEVICE).requires_grad_() for x in ins]
+    ref_in = [x.double().requires_grad_() for x in ins]
+    kw = dict(scale=scale, output_final_state=True)
+    cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    o, (hk, hv) = chunk_gsa(*ours_in[:5], initial_state=tuple(ours_in[5:]) if has_h0 else None,
+                            cu_seqlens=cu_dev, **kw, **extra)
+    ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
+                                         cu_seqlens=cu_seqlens, **kw)
+    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
+    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64)
+    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64)
+    (ro * do).sum().add((rhk * dhk).sum()).add((rhv * dhv).sum()).backward()
+    dev = lambda x, like: x.to(device=DEVICE, dtype=like.dtype)   # noqa: E731
+    torch.autograd.backward([o, hk, hv], [dev(do, o), dev(dhk, hk), dev(dhv, hv)])
+    ours = {"o": o, "hk": hk, "hv": hv}
+    ref = {"o": ro, "hk": rhk, "hv": rhv}
+    for name, a, b in zip(GRAD_NAMES, ours_in, ref_in):
+        ours[name], ref[name] = a.grad, b.grad
+    return ours, ref
+
+
+def assert_close(ours, ref, dtype, context=""):
+    o_bound, bound = BOUNDS[dtype]
+    errors = {name: rel_err(ours[name], ref[name]) for name in ref}
+    bad = {n: e for n, e in errors.items() if e > (o_bound if n == "o" else bound)}
+    assert not bad, f"{context}: over the bound: {bad}; all errors: {errors}"
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hypothesis: drawn shapes, dtypes, gates, scale, initial states, chunk sizes
+
+if ON_GPU:
+    T_MAX, D_SIZES, M_SIZES, CHUNKS = 300, [16, 60, 64, 100, 128], [5, 16, 48, 64, 100], [None, 16, 32, 64]
+else:
+    T_MAX, D_SIZES, M_SIZES, CHUNKS = 40, [4, 16, 24], [5, 16, 20], [16]
+
+
+@settings(max_examples=40 if ON_GPU else 12)
+@given(B=st.integers(1, 2), T=st.integers(1, T_MAX), H=st.integers(1, 2),
+       K=st.sampled_from(D_SIZES), V=st.sampled_from(D_SIZES), M=st.sampled_from(M_SIZES),
+       dtype=st.sampled_from(DTYPES), gates=st.sampled_from(["model", "zero", "steep", "mixed"]),
+       scale=st.sampled_from([None, 1.0, 0.3]), initial_state=st.booleans(),
+       chunk_size=st.sampled_from(CHUNKS), seed=st.integers(0, 2**16))
+def test_chunk_matches_naive(B, T, H, K, V, M, dtype, gates, scale, initial_state, chunk_size, seed):
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, gates, seed, initial_state)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, scale=scale, chunk_size=chunk_size, seed=seed + 1)
+    assert_close(ours, ref, dtype, f"B{B}-T{T}-H{H}-K{K}-V{V}-M{M}-{dtype}-{gates}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Explicit edges
+
+EDGES = [  # (B, T, H, K, V, M, gates, chunk_size)
+    (1, 1, 1, 16, 16, 16, "model", 16),        # T = 1
+    (2, 15, 1, 16, 8, 16, "model", 16),        # T = chunk - 1
+    (1, 17, 2, 8, 16, 16, "model", 16),        # T = chunk + 1
+    (1, 33, 1, 16, 16, 16, "zero", 16),        # g = 0: nothing forgotten
+    (1, 40, 1, 16, 16, 16, "steep", 16),       # g down to -30
+    (1, 20, 1, 60, 16, 48, "model", 16),       # K = 60, M = 48
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,K,V,M,gates,chunk", EDGES,
+                         ids=[f"B{e[0]}-T{e[1]}-H{e[2]}-K{e[3]}-V{e[4]}-M{e[5]}-{e[6]}" for e in EDGES])
+def test_chunk_edges(B, T, H, K, V, M, gates, chunk, dtype):
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, gates, seed=T)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, chunk_size=chunk)
+    assert_close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[1, 17, 1, 5], [16, 1, 33], [3]], ids=str)
+def test_chunk_varlen_matches_naive(lengths, dtype):
+    T = sum(lengths)
+    H, K, V, M = 2, 16, 8, 16
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, s, g, _, _ = make_inputs(1, T, H, K, V, M, dtype, "mixed", seed=len(lengths))
+    gen = torch.Generator().manual_seed(7)
+    hk0 = torch.randn(len(lengths), H, K, M, generator=gen)
+    hv0 = torch.randn(len(lengths), H, M, V, generator=gen)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, cu_seqlens=cu, chunk_size=16)
+    assert_close(ours, ref, dtype, f"varlen {lengths}")
+
+
+def test_chunk_varlen_equals_separate_calls():
+    lengths = [5, 20, 1]
+    H, K, V, M = 1, 16, 16, 16
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, s, g, _, _ = make_inputs(1, sum(lengths), H, K, V, M, torch.float32, "model", seed=3)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    o, (hk, hv) = chunk_gsa(*dev, output_final_state=True, cu_seqlens=cu, chunk_size=16)
+    for n in range(len(lengths)):
+        a, b = cu[n].item(), cu[n + 1].item()
+        o_n, (hk_n, hv_n) = chunk_gsa(*(x[:, a:b] for x in dev), output_final_state=True, chunk_size=16)
+        assert rel_err(o[:, a:b], o_n) < 1e-6
+        assert rel_err(hk[n:n + 1], hk_n) < 1e-6 and rel_err(hv[n:n + 1], hv_n) < 1e-6
+
+
+def test_non_contiguous_inputs():
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 20, 2, 16, 16, 16, torch.float32, "model", seed=5)
+    # the same values laid out [B, H, T, D] and viewed back as [B, T, H, D]: non-contiguous views
+    nc = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, s, g)]
+    assert not nc[0].is_contiguous()
+    ours, ref = run_both(*nc, hk0, hv0, chunk_size=16)
+    assert_close(ours, ref, torch.float32, "non-contiguous")
+
+
+def test_no_nan_on_long_steep_sequences():
+    T = 4096 if ON_GPU else 200
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, T, 1, 16, 16, 16, torch.float32, "steep", seed=11)
+    g = torch.full_like(g, -30.0)
+    ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g)]
+    o, (hk, hv) = chunk_gsa(*ins, output_final_state=True, chunk_size=16 if not ON_GPU else None)
+    (o.sum() + hk.sum() + hv.sum()).backward()
+    for x in [o, hk, hv] + [x.grad for x in ins]:
+        assert torch.isfinite(x).all()
+
+
+def test_config_of_each_launch_is_exposed():
+    q, k, v, s, g, _, _ = make_inputs(1, 8, 1, 16, 16, 16, torch.float32, "model", seed=2)
+    ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g)]
+    chunk_gsa(*ins, chunk_size=16)[0].sum().backward()
+    used = last_configs()
+    for kernel in ("states_fwd", "chunk_fwd", "chunk_bwd_dscores", "states_bwd", "chunk_bwd"):
+        assert kernel in used and used[kernel]["num_warps"] in (1, 2, 4, 8, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU-only: the paper's sizes (too slow for the interpreter; CI covers the same code at small sizes)
+
+LARGE = [  # (B, T, H, K, V, M)
+    (1, 4096, 1, 512, 512, 64),    # the paper's layer, long sequence
+    (2, 1000, 2, 128, 256, 128),
+    (1, 700, 2, 64, 64, 256),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="paper-size shapes run on the GPU; CI runs the small ones")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,T,H,K,V,M", LARGE, ids=[f"B{x[0]}-T{x[1]}-H{x[2]}-K{x[3]}-V{x[4]}-M{x[5]}" for x in LARGE])
+def test_chunk_large_on_gpu(B, T, H, K, V, M, dtype):
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, "model", seed=B * T)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0)
+    errors = assert_close(ours, ref, dtype, "large")
+    print(f"\n{dtype} B{B}-T{T}-H{H}-K{K}-V{V}-M{M}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+
+def _good(dtype=torch.float32):
+    return [x.to(DEVICE) for x in make_inputs(1, 8, 2, 16, 16, 16, dtype, "model", seed=0)[:5]]
+
+
+@pytest.mark.parametrize("case", [
+    "k_shape", "v_batch", "s_slots", "g_dtype", "q_3d", "int_dtype", "cu_float", "cu_batch",
+    "cu_start", "cu_decreasing", "cu_end", "hk0_shape", "hv0_shape", "chunk_size", "unknown_kw"])
+def test_bad_input_errors(case):
+    q, k, v, s, g = _good()
+    kw = {}
+    if case == "k_shape":
+        k, err, words = k[..., :8], ValueError, "k "
+    elif case == "v_batch":
+        v, err, words = torch.cat([v, v]), ValueError, "v "
+    elif case == "s_slots":
+        s, err, words = s[..., :4], ValueError, "s "
+    elif case == "g_dtype":
+        g, err, words = g.double(), TypeError, "g "
+    elif case == "q_3d":
+        q, err, words = q[0], ValueError, "q "
+    elif case == "int_dtype":
+        q, err, words = q.to(torch.int32), TypeError, "q "
+    elif case == "cu_float":
+        kw["cu_seqlens"], err, words = torch.tensor([0.0, 8.0]), TypeError, "cu_seqlens"
+    elif case == "cu_batch":
+        q, k, v, s, g = (torch.cat([x, x]) for x in (q, k, v, s, g))
+        kw["cu_seqlens"], err, words = torch.tensor([0, 8], dtype=torch.int32), ValueError, "cu_seqlens"
+    elif case == "cu_start":
+        kw["cu_seqlens"], err, words = torch.tensor([1, 8]), ValueError, "start at 0"
+    elif case == "cu_decreasing":
+        kw["cu_seqlens"], err, words = torch.tensor([0, 5, 3, 8]), ValueError, "non-decreasing"
+    elif case == "cu_end":
+        kw["cu_seqlens"], err, words = torch.tensor([0, 5, 7]), ValueError, "end at T"
+    elif case == "hk0_shape":
+        kw["initial_state"] = (torch.zeros(1, 2, 16, 8, device=DEVICE), None)
+        err, words = ValueError, "hk0"
+    elif case == "hv0_shape":
+        kw["initial_state"] = (None, torch.zeros(2, 2, 16, 16, device=DEVICE))
+        err, words = ValueError, "hv0"
+    elif case == "chunk_size":
+        kw["chunk_size"], err, words = 48, ValueError, "chunk_size"
+    else:
+        kw["head_first"], err, words = True, TypeError, "head_first"
+    with pytest.raises(err, match=words):
+        chunk_gsa(q, k, v, s, g, **kw)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter error; meaningful only off-GPU")
+def test_cpu_tensors_without_interpreter_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        chunk_gsa(*_good())
