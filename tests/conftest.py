@@ -32,3 +32,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    # the `gpu` marker (registered in pyproject.toml) means "needs CUDA": skip those tests without it
+    if ON_GPU:
+        return
+    no_gpu = pytest.mark.skip(reason="needs CUDA (marked gpu); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)

@@ -168,8 +168,8 @@ def test_chunked_agrees_with_quadratic_on_longer_sequences(case):
 @examples(0.5)
 @given(data=st.data())
 def test_varlen_equals_each_sequence_alone(form, data):
-    lengths = data.draw(st.lists(st.one_of(st.just(1), st.integers(0, 80)), min_size=1, max_size=5)
-                        .filter(lambda ls: 1 <= sum(ls) <= 200), label="lengths")
+    lengths = data.draw(st.lists(st.one_of(st.just(1), st.integers(0, 40)), min_size=1, max_size=5)
+                        .filter(lambda ls: sum(ls) >= 1), label="lengths")
     N, T = len(lengths), sum(lengths)
     case = Case(B=1, T=T, H=data.draw(st.integers(1, 2)), K=data.draw(DIMS), V=data.draw(DIMS),
                 M=data.draw(st.sampled_from(SLOTS)), chunk_size=data.draw(st.sampled_from([16, 32, 64])),
