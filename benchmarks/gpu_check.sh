@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's check, for the device tool: the whole test suite on CUDA, then the benchmarks side by
 # side with flash-linear-attention (carried as a wheel in .whl/, see shared/GPU.md). Logs land in $OUT.
-#   usage: bash benchmarks/gpu_check.sh [tests|bench|all] [pytest targets and args; default: tests]
+#   usage: bash benchmarks/gpu_check.sh [tests|profile|bench|all] [pytest targets and args; default: tests]
 #   BENCH_ARGS="--shapes a --no-fla" bash benchmarks/gpu_check.sh bench
 set -uo pipefail
 what=${1:-all}; shift || true
@@ -19,6 +19,9 @@ status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   [ $# -gt 0 ] || set -- tests
   python3 -m pytest -q -rs --durations=10 "$@" 2>&1 | tee "$OUT/tests.log" || status=1
+fi
+if [ "$what" = profile ] || [ "$what" = all ]; then
+  python3 -m benchmarks.profile_kernels 2>&1 | tee "$OUT/profile.log" || status=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1

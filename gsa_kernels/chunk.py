@@ -1,9 +1,10 @@
 """chunk_gsa: launchers of the chunkwise kernels and the autograd Function that only calls them.
 
-Forward, 2 launches:  states_fwd (hk, hv at every chunk start, and the final states)
-                      -> chunk_fwd (scores, softmax, o per chunk).
-Backward, 3 launches: chunk_bwd_dscores (dz, dG_loc per chunk) -> states_bwd (dhk, dhv at every
-                      chunk end, and the initial-state gradients) -> chunk_bwd (dq, dk, dv, ds, dg).
+Forward, 3 launches:  chunk_cumsum (G) -> states_fwd (hk, hv at every chunk start, and the final
+                      states) -> chunk_fwd (scores, softmax, o per chunk).
+Backward, 4 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_bwd_dscores (p, dz,
+                      dG_loc per chunk) -> states_bwd (dhk, dhv at every chunk end, and the
+                      initial-state gradients) -> chunk_bwd (dq, dk, dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 """
@@ -16,6 +17,7 @@ from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
+from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
 from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
 
 
@@ -68,6 +70,17 @@ def _warps(cfg):
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+def chunk_gates(g, layout: ChunkLayout):
+    """G = within-chunk cumulative sum of g, float32 [B, T, H, M]."""
+    B, T, H, M = g.shape
+    G = torch.empty(B, T, H, M, dtype=torch.float32, device=g.device)
+    cu, _, table = layout.ptrs(g)
+    chunk_cumsum_kernel[(layout.num_slots, H)](
+        g, G, cu, table, T, H=H, M=M, BT=layout.BT, BM=max(16, triton.next_power_of_2(M)),
+        IS_VARLEN=layout.is_varlen, num_warps=4)
+    return G
+
+
 def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
@@ -79,10 +92,11 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     hv_chunks = torch.empty(layout.num_slots, H, M, V, **f32)
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
+    G = chunk_gates(g, layout)
 
     cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
-        k, v, s, g, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
+        k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
         cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
@@ -92,7 +106,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     scores = torch.empty(B, T, H, M, **f32)
     cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
     chunk_fwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, g, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
+        q, k, v, s, G, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
         H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
@@ -107,11 +121,13 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
 
+    G = chunk_gates(g, layout)
+    p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
     cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
-        v, s, g, do, hv_chunks, scores, dz, dG_loc, cu, table, scale, T,
+        v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
 
@@ -122,7 +138,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     use_dht = dhk_final is not None
     cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype)
     states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
-        q, do, dz, scores, g, dhk_final if use_dht else q, dhv_final if use_dht else q,
+        q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
         dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
         H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
@@ -131,7 +147,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     ds, dg = torch.empty_like(s), torch.empty_like(g)
     cfg = launch_config("chunk_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
     chunk_bwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, scores, dz, dG_loc,
+        q, k, v, s, G, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p, dz, dG_loc,
         dq, dk, dv, ds, dg, cu, table, T,
         H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))

@@ -63,8 +63,8 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=No
     gen = torch.Generator().manual_seed(seed)
     has_h0 = hk0 is not None
     ins = [q, k, v, s, g] + ([hk0, hv0] if has_h0 else [])
-    ours_in = [x.to(DEVICE).requires_grad_() for x in ins]
-    ref_in = [x.double().requires_grad_() for x in ins]
+    ours_in = [x.detach().clone().to(DEVICE).requires_grad_() for x in ins]
+    ref_in = [x.detach().double().requires_grad_() for x in ins]
     kw = dict(scale=scale, output_final_state=True)
     cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}

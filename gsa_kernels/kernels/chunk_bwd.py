@@ -4,7 +4,7 @@
        dp     = exp(G) * (do Hv^T) + apply_causal(do v^T, s, G)
        dz     = scale * p * (dp - sum_m p dp)            gradient w.r.t. the unscaled scores
        dG_loc = dscores * scores + p * dp                the rows' own part of d loss / d G
-   dz feeds the reverse walk (dHk needs it); dG_loc waits for kernel 2.
+   dz and p (float32) feed the reverse walk and kernel 2, which gathers rows of both.
 2. chunk_bwd_kernel (per chunk; needs Hk, Hv at the chunk start and dHk', dHv' at its end), with
    w = s * exp(Gend - G), A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
        dq = (dz * exp(G)) Hk^T + dA k                   dk = dA^T q + w dHk'^T
@@ -15,75 +15,85 @@
             exp(Gend) * (sum_k dHk' * Hk + sum_v dHv' * Hv) + sum_j s_j * (inter-chunk part of ds_j)
        dg = reverse cumulative sum of dG within the chunk (G is a cumulative sum of g).
 """
+
 import triton
 import triton.language as tl
 
-from gsa_kernels.kernels.chunk_fwd import chunk_coords
-from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, matrix_causal
-from gsa_kernels.kernels.states import chunk_gates, slot_softmax
+from gsa_kernels.kernels.indexing import chunk_coords
+from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, load_rows, matrix_causal
+from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
-def chunk_bwd_dscores_kernel(v, s, g, do, hv_chunks, scores, dz, dG_loc, cu_seqlens, chunk_table,
+def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_loc, cu_seqlens, chunk_table,
                              scale, T,
                              H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                              BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
                              IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
-    t0, eos, valid = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
-    if valid:
+    t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if exists:
         slot = pid.to(tl.int64)
-        rows = t0 + tl.arange(0, BT)
-        row_mask = (rows < eos)[:, None]
+        t = tl.arange(0, BT)
         m = tl.arange(0, BM)
+        row_mask = (t < nvalid)[:, None]
         slot_mask = (m < M)[None, :]
         io_mask = row_mask & slot_mask
-        G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
-        sc = tl.load(s + (rows[:, None] * H + h) * M + m[None, :], mask=io_mask, other=0.0).to(tl.float32)
-        p = slot_softmax(scores, rows, eos, h, H, M, BM)
+        off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
+        s_chunk = s + (t0 * H + h) * M
+        G_chunk = G_all + (t0 * H + h) * M
+        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
+        sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
+        sv = tl.load(scores + off, mask=io_mask, other=0.0)
+        e = tl.exp(tl.where(slot_mask, sv, float("-inf")) - tl.max(tl.where(slot_mask, sv, float("-inf")), axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
 
         dph = tl.zeros((BT, BM), dtype=tl.float32)
         dAv = tl.zeros((BT, BT), dtype=tl.float32)
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
-            doc = tl.load(do + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
-            vc = tl.load(v + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
+            doc = tl.load(do + voff, mask=vmask, other=0.0)
+            vc = tl.load(v + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, BT, BC, BM, PREC)
+        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
         dscores = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-        sv = tl.load(scores + (rows[:, None] * H + h) * M + m[None, :], mask=io_mask, other=0.0)
-        off = (rows[:, None] * H + h) * M + m[None, :]
+        tl.store(p_all + off, p, mask=io_mask)
         tl.store(dz + off, scale * dscores, mask=io_mask)
         tl.store(dG_loc + off, dscores * sv + p * dp, mask=io_mask)
 
 
 @triton.jit
-def chunk_bwd_kernel(q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, scores, dz, dG_loc,
+def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p_all, dz, dG_loc,
                      dq, dk, dv, ds, dg, cu_seqlens, chunk_table, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
-    t0, eos, valid = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
-    if valid:
+    t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if exists:
         slot = pid.to(tl.int64)
-        rows = t0 + tl.arange(0, BT)
-        row_mask = (rows < eos)[:, None]
+        t = tl.arange(0, BT)
         m = tl.arange(0, BM)
+        row_mask = (t < nvalid)[:, None]
         slot_mask = (m < M)[None, :]
         io_mask = row_mask & slot_mask
-        off = (rows[:, None] * H + h) * M + m[None, :]
-        G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
-        sc = tl.load(s + off, mask=io_mask, other=0.0).to(tl.float32)
-        p = slot_softmax(scores, rows, eos, h, H, M, BM)
-        dzc = tl.load(dz + off, mask=io_mask, other=0.0)
+        off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
+        s_chunk = s + (t0 * H + h) * M
+        G_chunk = G_all + (t0 * H + h) * M
+        p_chunk = p_all + (t0 * H + h) * M
+        dz_chunk = dz + (t0 * H + h) * M
+        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
+        sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
+        p = load_rows(p_chunk, t, H * M, nvalid, M, BM)
+        dzc = load_rows(dz_chunk, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
-        dA = matrix_causal(dzc, sc, G, BT, BC, BM, PREC)
-        Av = matrix_causal(p, sc, G, BT, BC, BM, PREC)
+        dA = matrix_causal(dzc, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
+        Av = matrix_causal(p, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
         dze = dzc * tl.exp(G)
 
         # keys side, over K tiles: dq, dk out; A, the inter-chunk ds and the state carry in
@@ -93,18 +103,19 @@ def chunk_bwd_kernel(q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_ch
         for i in range(tl.cdiv(K, BK)):
             kk = i * BK + tl.arange(0, BK)
             kmask = row_mask & (kk < K)[None, :]
+            koff = (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :]
             st_mask = (kk < K)[:, None] & slot_mask
             st_off = (slot * H + h) * K * M + kk[:, None] * M + m[None, :]
-            qc = tl.load(q + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
-            kc = tl.load(k + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
+            qc = tl.load(q + koff, mask=kmask, other=0.0)
+            kc = tl.load(k + koff, mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + st_off, mask=st_mask, other=0.0)
             dhk = tl.load(dhk_chunks + st_off, mask=st_mask, other=0.0)
             dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
                 + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
             dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
                 + tl.dot(w, tl.trans(dhk), input_precision=PREC)
-            tl.store(dq + (rows[:, None] * H + h) * K + kk[None, :], dqc.to(dq.dtype.element_ty), mask=kmask)
-            tl.store(dk + (rows[:, None] * H + h) * K + kk[None, :], dkc.to(dk.dtype.element_ty), mask=kmask)
+            tl.store(dq + koff, dqc.to(dq.dtype.element_ty), mask=kmask)
+            tl.store(dk + koff, dkc.to(dk.dtype.element_ty), mask=kmask)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
             ds_inter += tl.dot(kc.to(tl.float32), dhk, input_precision=PREC)
             carry += tl.sum(dhk * hk, axis=0)
@@ -114,22 +125,24 @@ def chunk_bwd_kernel(q, k, v, s, g, do, hk_chunks, hv_chunks, dhk_chunks, dhv_ch
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
+            voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
             st_mask = (m < M)[:, None] & (vv < V)[None, :]
             st_off = (slot * H + h) * M * V + m[:, None] * V + vv[None, :]
-            vc = tl.load(v + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
-            doc = tl.load(do + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            vc = tl.load(v + voff, mask=vmask, other=0.0)
+            doc = tl.load(do + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
             dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
             dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
                 + tl.dot(w, dhv, input_precision=PREC)
-            tl.store(dv + (rows[:, None] * H + h) * V + vv[None, :], dvc.to(dv.dtype.element_ty), mask=vmask)
+            tl.store(dv + voff, dvc.to(dv.dtype.element_ty), mask=vmask)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
             ds_inter += tl.dot(vc.to(tl.float32), tl.trans(dhv), input_precision=PREC)
             carry += tl.sum(dhv * hv, axis=1)
 
         ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
-        dsc = ds_inter + apply_anticausal(A, dzc, G, BT, BC, BM, PREC) \
-            + apply_anticausal(dAv, p, G, BT, BC, BM, PREC)
+        dsc = ds_inter \
+            + apply_anticausal(A, dzc, G, dz_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC) \
+            + apply_anticausal(dAv, p, G, p_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
         tl.store(ds + off, dsc.to(ds.dtype.element_ty), mask=io_mask)
 
         # dg: every row t of the chunk gets the dG of rows i >= t; the state carry reaches them all

@@ -12,48 +12,29 @@ The scores are saved (float32) for the backward, which rebuilds p from them.
 import triton
 import triton.language as tl
 
-from gsa_kernels.kernels.intra import apply_causal, matrix_causal
+from gsa_kernels.kernels.indexing import chunk_coords
+from gsa_kernels.kernels.intra import apply_causal, load_rows, matrix_causal
 from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
-def chunk_coords(cu_seqlens, chunk_table, pid, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first row of the chunk, end token of its sequence); pid is also the chunk's state slot.
-
-    Varlen: chunk_table[pid] = (sequence, chunk within sequence), or sequence -1 for grid padding."""
-    if IS_VARLEN:
-        n = tl.load(chunk_table + 2 * pid)
-        c = tl.load(chunk_table + 2 * pid + 1)
-        valid = n >= 0
-        n = tl.maximum(n, 0)
-        bos = tl.load(cu_seqlens + n).to(tl.int64)
-        eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-    else:
-        NT = tl.cdiv(T, BT)
-        n, c = pid // NT, pid % NT
-        valid = n >= 0
-        bos = n.to(tl.int64) * T
-        eos = bos + T
-    return bos + c * BT, eos, valid
-
-
-@triton.jit
-def chunk_fwd_kernel(q, k, v, s, g, hk_chunks, hv_chunks, o, scores_out, cu_seqlens, chunk_table,
+def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_seqlens, chunk_table,
                      scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
-    t0, eos, valid = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
-    if valid:
+    t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if exists:
         slot = pid.to(tl.int64)
-        rows = t0 + tl.arange(0, BT)
-        row_mask = (rows < eos)[:, None]
+        t = tl.arange(0, BT)
         m = tl.arange(0, BM)
+        row_mask = (t < nvalid)[:, None]
         slot_mask = (m < M)[None, :]
-        G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
-        sc = tl.load(s + (rows[:, None] * H + h) * M + m[None, :], mask=row_mask & slot_mask,
-                     other=0.0).to(tl.float32)
+        s_chunk = s + (t0 * H + h) * M                     # row r of this chunk at s_chunk + r * H * M
+        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
+        G_chunk = G_all + (t0 * H + h) * M
+        sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
 
         # keys pass: inter-chunk q Hk and the unscaled q k^T, both reduced over K
         qh = tl.zeros((BT, BM), dtype=tl.float32)
@@ -61,14 +42,17 @@ def chunk_fwd_kernel(q, k, v, s, g, hk_chunks, hv_chunks, o, scores_out, cu_seql
         for i in range(tl.cdiv(K, BK)):
             kk = i * BK + tl.arange(0, BK)
             kmask = row_mask & (kk < K)[None, :]
-            qc = tl.load(q + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
-            kc = tl.load(k + (rows[:, None] * H + h) * K + kk[None, :], mask=kmask, other=0.0)
+            koff = (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :]
+            qc = tl.load(q + koff, mask=kmask, other=0.0)
+            kc = tl.load(k + koff, mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
                          mask=(kk < K)[:, None] & slot_mask, other=0.0)
             qh += tl.dot(qc.to(tl.float32), hk, input_precision=PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
-        scores = scale * (tl.exp(G) * qh + apply_causal(A, sc, G, BT, BC, BM, PREC))
-        tl.store(scores_out + (rows[:, None] * H + h) * M + m[None, :], scores, mask=row_mask & slot_mask)
+        scores = scale * (tl.exp(G) * qh
+                          + apply_causal(A, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC))
+        tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
+                 mask=row_mask & slot_mask)
 
         # slot softmax, in float32 registers
         scores = tl.where(slot_mask, scores, float("-inf"))
@@ -76,13 +60,14 @@ def chunk_fwd_kernel(q, k, v, s, g, hk_chunks, hv_chunks, o, scores_out, cu_seql
         p = e / tl.sum(e, axis=1)[:, None]
 
         # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v
-        Av = matrix_causal(p, sc, G, BT, BC, BM, PREC)
+        Av = matrix_causal(p, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
         pe = p * tl.exp(G)
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
-            vc = tl.load(v + (rows[:, None] * H + h) * V + vv[None, :], mask=vmask, other=0.0)
+            voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
+            vc = tl.load(v + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             oc = tl.dot(pe, hv, input_precision=PREC) + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
-            tl.store(o + (rows[:, None] * H + h) * V + vv[None, :], oc.to(o.dtype.element_ty), mask=vmask)
+            tl.store(o + voff, oc.to(o.dtype.element_ty), mask=vmask)

@@ -17,34 +17,22 @@ Hk into an absolute error of the probabilities.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def sequence_span(cu_seqlens, chunk_offsets, n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """First token, end token and first chunk slot of sequence n (tokens flattened over the batch)."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + n).to(tl.int64)
-        eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
-        chunk0 = tl.load(chunk_offsets + n).to(tl.int64)
-    else:
-        bos = n.to(tl.int64) * T
-        eos = bos + T
-        chunk0 = n.to(tl.int64) * tl.cdiv(T, BT)
-    return bos, eos, chunk0
+from gsa_kernels.kernels.indexing import sequence_span
+from gsa_kernels.kernels.intra import load_gates
 
 
 @triton.jit
-def chunk_gates(g, rows, eos, h, H: tl.constexpr, M, BT: tl.constexpr, BM: tl.constexpr):
-    """G = within-chunk cumulative log gate [BT, BM] in float32, and Gend = its last row.
-
-    Padded rows and slots load g = 0, so G stays flat past the end of the sequence."""
+def chunk_gates(G, t0, nvalid, h, H: tl.constexpr, M, BT: tl.constexpr, BM: tl.constexpr):
+    """This chunk's G [BT, BM] (flat past the sequence end) and Gend, its last valid row [BM]."""
+    base = G + (t0 * H + h) * M
     m = tl.arange(0, BM)
-    mask = (rows < eos)[:, None] & (m < M)[None, :]
-    gc = tl.load(g + (rows[:, None] * H + h) * M + m[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.cumsum(gc, axis=0), tl.sum(gc, axis=0)
+    last = tl.minimum(nvalid, BT) - 1
+    Gend = tl.load(base + last * (H * M) + m, mask=m < M, other=0.0)
+    return load_gates(base, tl.arange(0, BT), H * M, nvalid, M, BM), Gend
 
 
 @triton.jit
-def states_fwd_kernel(k, v, s, g, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final,
+def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final,
                       cu_seqlens, chunk_offsets, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -69,7 +57,7 @@ def states_fwd_kernel(k, v, s, g, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_f
             rows = bos + c * BT + t
             slot = chunk0 + c
             tl.store(hk_chunks + (slot * H + h) * K * M + tile_off, hk, mask=tile_mask)
-            G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+            G, Gend = chunk_gates(G_all, bos + c * BT, eos - bos - c * BT, h, H, M, BT, BM)
             row_mask = (rows < eos)[:, None]
             sc = tl.load(s + (rows[:, None] * H + h) * M + m[None, :], mask=row_mask & (m < M)[None, :],
                          other=0.0).to(tl.float32)
@@ -91,7 +79,7 @@ def states_fwd_kernel(k, v, s, g, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_f
             rows = bos + c * BT + t
             slot = chunk0 + c
             tl.store(hv_chunks + (slot * H + h) * M * V + tile_off, hv, mask=tile_mask)
-            G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+            G, Gend = chunk_gates(G_all, bos + c * BT, eos - bos - c * BT, h, H, M, BT, BM)
             row_mask = (rows < eos)[:, None]
             sc = tl.load(s + (rows[:, None] * H + h) * M + m[None, :], mask=row_mask & (m < M)[None, :],
                          other=0.0).to(tl.float32)
@@ -104,18 +92,7 @@ def states_fwd_kernel(k, v, s, g, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_f
 
 
 @triton.jit
-def slot_softmax(scores_ptr, rows, eos, h, H: tl.constexpr, M, BM: tl.constexpr):
-    """p = softmax over the M slots of the saved float32 scores, for rows [BT]; padded slots get 0."""
-    m = tl.arange(0, BM)
-    mask = (rows < eos)[:, None] & (m < M)[None, :]
-    sc = tl.load(scores_ptr + (rows[:, None] * H + h) * M + m[None, :], mask=mask, other=0.0)
-    sc = tl.where((m < M)[None, :], sc, float("-inf"))
-    e = tl.exp(sc - tl.max(sc, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def states_bwd_kernel(q, do, dz, scores, g, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
+def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
                       cu_seqlens, chunk_offsets, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -140,7 +117,7 @@ def states_bwd_kernel(q, do, dz, scores, g, dhk_final, dhv_final, dhk_chunks, dh
             rows = bos + c * BT + t
             slot = chunk0 + c
             tl.store(dhk_chunks + (slot * H + h) * K * M + tile_off, dhk, mask=tile_mask)
-            G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+            G, Gend = chunk_gates(G_all, bos + c * BT, eos - bos - c * BT, h, H, M, BT, BM)
             row_mask = (rows < eos)[:, None]
             dzc = tl.load(dz + (rows[:, None] * H + h) * M + m[None, :], mask=row_mask & (m < M)[None, :],
                           other=0.0)
@@ -160,9 +137,10 @@ def states_bwd_kernel(q, do, dz, scores, g, dhk_final, dhv_final, dhk_chunks, dh
             rows = bos + c * BT + t
             slot = chunk0 + c
             tl.store(dhv_chunks + (slot * H + h) * M * V + tile_off, dhv, mask=tile_mask)
-            G, Gend = chunk_gates(g, rows, eos, h, H, M, BT, BM)
+            G, Gend = chunk_gates(G_all, bos + c * BT, eos - bos - c * BT, h, H, M, BT, BM)
             row_mask = (rows < eos)[:, None]
-            p = slot_softmax(scores, rows, eos, h, H, M, BM)
+            p = tl.load(p_all + (rows[:, None] * H + h) * M + m[None, :], mask=row_mask & (m < M)[None, :],
+                        other=0.0)
             doc = tl.load(do + (rows[:, None] * H + h) * V + vv[None, :], mask=row_mask & (vv < V)[None, :],
                           other=0.0).to(tl.float32)
             dhv = tl.exp(Gend)[:, None] * dhv + tl.dot(tl.trans(p * tl.exp(G)), doc, input_precision=PREC)
