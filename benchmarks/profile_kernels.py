@@ -25,20 +25,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--chunk-sizes", default="64,32")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
         q, k, v, s, g = make_inputs(B, T, H, D, M, torch.bfloat16)
-        step = lambda: chunk_gsa(q, k, v, s, g)[0].backward(torch.ones_like(v))   # noqa: E731
-        step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
+        for BT in map(int, args.chunk_sizes.split(",")):
+            step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT)[0].backward(torch.ones_like(v))   # noqa: E731
+            step()
             torch.cuda.synchronize()
-        print(f"== shape {name} {SHAPES[name]}: per-kernel CUDA time over 5 fwd+bwd steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            print(f"== shape {name} {SHAPES[name]}, chunk {BT}: per-kernel CUDA time, total of 5 fwd+bwd steps")
+            rows = [(e.key, e.device_time_total / 5e3) for e in prof.key_averages() if e.device_time_total > 0]
+            for key, ms in sorted(rows, key=lambda r: -r[1])[:9]:
+                print(f"  {ms:8.3f} ms  {key[:60]}")
     compiled_kernel_report()
 
 

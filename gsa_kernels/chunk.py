@@ -63,7 +63,7 @@ class ChunkLayout:
 
 
 def _grid_states(K, V, cfg, N, H):
-    return (triton.cdiv(K, cfg["BK"]) + triton.cdiv(V, cfg["BV"]), N * H)
+    return (max(triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])), N * H)
 
 
 def _warps(cfg):

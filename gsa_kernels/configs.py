@@ -44,8 +44,8 @@ def default_config(kernel: str, K: int, V: int, M: int) -> dict:
         BK, BV = min(BK, 32), min(BV, 32)
     cfg = {
         "chunk": {"BT": BT},
-        "states_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 2},
-        "states_bwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 2},
+        "states_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
+        "states_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
         "chunk_fwd": {"BC": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
         "chunk_bwd_dscores": {"BC": 16, "BV": BV, "num_warps": 8, "num_stages": 2},
         "chunk_bwd": {"BC": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},

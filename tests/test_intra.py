@@ -9,17 +9,21 @@ from gsa_kernels.kernels import intra
 
 
 @triton.jit
-def _intra_probe(X, Y, G, OUT_APPLY, OUT_MATRIX, OUT_ANTI,
+def _intra_probe(X, Y, Y2, G, OUT_APPLY, OUT_MATRIX, OUT_ANTI,
                  BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     r = tl.arange(0, BT)
     m = tl.arange(0, BM)
     x = tl.load(X + r[:, None] * BT + r[None, :])
-    xm = tl.load(X + r[:, None] * BM + m[None, :]) if BM == BT else tl.zeros((BT, BM), tl.float32)
     y = tl.load(Y + r[:, None] * BM + m[None, :])
     gg = tl.load(G + r[:, None] * BM + m[None, :])
-    tl.store(OUT_APPLY + r[:, None] * BM + m[None, :], intra.apply_causal(x, y, gg, BT, BC, BM, PREC))
-    tl.store(OUT_ANTI + r[:, None] * BM + m[None, :], intra.apply_anticausal(x, y, gg, BT, BC, BM, PREC))
-    tl.store(OUT_MATRIX + r[:, None] * BT + r[None, :], intra.matrix_causal(y, y * 0.5 + 1.0, gg, BT, BC, BM, PREC))
+    # the helpers gather partner rows of Y and G from memory: pass the same tiles as pointers too
+    out = intra.apply_causal(x, y, gg, Y, BM, G, BM, BT, BM, BT, BC, BM, PREC)
+    tl.store(OUT_APPLY + r[:, None] * BM + m[None, :], out)
+    out = intra.apply_anticausal(x, y, gg, Y, BM, G, BM, BT, BM, BT, BC, BM, PREC)
+    tl.store(OUT_ANTI + r[:, None] * BM + m[None, :], out)
+    y2 = tl.load(Y2 + r[:, None] * BM + m[None, :])
+    out = intra.matrix_causal(y, y2, gg, Y2, BM, G, BM, BT, BM, BT, BC, BM, PREC)
+    tl.store(OUT_MATRIX + r[:, None] * BT + r[None, :], out)
 
 
 def _expected(x, y, gcum):
@@ -50,7 +54,7 @@ def test_intra_helpers_match_definition(BT, BC, BM, gate):
     want = _expected(xd.double().cpu(), yd.double().cpu(), gd.double().cpu())
     outs = [torch.full((BT, BM), float('nan'), **dev), torch.full((BT, BT), float('nan'), **dev),
             torch.full((BT, BM), float('nan'), **dev)]
-    _intra_probe[(1,)](xd, yd, gd, *outs, BT=BT, BC=BC, BM=BM, PREC="ieee")
+    _intra_probe[(1,)](xd, yd, yd * 0.5 + 1.0, gd, *outs, BT=BT, BC=BC, BM=BM, PREC="ieee")
     for name, got, ref in zip(["apply_causal", "matrix_causal", "apply_anticausal"], outs, want):
         err = ((got.double().cpu() - ref).norm() / ref.norm()).item()
         assert err < 1e-6, f"{name}: relative error {err:.2e}"

@@ -126,9 +126,8 @@ DIMS = st.sampled_from([1, 2, 3, 5, 8, 16, 48, 60, 64])
 SLOTS = (1, 2, 5, 16, 48, 60, 64)
 # T near the chunk sizes and their multiples, and anything in 1..300
 LENGTHS = st.one_of(st.integers(1, 300), st.sampled_from([1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 128, 129, 300]))
-# scale relative to the default K**-0.5; scores of a much sharper softmax carry less than 1e-10
-# relative information into dq (p (dp - sum p dp) cancels), whatever the form
-SCALE_FACTORS = st.one_of(st.none(), st.floats(0.1, 2.0))
+# None (the default K**-0.5), 1.0 (the paper's layer), or a multiple of K**-0.5
+SCALES = st.one_of(st.none(), st.just(1.0), st.floats(0.1, 2.0).map(lambda f: ("factor", f)))
 
 
 @st.composite
@@ -138,9 +137,11 @@ def cases(draw, max_steps=NAIVE_STEPS, max_t=300):
     H = draw(st.integers(1, 2))
     K, V = draw(DIMS), draw(DIMS)
     M = draw(st.sampled_from([m for m in SLOTS if B * H * T * T * m <= QUADRATIC_BUDGET] or [1]))
-    factor = draw(SCALE_FACTORS)
+    scale = draw(SCALES)
+    if isinstance(scale, tuple):
+        scale = scale[1] * K ** -0.5
     return Case(B=B, T=T, H=H, K=K, V=V, M=M, chunk_size=draw(st.sampled_from([16, 32, 64])),
-                scale=None if factor is None else factor * K ** -0.5,
+                scale=scale,
                 gates=draw(st.sampled_from(GATES)), h0=draw(st.sampled_from(H0)),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
@@ -218,6 +219,20 @@ def test_gradcheck(form, case):
     def fn(q, k, v, s, g, hk0, hv0):
         o, (hk, hv) = FORMS[form](q, k, v, s, g, scale=case.scale, initial_state=(hk0, hv0),
                                   output_final_state=True, **kwargs)
+        return o, hk, hv
+
+    assert torch.autograd.gradcheck(fn, tuple(x.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gates", ["model", "mixed"])
+def test_gradcheck_chunked_across_sub_chunks(gates):
+    # C = 32 holds two 16-row sub-chunks: the factored off-diagonal blocks get finite differences too
+    case = Case(B=1, T=37, H=1, K=2, V=2, M=2, chunk_size=32, scale=0.7, gates=gates, seed=7)
+    x = make_inputs(case)["leaves"]
+
+    def fn(q, k, v, s, g, hk0, hv0):
+        o, (hk, hv) = chunk_gsa_torch(q, k, v, s, g, scale=case.scale, initial_state=(hk0, hv0),
+                                      output_final_state=True, chunk_size=case.chunk_size)
         return o, hk, hv
 
     assert torch.autograd.gradcheck(fn, tuple(x.values()), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -21,6 +21,8 @@ Y and G are passed twice: as [BT, BM] register tensors (this chunk's rows) and a
 chunk's row 0 with a row stride, for the gathered partner rows. Rows at or past `nvalid` read Y = 0
 and the last valid G (g = 0 past the end), and slots past M read 0, so nothing padded is inf or NaN.
 PREC is the tl.dot input precision of float32 operands ("ieee" for float32 inputs, else "tf32").
+The loops are runtime loops on purpose: unrolled, the compiler hoists every iteration's gathers at
+once and the chunk kernels spill (measured on the H100, docs/perf-notes.md).
 """
 import triton
 import triton.language as tl
@@ -57,14 +59,14 @@ def apply_causal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
     cols = tl.arange(0, BT)
     sub = rows // BC
     out = tl.zeros((BT, BM), dtype=tl.float32)
-    for I in tl.static_range(1, NC):
+    for I in range(1, NC):
         Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
         before = (rows < I * BC)[:, None]
         Yr = tl.where(before, Y * tl.exp(tl.where(before, Gr[None, :] - G, 0.0)), 0.0)
         part = tl.dot(X, Yr, input_precision=PREC)
         inside = (sub == I)[:, None]
         out += tl.where(inside, tl.exp(tl.where(inside, G - Gr[None, :], 0.0)) * part, 0.0)
-    for b in tl.static_range(BC):
+    for b in range(BC):
         j = sub * BC + b
         valid = ((rows % BC) >= b)[:, None]
         yj = load_rows(y_ptr, j, y_stride, nvalid, M, BM)
@@ -83,14 +85,14 @@ def matrix_causal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
     cols = tl.arange(0, BT)
     sub = rows // BC
     out = tl.zeros((BT, BT), dtype=tl.float32)
-    for I in tl.static_range(1, NC):
+    for I in range(1, NC):
         Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
         inside = (sub == I)[:, None]
         before = (rows < I * BC)[:, None]
         Xr = tl.where(inside, X * tl.exp(tl.where(inside, G - Gr[None, :], 0.0)), 0.0)
         Yr = tl.where(before, Y * tl.exp(tl.where(before, Gr[None, :] - G, 0.0)), 0.0)
         out += tl.dot(Xr, tl.trans(Yr), input_precision=PREC)
-    for b in tl.static_range(BC):
+    for b in range(BC):
         j = sub * BC + b
         valid = ((rows % BC) >= b)[:, None]
         yj = load_rows(y_ptr, j, y_stride, nvalid, M, BM)
@@ -110,14 +112,14 @@ def apply_anticausal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
     sub = rows // BC
     Xt = tl.trans(X)                                     # Xt[j, i]: row-wise picks stay inside a warp
     out = tl.zeros((BT, BM), dtype=tl.float32)
-    for I in tl.static_range(1, NC):
+    for I in range(1, NC):
         Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
         inside = (sub == I)[:, None]
         before = (rows < I * BC)[:, None]
         Yr = tl.where(inside, Y * tl.exp(tl.where(inside, G - Gr[None, :], 0.0)), 0.0)
         part = tl.dot(Xt, Yr, input_precision=PREC)
         out += tl.where(before, tl.exp(tl.where(before, Gr[None, :] - G, 0.0)) * part, 0.0)
-    for b in tl.static_range(BC):
+    for b in range(BC):
         i = sub * BC + b
         valid = ((rows % BC) <= b)[:, None]
         yi = load_rows(y_ptr, i, y_stride, nvalid, M, BM)
