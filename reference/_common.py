@@ -1,4 +1,4 @@
-"""Input validation shared by the quadratic and chunked reference forms.
+"""Pieces shared by the quadratic and chunked reference forms: input validation and masked decays.
 
 Errors name the argument, what it is and what was expected, so that a wrong call fails here and
 not deep inside an einsum.
@@ -61,3 +61,19 @@ def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> int:
             if x.device != q.device:
                 raise ValueError(f"initial_state {name} must be on q's device {q.device}, got {_describe(x)}")
     return N
+
+
+def masked_exp(diff: torch.Tensor, keep: torch.Tensor | None = None, unit: torch.Tensor | None = None):
+    """exp(diff) with masks applied to the exponent: exactly 0 where not `keep`, exactly 1 where `unit`.
+
+    keep: the dropped exponents (G_i - G_j for j > i) can be huge and positive; masking after exp
+        would give inf in the forward pass and NaN (0 * inf) in the backward pass.
+    unit: marks the differences G_i - G_i. As a constant 1 they send no gradient to g; through
+        autograd each would add +x and -x to dg_i, which cancel only up to rounding: an error with
+        no true counterpart in dg, large next to dg entries that are tiny (alpha near 0).
+    """
+    if keep is not None:
+        diff = diff.masked_fill(~keep, float("-inf"))
+    if unit is not None:
+        diff = diff.masked_fill(unit, 0.0)
+    return diff.exp()

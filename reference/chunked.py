@@ -23,16 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference._checks import check_inputs
+from reference._common import check_inputs, masked_exp
 from reference._inputs import compute_dtype, initial_states, sequence_bounds
 
 SUB_CHUNK = 16
-
-
-def _masked_exp(diff: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """exp(diff) where keep, exactly 0 elsewhere; the mask is applied to the exponent so that the
-    (possibly huge, positive) dropped exponents reach neither exp nor its gradient."""
-    return diff.masked_fill(~keep, float("-inf")).exp()
 
 
 def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
@@ -45,9 +39,11 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
     NT, NC = -(-T // C), C // BC
     pad = NT * C - T
 
-    # [B, T, H, D] -> [B, H, NT, C, D]; the padding (g = 0, s = 0) leaves the states unchanged
+    # [B, T, H, D] -> [B, H, NT, C, D], zero-padded in front: with g = 0 and s = 0 the padding
+    # leaves the states unchanged, and being in front it leaves the last real row at the end of its
+    # chunk, where Gend - G is exactly 0 (a padded tail would send dg a rounding residue instead)
     def to_chunks(x):
-        x = F.pad(x.transpose(1, 2), (0, 0, 0, pad))
+        x = F.pad(x.transpose(1, 2), (0, 0, pad, 0))
         return x.reshape(B, H, NT, C, x.shape[-1])
 
     q, k, v, s, g = (to_chunks(x) for x in (q, k, v, s, g))
@@ -55,7 +51,9 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
     gend = G[..., -1, :]                                                 # [B, H, NT, M]
 
     # ---- states at every chunk start: the only sequential part
-    tail = s * (gend[..., None, :] - G).exp()                            # write decayed to chunk end
+    pos = torch.arange(C, device=G.device)
+    # each row's write decayed to the chunk end (the last row's difference is exactly 0)
+    tail = s * masked_exp(gend[..., None, :] - G, unit=(pos == C - 1)[:, None])
     hk_write = k.transpose(-1, -2) @ tail                                # [B, H, NT, K, M]
     hv_write = tail.transpose(-1, -2) @ v                                # [B, H, NT, M, V]
     alpha = gend.exp()                                                   # chunk-wide decay per slot
@@ -76,13 +74,14 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
     # e^{G_i - G_r} for i in sub-chunk a                                   [B, H, NT, NC, BC, M]
     head = (Gsub - Gref[..., None, :]).exp()
     # s_j e^{G_r - G_j} for j <= r(a), 0 for j in sub-chunk a or later    [B, H, NT, NC, C, M]
-    pos = torch.arange(C, device=G.device)
     earlier = pos[None, :] < pos[::BC, None]                             # [NC, C]
-    carry = s[:, :, :, None] * _masked_exp(Gref[..., None, :] - G[:, :, :, None], earlier[..., None])
+    carry = s[:, :, :, None] * masked_exp(Gref[..., None, :] - G[:, :, :, None], keep=earlier[..., None])
     # s_j e^{G_i - G_j} for i, j in the same sub-chunk, j <= i           [B, H, NT, NC, BC, BC, M]
     causal = torch.ones(BC, BC, dtype=torch.bool, device=G.device).tril()
+    diagonal = torch.eye(BC, dtype=torch.bool, device=G.device)
     ssub = s.reshape(B, H, NT, NC, BC, M)
-    wdiag = ssub[..., None, :, :] * _masked_exp(Gsub[..., :, None, :] - Gsub[..., None, :, :], causal[..., None])
+    wdiag = ssub[..., None, :, :] * masked_exp(Gsub[..., :, None, :] - Gsub[..., None, :, :],
+                                               keep=causal[..., None], unit=diagonal[..., None])
 
     # ---- pass 1, keys side: scores over slots
     eG = G.exp()
@@ -100,7 +99,7 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
     av_diag = torch.einsum("...im,...ijm->...ij", psub, wdiag)           # [B, H, NT, NC, BC, BC]
     o = ((p * eG) @ hv_starts + av_off.reshape(B, H, NT, C, C) @ v
          + (av_diag @ v.reshape(B, H, NT, NC, BC, V)).reshape(B, H, NT, C, V))
-    o = o.reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
+    o = o.reshape(B, H, NT * C, V)[:, :, pad:].transpose(1, 2)
     return o, hk, hv
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from reference._checks import check_inputs
+from reference._common import check_inputs, masked_exp
 from reference._inputs import compute_dtype, initial_states, sequence_bounds
 
 
@@ -21,7 +21,8 @@ def _causal_decay(gc: torch.Tensor) -> torch.Tensor:
     T = gc.shape[2]
     diff = gc[:, :, :, None, :] - gc[:, :, None, :, :]                   # [B, H, t, j, M]
     causal = torch.ones(T, T, dtype=torch.bool, device=gc.device).tril()
-    return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
+    diagonal = torch.eye(T, dtype=torch.bool, device=gc.device)
+    return masked_exp(diff, keep=causal[:, :, None], unit=diagonal[:, :, None])
 
 
 def _quadratic_core(q, k, v, s, g, scale, hk0, hv0):
@@ -43,7 +44,9 @@ def _quadratic_core(q, k, v, s, g, scale, hk0, hv0):
     # final states: every write decayed to the last step (exponents <= 0 there, no mask needed)
     if q.shape[2] == 0:
         return o.transpose(1, 2), hk0, hv0
-    tail = s * (gc[:, :, -1:, :] - gc).exp()                             # [B, H, T, M]
+    T = q.shape[2]
+    last = torch.arange(T, device=q.device)[:, None] == T - 1           # Gc_T - Gc_T: exactly 0
+    tail = s * masked_exp(gc[:, :, -1:, :] - gc, unit=last)              # [B, H, T, M]
     hk = hk0 * gc[:, :, -1, None, :].exp() + k.transpose(-1, -2) @ tail
     hv = hv0 * gc[:, :, -1, :, None].exp() + tail.transpose(-1, -2) @ v
     return o.transpose(1, 2), hk, hv
