@@ -52,9 +52,11 @@ def make_inputs(B, T, H, K, V, M, dtype, gates="model", seed=0, initial_state=Tr
 
 
 def rel_err(got, ref):
+    """||got - ref|| / ||ref||; a reference that is exactly zero in the math (dg at T = 1 with no
+    initial state, say) is compared absolutely, against a floor of 1e-3 for its norm."""
     got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-3)).item()
 
 
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
@@ -102,7 +104,7 @@ else:
     T_MAX, D_SIZES, M_SIZES, CHUNKS = 40, [4, 16, 24], [5, 16, 20], [16]
 
 
-@settings(max_examples=40 if ON_GPU else 12)
+@settings(max_examples=40 if ON_GPU else 10, report_multiple_bugs=False)
 @given(B=st.integers(1, 2), T=st.integers(1, T_MAX), H=st.integers(1, 2),
        K=st.sampled_from(D_SIZES), V=st.sampled_from(D_SIZES), M=st.sampled_from(M_SIZES),
        dtype=st.sampled_from(DTYPES), gates=st.sampled_from(["model", "zero", "steep", "mixed"]),
