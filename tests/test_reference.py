@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from reference import chunk_gsa_torch, naive_recurrent_gsa, quadratic_gsa
@@ -124,15 +124,21 @@ def assert_close(got: dict, ref: dict, label: str, tol: float = TOL):
 
 DIMS = st.sampled_from([1, 2, 3, 5, 8, 16, 48, 60, 64])
 SLOTS = (1, 2, 5, 16, 48, 60, 64)
-# T near the chunk sizes and their multiples, and anything in 1..300
-LENGTHS = st.one_of(st.integers(1, 300), st.sampled_from([1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 128, 129, 300]))
+
+
+def lengths(max_t: int):
+    """T: a third within one chunk, a third over several, a third at the chunk sizes and +-1 of them."""
+    edges = [t for t in (1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 192, 300, 320, 600) if t <= max_t]
+    return st.one_of(st.integers(1, 64), st.integers(65, max_t), st.sampled_from(edges))
+
+
 # None (the default K**-0.5), 1.0 (the paper's layer), or a multiple of K**-0.5
 SCALES = st.one_of(st.none(), st.just(1.0), st.floats(0.1, 2.0).map(lambda f: ("factor", f)))
 
 
 @st.composite
 def cases(draw, max_steps=NAIVE_STEPS, max_t=300):
-    T = draw(LENGTHS.filter(lambda t: t <= max_t))
+    T = draw(lengths(max_t))
     B = draw(st.integers(1, max(1, min(3, max_steps // T))))
     H = draw(st.integers(1, 2))
     K, V = draw(DIMS), draw(DIMS)
@@ -146,27 +152,36 @@ def cases(draw, max_steps=NAIVE_STEPS, max_t=300):
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
+def note_shape(case: Case):
+    """Hypothesis events (shown by --hypothesis-show-statistics): how T sits against the chunk."""
+    C = case.chunk_size
+    event("T < chunk" if case.T < C else "T = n * chunk" if case.T % C == 0 else "T > chunk, not a multiple")
+    event(f"T in {(case.T - 1) // 100 * 100 + 1}..{(case.T - 1) // 100 * 100 + 100}")
+
+
 # ---------------------------------------------------------------- the forms agree
 
-@examples(1.0)
+@examples(2.0)
 @given(case=cases())
 def test_forms_agree_with_naive(case):
+    note_shape(case)
     inputs = make_inputs(case)
     ref = run("naive", case, inputs)
     for form in ("quadratic", "chunked"):
         assert_close(run(form, case, inputs), ref, f"{form} vs naive, {case}")
 
 
-@examples(1.0)
+@examples(2.0)
 @given(case=cases(max_steps=10**9, max_t=600))
 def test_chunked_agrees_with_quadratic_on_longer_sequences(case):
     # past the naive form's budget: T up to 600, several batches
+    note_shape(case)
     inputs = make_inputs(case)
     assert_close(run("chunked", case, inputs), run("quadratic", case, inputs), f"chunked vs quadratic, {case}")
 
 
 @pytest.mark.parametrize("form", FORMS)
-@examples(0.5)
+@examples(1.0)
 @given(data=st.data())
 def test_varlen_equals_each_sequence_alone(form, data):
     lengths = data.draw(st.lists(st.one_of(st.just(1), st.integers(0, 40)), min_size=1, max_size=5)
@@ -206,7 +221,7 @@ def test_varlen_equals_each_sequence_alone(form, data):
 # ---------------------------------------------------------------- autograd itself
 
 @pytest.mark.parametrize("form", FORMS)
-@examples(0.25)
+@examples(0.5)
 @given(case=st.builds(Case, B=st.integers(1, 2), T=st.integers(1, 5), H=st.just(1),
                       K=st.integers(1, 3), V=st.integers(1, 3), M=st.integers(1, 3),
                       chunk_size=st.sampled_from([2, 4]), scale=st.floats(0.3, 1.5),
