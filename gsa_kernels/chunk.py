@@ -107,7 +107,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
     chunk_fwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
-        H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
@@ -128,7 +128,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
-        H=H, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BV=cfg["BV"],
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
 
     dhk_chunks = torch.empty_like(hk_chunks)
@@ -149,7 +149,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     chunk_bwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p, dz, dG_loc,
         dq, dk, dv, ds, dg, cu, table, T,
-        H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0
 

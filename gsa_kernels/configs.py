@@ -16,11 +16,11 @@ import triton
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64, 128]},
     "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
-    "chunk_fwd": {"BC": [8, 16], "BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
+    "chunk_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
                   "num_stages": [1, 2, 3]},
     "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
-    "chunk_bwd_dscores": {"BC": [8, 16], "BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "chunk_bwd": {"BC": [8, 16], "BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
+    "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "chunk_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
                   "num_stages": [1, 2, 3]},
 }
 
@@ -46,9 +46,9 @@ def default_config(kernel: str, K: int, V: int, M: int) -> dict:
         "chunk": {"BT": BT},
         "states_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
         "states_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_fwd": {"BC": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd_dscores": {"BC": 16, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd": {"BC": 16, "BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
+        "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
+        "chunk_bwd_dscores": {"BV": BV, "num_warps": 8, "num_stages": 2},
+        "chunk_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
     }[kernel]
     return dict(cfg)
 
@@ -58,8 +58,6 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     if kernel not in CANDIDATES:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
     cfg = default_config(kernel, K, V, M)
-    if "BC" in cfg and BT is not None:
-        cfg["BC"] = min(cfg["BC"], BT)
     with _lock:
         _last_used[kernel] = dict(cfg)
     return cfg

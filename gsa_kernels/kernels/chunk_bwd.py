@@ -28,7 +28,7 @@ from gsa_kernels.kernels.states import chunk_gates
 def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_loc, cu_seqlens, chunk_table,
                              scale, T,
                              H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                             BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                             BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
                              IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -60,7 +60,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
+        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         dscores = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         tl.store(p_all + off, p, mask=io_mask)
         tl.store(dz + off, scale * dscores, mask=io_mask)
@@ -71,7 +71,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
 def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p_all, dz, dG_loc,
                      dq, dk, dv, ds, dg, cu_seqlens, chunk_table, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -92,8 +92,8 @@ def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dh
         p = load_rows(p_chunk, t, H * M, nvalid, M, BM)
         dzc = load_rows(dz_chunk, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
-        dA = matrix_causal(dzc, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
-        Av = matrix_causal(p, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
+        dA = matrix_causal(dzc, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         dze = dzc * tl.exp(G)
 
         # keys side, over K tiles: dq, dk out; A, the inter-chunk ds and the state carry in
@@ -141,8 +141,8 @@ def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dh
 
         ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
         dsc = ds_inter \
-            + apply_anticausal(A, dzc, G, dz_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC) \
-            + apply_anticausal(dAv, p, G, p_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
+            + apply_anticausal(A, dzc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC) \
+            + apply_anticausal(dAv, p, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         tl.store(ds + off, dsc.to(ds.dtype.element_ty), mask=io_mask)
 
         # dg: every row t of the chunk gets the dG of rows i >= t; the state carry reaches them all

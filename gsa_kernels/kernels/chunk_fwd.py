@@ -21,7 +21,7 @@ from gsa_kernels.kernels.states import chunk_gates
 def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_seqlens, chunk_table,
                      scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -50,7 +50,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
             qh += tl.dot(qc.to(tl.float32), hk, input_precision=PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
-                          + apply_causal(A, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC))
+                          + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))
         tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
                  mask=row_mask & slot_mask)
 
@@ -60,7 +60,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
         p = e / tl.sum(e, axis=1)[:, None]
 
         # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v
-        Av = matrix_causal(p, sc, G, s_chunk, H * M, G_chunk, H * M, nvalid, M, BT, BC, BM, PREC)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         pe = p * tl.exp(G)
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)

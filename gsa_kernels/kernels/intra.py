@@ -9,20 +9,19 @@ non-increasing down the rows), every intra-chunk term of GSA is one of
 
 The decay depends on (i, j, m) together, so it cannot be folded into one matmul without a positive
 exponent somewhere (exp(-G[j]) overflows once the chunk has forgotten more than e^-88). We split the
-chunk into NC = BT / BC sub-chunks:
-  * a pair (i, j) in different sub-chunks goes through the row r = I * BC - 1 just before the later
-    sub-chunk I:  exp(G[i] - G[j]) = exp(G[i] - G[r]) * exp(G[r] - G[j]), both factors <= 1, so the
-    sum over the earlier rows is a tensor-core dot;
-  * a pair in the same sub-chunk is done exactly, one in-sub-chunk offset b at a time: every row
-    reads "its" partner row (sub-chunk start + b) of Y and G straight from memory (an L1 hit), so no
-    register tensor is ever sliced or reshaped. Every exponent is masked to <= 0 before exp.
+pairs by halving: at level S (S = 1, 2, 4, ..., BT / 2) the rows fall into blocks of 2S, each an
+early half and a late half, and the level takes the pairs (i late, j early) of the same block. Every
+pair j < i is split at exactly one level (the highest bit where i and j differ), and i = j is the
+diagonal. Through r, the last row of the early half:
 
-Y and G are passed twice: as [BT, BM] register tensors (this chunk's rows) and as pointers to the
-chunk's row 0 with a row stride, for the gathered partner rows. Rows at or past `nvalid` read Y = 0
-and the last valid G (g = 0 past the end), and slots past M read 0, so nothing padded is inf or NaN.
+    exp(G[i] - G[j]) = exp(G[i] - G[r]) * exp(G[r] - G[j]),   both exponents <= 0,
+
+so a level is one tensor-core dot between the rows scaled by E = exp(-|G - G[r]|) (one exp per
+element and level), with no positive exponent and no per-row gathers of partner rows: log2(BT)
+dots and log2(BT) exps of [BT, BM] per helper call. The G[r] rows are gathered from memory (an L1
+hit: the chunk's G was just read), through g_ptr (the chunk's row 0) with a row stride; rows at or
+past `nvalid` read the last valid row (G is flat past the sequence end), slots past M read 0.
 PREC is the tl.dot input precision of float32 operands ("ieee" for float32 inputs, else "tf32").
-The loops are runtime loops on purpose: unrolled, the compiler hoists every iteration's gathers at
-once and the chunk kernels spill (measured on the H100, docs/perf-notes.md).
 """
 import triton
 import triton.language as tl
@@ -45,85 +44,65 @@ def load_gates(ptr, r, stride, nvalid, M, BM: tl.constexpr):
 
 
 @triton.jit
-def _gate_row(g_ptr, r, stride, nvalid, M, BM: tl.constexpr):
-    m = tl.arange(0, BM)
-    return tl.load(g_ptr + tl.minimum(r, nvalid - 1) * stride + m, mask=m < M, other=0.0)
+def _level(G, g_ptr, g_stride, nvalid, M, S, BT: tl.constexpr, BM: tl.constexpr):
+    """Level S: which rows are late (in the second half of their block of 2S), the same-block mask
+    [BT, BT], and E = exp(G - G[r]) on late rows, exp(G[r] - G) on early rows (r: the block's
+    last early row), both <= 1. The clamp only absorbs rounding of the parallel cumsum."""
+    rows = tl.arange(0, BT)
+    late = ((rows // S) % 2) == 1
+    block = rows // (2 * S)
+    same = block[:, None] == block[None, :]
+    Gr = load_gates(g_ptr, block * (2 * S) + S - 1, g_stride, nvalid, M, BM)
+    E = tl.exp(tl.minimum(tl.where(late[:, None], G - Gr, Gr - G), 0.0))
+    return late[:, None], same, E
 
 
 @triton.jit
-def apply_causal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
-                 BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+def _diagonal(X, BT: tl.constexpr):
+    """X[i, i] as a [BT] vector."""
+    rows = tl.arange(0, BT)
+    return tl.sum(tl.where(rows[:, None] == rows[None, :], X, 0.0), axis=1)
+
+
+@triton.jit
+def apply_causal(X, Y, G, g_ptr, g_stride, nvalid, M,
+                 BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[i, m] = sum_{j <= i} X[i, j] Y[j, m] exp(G[i, m] - G[j, m]); X [BT, BT], Y and G [BT, BM]."""
-    NC: tl.constexpr = BT // BC
-    rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
-    sub = rows // BC
-    out = tl.zeros((BT, BM), dtype=tl.float32)
-    for I in range(1, NC):
-        Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
-        before = (rows < I * BC)[:, None]
-        Yr = tl.where(before, Y * tl.exp(tl.where(before, Gr[None, :] - G, 0.0)), 0.0)
-        part = tl.dot(X, Yr, input_precision=PREC)
-        inside = (sub == I)[:, None]
-        out += tl.where(inside, tl.exp(tl.where(inside, G - Gr[None, :], 0.0)) * part, 0.0)
-    for b in range(BC):
-        j = sub * BC + b
-        valid = ((rows % BC) >= b)[:, None]
-        yj = load_rows(y_ptr, j, y_stride, nvalid, M, BM)
-        gj = load_gates(g_ptr, j, g_stride, nvalid, M, BM)
-        xj = tl.sum(tl.where(cols[None, :] == j[:, None], X, 0.0), axis=1)
-        out += tl.where(valid, xj[:, None] * yj * tl.exp(tl.where(valid, G - gj, 0.0)), 0.0)
+    out = _diagonal(X, BT)[:, None] * Y
+    S = 1
+    while S < BT:
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
+        part = tl.dot(tl.where(same, X, 0.0), tl.where(late, 0.0, Y * E), input_precision=PREC)
+        out += tl.where(late, E * part, 0.0)
+        S *= 2
     return out
 
 
 @triton.jit
-def matrix_causal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
-                  BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+def matrix_causal(X, Y, G, g_ptr, g_stride, nvalid, M,
+                  BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[i, j] = sum_m X[i, m] Y[j, m] exp(G[i, m] - G[j, m]) for j <= i, else 0; [BT, BT]."""
-    NC: tl.constexpr = BT // BC
     rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
-    sub = rows // BC
-    out = tl.zeros((BT, BT), dtype=tl.float32)
-    for I in range(1, NC):
-        Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
-        inside = (sub == I)[:, None]
-        before = (rows < I * BC)[:, None]
-        Xr = tl.where(inside, X * tl.exp(tl.where(inside, G - Gr[None, :], 0.0)), 0.0)
-        Yr = tl.where(before, Y * tl.exp(tl.where(before, Gr[None, :] - G, 0.0)), 0.0)
-        out += tl.dot(Xr, tl.trans(Yr), input_precision=PREC)
-    for b in range(BC):
-        j = sub * BC + b
-        valid = ((rows % BC) >= b)[:, None]
-        yj = load_rows(y_ptr, j, y_stride, nvalid, M, BM)
-        gj = load_gates(g_ptr, j, g_stride, nvalid, M, BM)
-        val = tl.sum(tl.where(valid, X * yj * tl.exp(tl.where(valid, G - gj, 0.0)), 0.0), axis=1)
-        out += tl.where(cols[None, :] == j[:, None], val[:, None], 0.0)
+    out = tl.where(rows[:, None] == rows[None, :], tl.sum(X * Y, axis=1)[:, None], 0.0)
+    S = 1
+    while S < BT:
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
+        part = tl.dot(tl.where(late, X * E, 0.0), tl.trans(tl.where(late, 0.0, Y * E)), input_precision=PREC)
+        out += tl.where(same, part, 0.0)
+        S *= 2
     return out
 
 
 @triton.jit
-def apply_anticausal(X, Y, G, y_ptr, y_stride, g_ptr, g_stride, nvalid, M,
-                     BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+def apply_anticausal(X, Y, G, g_ptr, g_stride, nvalid, M,
+                     BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[j, m] = sum_{i >= j} X[i, j] Y[i, m] exp(G[i, m] - G[j, m]); X [BT, BT] indexed [i, j]."""
-    NC: tl.constexpr = BT // BC
-    rows = tl.arange(0, BT)
-    cols = tl.arange(0, BT)
-    sub = rows // BC
-    Xt = tl.trans(X)                                     # Xt[j, i]: row-wise picks stay inside a warp
-    out = tl.zeros((BT, BM), dtype=tl.float32)
-    for I in range(1, NC):
-        Gr = _gate_row(g_ptr, I * BC - 1, g_stride, nvalid, M, BM)
-        inside = (sub == I)[:, None]
-        before = (rows < I * BC)[:, None]
-        Yr = tl.where(inside, Y * tl.exp(tl.where(inside, G - Gr[None, :], 0.0)), 0.0)
-        part = tl.dot(Xt, Yr, input_precision=PREC)
-        out += tl.where(before, tl.exp(tl.where(before, Gr[None, :] - G, 0.0)) * part, 0.0)
-    for b in range(BC):
-        i = sub * BC + b
-        valid = ((rows % BC) <= b)[:, None]
-        yi = load_rows(y_ptr, i, y_stride, nvalid, M, BM)
-        gi = load_gates(g_ptr, i, g_stride, nvalid, M, BM)
-        xi = tl.sum(tl.where(cols[None, :] == i[:, None], Xt, 0.0), axis=1)
-        out += tl.where(valid, xi[:, None] * yi * tl.exp(tl.where(valid, gi - G, 0.0)), 0.0)
+    Xt = tl.trans(X)
+    out = _diagonal(X, BT)[:, None] * Y
+    S = 1
+    while S < BT:
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
+        part = tl.dot(tl.where(same, Xt, 0.0), tl.where(late, Y * E, 0.0), input_precision=PREC)
+        out += tl.where(late, 0.0, E * part)
+        S *= 2
     return out
