@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_lock import gpu_lock
+
 SHAPES = {  # [B, T, H, K=V, M]
     "a": (8, 2048, 4, 512, 64),   # the paper's 1.3B layer
     "b": (8, 2048, 16, 128, 64),
@@ -38,7 +40,8 @@ def copy_bandwidth(nbytes=2 << 30):
     import triton
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    with gpu_lock():
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
 
 
@@ -82,7 +85,8 @@ def time_op(fn, inputs, backward):
                 fn(*inputs)
     step()                                  # warm-up: compilation and (for fla) autotuning
     torch.cuda.synchronize()
-    return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
+    with gpu_lock():                        # never timed while another process times (fla_cache.py)
+        return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
 
 
 def main(argv=None):

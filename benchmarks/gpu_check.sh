@@ -1,29 +1,56 @@
 #!/usr/bin/env bash
-# One GPU session's check, for the device tool: the whole test suite on CUDA, then the benchmarks side by
-# side with flash-linear-attention (carried as a wheel in .whl/, see shared/GPU.md). Logs land in $OUT.
-#   usage: bash benchmarks/gpu_check.sh [tests|profile|bench|all] [pytest targets and args; default: tests]
-#   BENCH_ARGS="--shapes a --no-fla" bash benchmarks/gpu_check.sh bench
+# One GPU session's check, for the device tool. Logs land in $OUT.
+#   usage: bash benchmarks/gpu_check.sh STEPS [pytest targets and args]
+#   STEPS, comma-separated, run in this order:
+#     fla-warm  start flash-linear-attention's autotuning in the background (benchmarks/fla_cache.py),
+#               packing its results into $OUT/fla_autotune.tgz until it ends or DEADLINE seconds pass
+#     tests     the test suite on CUDA (default targets: tests)
+#     bench     benchmarks/bench_chunk.py (BENCH_ARGS, e.g. "--shapes a --no-fla")
+#     profile   benchmarks/profile_kernels.py (PROFILE_ARGS)
+#   flash-linear-attention comes from the wheel in .whl/ and its autotune results from
+#   .fla_cache/fla_autotune.tgz when carried (see ../shared/GPU.md and benchmarks/fla_cache.py).
 set -uo pipefail
-what=${1:-all}; shift || true
+steps=${1:-tests,bench}; shift || true
 OUT=${OUT:-/tmp/gsa-out}; mkdir -p "$OUT"
+start=$SECONDS
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=$PWD:/tmp/site
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache TRITON_CACHE_AUTOTUNING=1
+[ -f .fla_cache/fla_autotune.tgz ] && python3 -m benchmarks.fla_cache restore .fla_cache/fla_autotune.tgz
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  [ $# -gt 0 ] || set -- tests
-  python3 -m pytest -q -rs --durations=10 "$@" 2>&1 | tee "$OUT/tests.log" || status=1
-fi
-if [ "$what" = profile ] || [ "$what" = all ]; then
-  python3 -m benchmarks.profile_kernels 2>&1 | tee "$OUT/profile.log" || status=1
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+warm_pid=
+for step in ${steps//,/ }; do
+  case $step in
+    fla-warm)
+      python3 -m benchmarks.fla_cache warm --shapes "${FLA_SHAPES:-a,b,c,d}" --jobs 4 \
+        --pack "$OUT/fla_autotune.tgz" > "$OUT/fla_warm.log" 2>&1 &
+      warm_pid=$! ;;
+    tests)
+      [ $# -gt 0 ] || set -- tests
+      python3 -m pytest -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+    bench)
+      python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    profile)
+      python3 -m benchmarks.profile_kernels ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || status=1 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$warm_pid" ]; then
+  deadline=${DEADLINE:-560}
+  while kill -0 "$warm_pid" 2>/dev/null && [ $((SECONDS - start)) -lt "$deadline" ]; do sleep 5; done
+  kill -0 "$warm_pid" 2>/dev/null && echo "fla warm-up still running at the deadline; partial results packed"
+  python3 - <<'PY'
+from pathlib import Path
+from benchmarks.fla_cache import pack
+import os
+print("packed", pack(Path(os.environ["TRITON_CACHE_DIR"]), Path(os.environ["OUT"]) / "fla_autotune.tgz"), "autotune results")
+PY
+  tail -5 "$OUT/fla_warm.log"
 fi
 exit $status

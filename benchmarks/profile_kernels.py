@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from benchmarks.bench_chunk import SHAPES, make_inputs
+from benchmarks.gpu_lock import gpu_lock
 
 
 def compiled_kernel_report():
@@ -25,7 +26,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--chunk-sizes", default="64,32")
+    ap.add_argument("--chunk-sizes", default="64")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
     for name in args.shapes.split(","):
@@ -35,7 +36,7 @@ def main(argv=None):
             step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT)[0].backward(torch.ones_like(v))   # noqa: E731
             step()
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with gpu_lock(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     step()
                 torch.cuda.synchronize()
