@@ -11,7 +11,7 @@
 #   .fla_cache/fla_autotune.tgz when carried (see ../shared/GPU.md and benchmarks/fla_cache.py).
 set -uo pipefail
 steps=${1:-tests,bench}; shift || true
-OUT=${OUT:-/tmp/gsa-out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/gsa-out}; mkdir -p "$OUT"
 start=$SECONDS
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
