@@ -13,7 +13,8 @@ from benchmarks.gpu_lock import gpu_lock
 def compiled_kernel_report():
     from gsa_kernels.kernels import chunk_bwd, chunk_fwd, cumsum, states
     fns = [cumsum.chunk_cumsum_kernel, states.states_fwd_kernel, chunk_fwd.chunk_fwd_kernel,
-           chunk_bwd.chunk_bwd_dscores_kernel, states.states_bwd_kernel, chunk_bwd.chunk_bwd_kernel]
+           chunk_bwd.chunk_bwd_dscores_kernel, states.states_bwd_kernel, chunk_bwd.chunk_bwd_keys_kernel,
+           chunk_bwd.chunk_bwd_values_kernel]
     for fn in fns:
         for caches in fn.device_caches.values():
             for key, kern in caches[0].items():

@@ -2,9 +2,10 @@
 
 Forward, 3 launches:  chunk_cumsum (G) -> states_fwd (hk, hv at every chunk start, and the final
                       states) -> chunk_fwd (scores, softmax, o per chunk).
-Backward, 4 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_bwd_dscores (p, dz,
+Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_bwd_dscores (p, dz,
                       dG_loc per chunk) -> states_bwd (dhk, dhv at every chunk end, and the
-                      initial-state gradients) -> chunk_bwd (dq, dk, dv, ds, dg).
+                      initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
+                      -> chunk_bwd_values (dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 """
@@ -15,7 +16,7 @@ import triton
 
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
-from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_kernel
+from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
 from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
 from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
@@ -145,12 +146,16 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ds, dg = torch.empty_like(s), torch.empty_like(g)
-    cfg = launch_config("chunk_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
-    chunk_bwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, G, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p, dz, dG_loc,
-        dq, dk, dv, ds, dg, cu, table, T,
-        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    ds_keys = torch.empty(B, T, H, M, **f32)
+    carry_keys = torch.empty(layout.num_slots, H, M, **f32)
+    cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    chunk_bwd_keys_kernel[(layout.num_slots, H)](
+        q, k, s, G, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
+        H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    chunk_bwd_values_kernel[(layout.num_slots, H)](
+        v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
 

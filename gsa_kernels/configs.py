@@ -20,8 +20,8 @@ CANDIDATES: dict[str, dict[str, list[int]]] = {
                   "num_stages": [1, 2, 3]},
     "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "chunk_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
-                  "num_stages": [1, 2, 3]},
+    "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
 }
 
 KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
@@ -48,7 +48,8 @@ def default_config(kernel: str, K: int, V: int, M: int) -> dict:
         "states_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
         "chunk_bwd_dscores": {"BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
+        "chunk_bwd_keys": {"BK": BK, "num_warps": 8, "num_stages": 2},
+        "chunk_bwd_values": {"BV": BV, "num_warps": 8, "num_stages": 2},
     }[kernel]
     return dict(cfg)
 

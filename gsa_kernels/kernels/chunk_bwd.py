@@ -1,12 +1,15 @@
-"""Backward of one chunk, in two launches around the reverse state walk of states.py.
+"""Backward of one chunk, in three launches around the reverse state walk of states.py.
 
 1. chunk_bwd_dscores_kernel (per chunk; needs only this chunk's forward state Hv):
        dp     = exp(G) * (do Hv^T) + apply_causal(do v^T, s, G)
        dz     = scale * p * (dp - sum_m p dp)            gradient w.r.t. the unscaled scores
        dG_loc = dscores * scores + p * dp                the rows' own part of d loss / d G
-   dz and p (float32) feed the reverse walk and kernel 2, which gathers rows of both.
-2. chunk_bwd_kernel (per chunk; needs Hk, Hv at the chunk start and dHk', dHv' at its end), with
-   w = s * exp(Gend - G), A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
+   dz and p (float32) feed the reverse walk and kernels 2.
+2. chunk_bwd_keys_kernel, then chunk_bwd_values_kernel (per chunk; need Hk, Hv at the chunk start and
+   dHk', dHv' at its end). One program doing both sides held too many [BT, BT] and [BT, BM] tiles at
+   once and spilled (docs/perf-notes.md); split, the keys side hands its share of ds (float32) and of
+   the state carry to the values side, which finishes ds and dg. With w = s * exp(Gend - G),
+   A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
        dq = (dz * exp(G)) Hk^T + dA k                   dk = dA^T q + w dHk'^T
        dv = Av^T do + w dHv'                             dAv = do v^T
        ds = apply_anticausal(A, dz, G) + apply_anticausal(dAv, p, G)
@@ -68,11 +71,12 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
 
 
 @triton.jit
-def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p_all, dz, dG_loc,
-                     dq, dk, dv, ds, dg, cu_seqlens, chunk_table, T,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                     BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys,
+                          cu_seqlens, chunk_table, T,
+                          H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+                          BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """Keys side: dq, dk; and the keys' share of ds (float32, to ds_keys) and of the state carry."""
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
     if exists:
@@ -81,22 +85,14 @@ def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dh
         m = tl.arange(0, BM)
         row_mask = (t < nvalid)[:, None]
         slot_mask = (m < M)[None, :]
-        io_mask = row_mask & slot_mask
         off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
-        s_chunk = s + (t0 * H + h) * M
         G_chunk = G_all + (t0 * H + h) * M
-        p_chunk = p_all + (t0 * H + h) * M
-        dz_chunk = dz + (t0 * H + h) * M
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
-        sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
-        p = load_rows(p_chunk, t, H * M, nvalid, M, BM)
-        dzc = load_rows(dz_chunk, t, H * M, nvalid, M, BM)
-        w = sc * tl.exp(Gend[None, :] - G)
+        sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
+        dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         dA = matrix_causal(dzc, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
-        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         dze = dzc * tl.exp(G)
 
-        # keys side, over K tiles: dq, dk out; A, the inter-chunk ds and the state carry in
         A = tl.zeros((BT, BT), dtype=tl.float32)
         ds_inter = tl.zeros((BT, BM), dtype=tl.float32)
         carry = tl.zeros((BM,), dtype=tl.float32)
@@ -113,15 +109,46 @@ def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dh
             dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
                 + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
             dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
-                + tl.dot(w, tl.trans(dhk), input_precision=PREC)
+                + tl.dot(sc * tl.exp(Gend[None, :] - G), tl.trans(dhk), input_precision=PREC)
             tl.store(dq + koff, dqc.to(dq.dtype.element_ty), mask=kmask)
             tl.store(dk + koff, dkc.to(dk.dtype.element_ty), mask=kmask)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
             ds_inter += tl.dot(kc.to(tl.float32), dhk, input_precision=PREC)
             carry += tl.sum(dhk * hk, axis=0)
 
-        # values side, over V tiles: dv out; dAv, the inter-chunk ds and the state carry in
+        ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
+        dsc = ds_inter + apply_anticausal(A, dzc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
+        tl.store(ds_keys + off, dsc, mask=row_mask & slot_mask)
+        carry = tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
+        tl.store(carry_keys + (slot * H + h) * M + m, carry, mask=m < M)
+
+
+@triton.jit
+def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_loc, ds_keys, carry_keys,
+                            dv, ds, dg, cu_seqlens, chunk_table, T,
+                            H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                            BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+                            IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """Values side: dv; then ds (both shares) and dg, the reverse cumulative sum of dG plus the carry."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    if exists:
+        slot = pid.to(tl.int64)
+        t = tl.arange(0, BT)
+        m = tl.arange(0, BM)
+        row_mask = (t < nvalid)[:, None]
+        slot_mask = (m < M)[None, :]
+        io_mask = row_mask & slot_mask
+        off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
+        G_chunk = G_all + (t0 * H + h) * M
+        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
+        sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
+        p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
+
         dAv = tl.zeros((BT, BT), dtype=tl.float32)
+        ds_inter = tl.zeros((BT, BM), dtype=tl.float32)
+        carry = tl.zeros((BM,), dtype=tl.float32)
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
@@ -133,20 +160,20 @@ def chunk_bwd_kernel(q, k, v, s, G_all, do, hk_chunks, hv_chunks, dhk_chunks, dh
             hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
             dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
             dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
-                + tl.dot(w, dhv, input_precision=PREC)
+                + tl.dot(sc * tl.exp(Gend[None, :] - G), dhv, input_precision=PREC)
             tl.store(dv + voff, dvc.to(dv.dtype.element_ty), mask=vmask)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
             ds_inter += tl.dot(vc.to(tl.float32), tl.trans(dhv), input_precision=PREC)
             carry += tl.sum(dhv * hv, axis=1)
 
         ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
-        dsc = ds_inter \
-            + apply_anticausal(A, dzc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC) \
+        dsc = tl.load(ds_keys + off, mask=io_mask, other=0.0) + ds_inter \
             + apply_anticausal(dAv, p, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         tl.store(ds + off, dsc.to(ds.dtype.element_ty), mask=io_mask)
 
         # dg: every row t of the chunk gets the dG of rows i >= t; the state carry reaches them all
         dG = tl.load(dG_loc + off, mask=io_mask, other=0.0) - sc * dsc
-        carry = tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
+        carry = tl.load(carry_keys + (slot * H + h) * M + m, mask=m < M, other=0.0) \
+            + tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
         dgc = tl.cumsum(dG, axis=0, reverse=True) + carry[None, :]
         tl.store(dg + off, dgc.to(dg.dtype.element_ty), mask=io_mask)
