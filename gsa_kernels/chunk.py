@@ -95,7 +95,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     G = chunk_gates(g, layout)
 
-    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, NH=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
@@ -137,7 +137,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
     use_dht = dhk_final is not None
-    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, NH=N * H)
     states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
         q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
         dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
@@ -193,7 +193,7 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g <= 0, the log forget gate); one dtype among
     float32 / float16 / bfloat16. Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M],
     hv [N, H, M, V]) float32 final states when output_final_state, else (None, None).
-    `chunk_size` (keyword, power of two 16..128) overrides the tuned chunk length.
+    `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
     """
     chunk_size = kwargs.pop("chunk_size", None)
     if "head_first" in kwargs:
@@ -201,8 +201,8 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     if kwargs:
         raise TypeError(f"chunk_gsa got unexpected keyword arguments {sorted(kwargs)}")
     problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
-    if chunk_size is not None and (chunk_size not in (16, 32, 64, 128)):
-        raise ValueError(f"chunk_size must be a power of two between 16 and 128, got {chunk_size}")
+    if chunk_size is not None and (chunk_size not in (16, 32, 64)):
+        raise ValueError(f"chunk_size must be 16, 32 or 64, got {chunk_size}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
     BT = chunk_size or launch_config("chunk", K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype)["BT"]
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 
+import torch
 import triton
 
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
-    "chunk": {"BT": [32, 64, 128]},
+    "chunk": {"BT": [32, 64]},
     "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
-    "chunk_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
-                  "num_stages": [1, 2, 3]},
+    "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
@@ -34,31 +34,49 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def default_config(kernel: str, K: int, V: int, M: int) -> dict:
-    """A sound config for any shape: tiles no larger than the (padded) dims, BT smaller for wide M."""
+def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, NH: int | None = None,
+                   dtype=None) -> dict:
+    """A sound config for any shape, from the H100 measurements of docs/perf-notes.md (v5).
+
+    Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
+    SM hide each other's loads better than one large one. Register tiles scale down as the slot
+    dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks are one
+    program per (sequence-head, tile): with few sequence-heads (NH), smaller tiles fill the GPU.
+    """
     BM = _pow2(M)
-    BT = 64 if BM <= 128 else 32
-    BK = min(64, _pow2(K))
-    BV = min(64, _pow2(V))
-    if BM > 64:
-        BK, BV = min(BK, 32), min(BV, 32)
+    BT = BT or 32
+    BK = min(128, _pow2(K), max(16, 8192 // BM))
+    BV = min(128, _pow2(V), max(16, 8192 // BM))
+    SK, SV = min(64, BK), min(64, BV)
+    if NH is not None and triton.cdiv(max(K, V), SK) * NH < 128:
+        SK, SV = min(32, SK), min(32, SV)
     cfg = {
-        "chunk": {"BT": BT},
-        "states_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "states_bwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd_dscores": {"BV": BV, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd_keys": {"BK": BK, "num_warps": 8, "num_stages": 2},
-        "chunk_bwd_values": {"BV": BV, "num_warps": 8, "num_stages": 2},
+        "chunk": {"BT": 32},
+        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
+        "states_bwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
+        "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
+        "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
+        "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
+        "chunk_bwd_values": {"BV": min(64, BV), "num_warps": 4, "num_stages": 3},
     }[kernel]
+    wide = BT > 32 or BM >= 128 or dtype == torch.float32
+    if wide and kernel.startswith("chunk_"):
+        # larger chunks or slot dims hold 2-4x the [BT, BT] and [BT, BM] tiles, and IEEE float32 dots
+        # run on the CUDA cores with more registers: more warps, narrower K/V tiles
+        cfg["num_warps"] = 8
+        for key in ("BK", "BV"):
+            if key in cfg:
+                cfg[key] = min(cfg[key], 64)
     return dict(cfg)
 
 
-def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None) -> dict:
-    """The config `kernel` launches with for this shape; recorded for `last_configs()`."""
+def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
+                  NH: int | None = None) -> dict:
+    """The config `kernel` launches with for this shape (BT: the call's chunk size; NH: the number of
+    sequence-heads, for the state walks); recorded for `last_configs()`."""
     if kernel not in CANDIDATES:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
-    cfg = default_config(kernel, K, V, M)
+    cfg = default_config(kernel, K, V, M, BT, NH, dtype)
     with _lock:
         _last_used[kernel] = dict(cfg)
     return cfg
