@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from gsa_kernels import tuned
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_kernel
@@ -94,7 +95,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     G = chunk_gates(g, layout)
 
-    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype,
+                        tokens=B * T * H, seqs=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
@@ -104,7 +106,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scores = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
         H=H, K=K, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BK=cfg["BK"], BV=cfg["BV"],
@@ -125,7 +128,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BC=cfg["BC"], BM=BM, BV=cfg["BV"],
@@ -136,7 +140,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
     use_dht = dhk_final is not None
-    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype,
+                        tokens=B * T * H, seqs=N * H)
     states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
         q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
         dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
@@ -145,7 +150,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ds, dg = torch.empty_like(s), torch.empty_like(g)
-    cfg = launch_config("chunk_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_bwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, do, hk_chunks, hv_chunks, dhk_chunks, dhv_chunks, p, dz, dG_loc,
         dq, dk, dv, ds, dg, cu, table, T,
@@ -199,7 +205,16 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     if chunk_size is not None and (chunk_size not in (16, 32, 64, 128)):
         raise ValueError(f"chunk_size must be a power of two between 16 and 128, got {chunk_size}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
-    BT = chunk_size or launch_config("chunk", K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype)["BT"]
+    sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
+                 tokens=problem.B * problem.T * problem.H, seqs=problem.N * problem.H)
+    # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
+    tuned.maybe_autotune(B=problem.B, T=problem.T, H=problem.H, N=problem.N, K=problem.K, V=problem.V,
+                         M=problem.M, dtype=q.dtype, device=q.device)
+    if tuned.backend_for(tuned.problem_key(**sizes)) == "torch_compile":
+        return tuned.compiled_reference()(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                          chunk_size=chunk_size or 64)
+    BT = chunk_size or launch_config("chunk", **sizes)["BT"]
 
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):

@@ -12,6 +12,9 @@ import threading
 
 import triton
 
+from gsa_kernels import tuned
+from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the sweep's handle)
+
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64, 128]},
@@ -53,15 +56,23 @@ def default_config(kernel: str, K: int, V: int, M: int) -> dict:
     return dict(cfg)
 
 
-def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None) -> dict:
-    """The config `kernel` launches with for this shape; recorded for `last_configs()`."""
+def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
+                  tokens: int | None = None, seqs: int | None = None) -> dict:
+    """The config `kernel` launches with for this shape; recorded for `last_configs()`.
+
+    tokens = B*T*H and seqs = N*H complete the tuned-file key (gsa_kernels/tuned.py); without them
+    the lookup takes the nearest entry for (K, V, M, dtype). No tuned entry: `default_config`.
+    """
     if kernel not in CANDIDATES:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
-    cfg = default_config(kernel, K, V, M)
+    cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
+    if cfg is None:
+        cfg = default_config(kernel, K, V, M)
     if "BC" in cfg and BT is not None:
-        cfg["BC"] = min(cfg["BC"], BT)
+        cfg["BC"] = min(cfg["BC"], BT)      # the sub-chunk never exceeds the chunk actually used
     with _lock:
         _last_used[kernel] = dict(cfg)
+    tuned.record_launch(kernel, cfg, source, entry)
     return cfg
 
 
@@ -69,3 +80,9 @@ def last_configs() -> dict[str, dict]:
     """The config each kernel used at its most recent launch in this process (for tests and debugging)."""
     with _lock:
         return {k: dict(v) for k, v in _last_used.items()}
+
+
+def clear_last_configs():
+    """Forget the recorded launches (the sweep uses it to see which kernels an op launches)."""
+    with _lock:
+        _last_used.clear()
