@@ -52,7 +52,7 @@ PRESETS = {
     "common": lambda: [Shape(8, 2048, _hidden_2048(D), D, D, M) for D in HEAD_DIMS for M in SLOTS],
     "common-full": lambda: [Shape(8, 2048, _hidden_2048(K), K, V, M)
                             for K in HEAD_DIMS for V in HEAD_DIMS for M in SLOTS],
-    "tiny": lambda: [Shape(1, 32, 1, 16, 16, 16), Shape(1, 64, 2, 32, 32, 16)],
+    "tiny": lambda: [Shape(1, 32, 1, 16, 16, 16), Shape(1, 64, 1, 16, 16, 16)],
 }
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",

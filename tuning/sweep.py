@@ -136,8 +136,9 @@ def main(argv=None) -> int:
             return fail(f"--arch {args.arch}: no CUDA GPU is present here, so nothing can be tuned for it "
                         f"(--dry-run exercises the pipeline on a CPU)")
         if present != args.arch:
-            return fail(f"--arch {args.arch} but the GPU present is {present} "
-                        f"({torch.cuda.get_device_name()}): tune on a {args.arch} GPU, or pass --arch {present}")
+            name = torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown GPU"
+            return fail(f"--arch {args.arch} but the GPU present is {present} ({name}): "
+                        f"tune on a {args.arch} GPU, or pass --arch {present}")
     device = "cpu" if args.dry_run else "cuda"
 
     try:
