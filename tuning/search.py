@@ -482,10 +482,9 @@ def tune_shape(*, B, T, H, K, V, M, dtype, device, settings: Settings | None = N
                             compile_backend=False)
     shape = Shape(B, T, H, K, V, M)
     arch = tuned.current_arch() if device.type == "cuda" else None
-    search = ShapeSearch(shape, tuned.dtype_name(dtype), device, settings, progress, arch=arch)
     try:
-        return search.run()
+        with torch.enable_grad():      # the run-time autotuner may be called under no_grad
+            search = ShapeSearch(shape, tuned.dtype_name(dtype), device, settings, progress, arch=arch)
+            return search.run()
     except _CudaBroken as e:
         raise RuntimeError(f"CUDA failed while tuning {shape} {dtype}: {e}") from e
-    finally:
-        search._graphs = None

@@ -196,8 +196,8 @@ def main(argv=None) -> int:
 
     have = [e["key"] for e in entries] + [f["key"] for f in failed if "key" in f]
     jobs, seen = [], []
-    for shape in grid_shapes:
-        for dtype in dtypes:
+    for dtype in dtypes:              # dtype-major: with the default grid, bf16 bench shapes come first
+        for shape in grid_shapes:
             key = key_of(shape, dtype)
             if key in have or key in seen:
                 continue      # tuned already (resume), or the same key as an earlier shape of the grid
