@@ -400,6 +400,7 @@ def reset():
         _selected.clear()
         _warned.clear()
         _last.clear()
+        _autotune_failed.clear()
         for k in _stats:
             _stats[k] = 0
 
@@ -496,6 +497,9 @@ def compiled_reference():
 # opt-in autotuning at run time
 # ---------------------------------------------------------------------------------------------
 
+_autotune_failed: set = set()
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(ENV_AUTOTUNE, "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -506,15 +510,23 @@ def maybe_autotune(*, B, T, H, K, V, M, N, dtype, device) -> bool:
     if not autotune_enabled() or _override is not None:
         return False
     key = problem_key(K=K, V=V, M=M, dtype=dtype, tokens=B * T * H, seqs=N * H)
-    if has_exact(key):
+    if key in _autotune_failed or has_exact(key):
         return False
     from tuning import search, yamlio  # the search lives with the sweep; imported only when opted in
+    # a packed (varlen) batch is tuned as the dense [B, T, H] it packs, and stored under its own key
     result = search.tune_shape(B=B, T=T, H=H, K=K, V=V, M=M, dtype=dtype, device=device)
     with _lock:
         _stats["autotune_runs"] += 1
-    if result.get("entry") is not None:
+    entry = result.get("entry")
+    if entry is None:
+        with _lock:
+            _autotune_failed.add(key)      # tried once per process; the defaults serve meanwhile
+        warnings.warn(f"gsa_kernels: autotuning {key} failed ({result.get('failed')}); using the "
+                      f"nearest tuned entry or the defaults", RuntimeWarning, stacklevel=3)
+    else:
+        entry["key"].update(tokens=key[4], seqs=key[5])
         arch = current_arch()
-        yamlio.merge_entry(user_cache_path(arch), result["entry"], meta=search.run_meta(
+        yamlio.merge_entry(user_cache_path(arch), entry, meta=search.run_meta(
             arch=arch or "interpreter", dry_run=arch is None, device=device))
     global _tables
     with _lock:

@@ -605,3 +605,19 @@ def test_user_cache_merge_replaces_a_stale_cache(tmp_path):
     doc = yaml.safe_load(path.read_text())
     assert [x["key"] for x in doc["entries"]] == [e2["key"]] and doc["meta"]["triton"] == "9.9.9"
     assert triton.__version__ != "9.9.9"
+
+
+def test_failed_opt_in_autotuning_warns_once_and_is_not_retried(monkeypatch):
+    calls = []
+
+    def failing(**kw):
+        calls.append(kw)
+        return {"entry": None, "failed": "no candidate passed"}
+    monkeypatch.setattr(search, "tune_shape", failing)
+    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    with pytest.warns(RuntimeWarning, match="autotuning .* failed"):
+        run_and_check(inputs(*SMALL))
+    run_and_check(inputs(*SMALL, seed=1))
+    assert len(calls) == 1 and tuned.stats()["autotune_runs"] == 1
+    assert {info["source"] for info in last_launches().values()} == {"default"}
+    assert not tuned.user_cache_path().exists()
