@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from gsa_kernels import tuned
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
@@ -95,7 +96,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     G = chunk_gates(g, layout)
 
-    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, NH=N * H)
+    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
@@ -105,7 +107,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scores = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
         H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
@@ -126,7 +129,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
@@ -137,7 +141,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
     use_dht = dhk_final is not None
-    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, NH=N * H)
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
         q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
         dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
@@ -148,11 +153,13 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     ds, dg = torch.empty_like(s), torch.empty_like(g)
     ds_keys = torch.empty(B, T, H, M, **f32)
     carry_keys = torch.empty(layout.num_slots, H, M, **f32)
-    cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_bwd_keys_kernel[(layout.num_slots, H)](
         q, k, s, G, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
         H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
-    cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT)
+    cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
     chunk_bwd_values_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
@@ -204,7 +211,16 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     if chunk_size is not None and (chunk_size not in (16, 32, 64)):
         raise ValueError(f"chunk_size must be 16, 32 or 64, got {chunk_size}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
-    BT = chunk_size or launch_config("chunk", K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype)["BT"]
+    sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
+                 tokens=problem.B * problem.T * problem.H, seqs=problem.N * problem.H)
+    # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
+    tuned.maybe_autotune(B=problem.B, T=problem.T, H=problem.H, N=problem.N, K=problem.K, V=problem.V,
+                         M=problem.M, dtype=q.dtype, device=q.device)
+    if tuned.backend_for(tuned.problem_key(**sizes)) == "torch_compile":
+        return tuned.compiled_reference()(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                          chunk_size=chunk_size or 64)
+    BT = chunk_size or launch_config("chunk", **sizes)["BT"]
 
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):

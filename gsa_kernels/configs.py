@@ -13,6 +13,9 @@ import threading
 import torch
 import triton
 
+from gsa_kernels import tuned
+from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the sweep's handle)
+
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64]},
@@ -34,21 +37,21 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, NH: int | None = None,
+def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None,
                    dtype=None) -> dict:
     """A sound config for any shape, from the H100 measurements of docs/perf-notes.md (v5).
 
     Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
     SM hide each other's loads better than one large one. Register tiles scale down as the slot
     dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks are one
-    program per (sequence-head, tile): with few sequence-heads (NH), smaller tiles fill the GPU.
+    program per (sequence-head, tile): with few sequence-heads (seqs = N*H), smaller tiles fill the GPU.
     """
     BM = _pow2(M)
     BT = BT or 32
     BK = min(128, _pow2(K), max(16, 8192 // BM))
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    if NH is not None and triton.cdiv(max(K, V), SK) * NH < 128:
+    if seqs is not None and triton.cdiv(max(K, V), SK) * seqs < 128:
         SK, SV = min(32, SK), min(32, SV)
     cfg = {
         "chunk": {"BT": 32},
@@ -71,14 +74,21 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, N
 
 
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
-                  NH: int | None = None) -> dict:
-    """The config `kernel` launches with for this shape (BT: the call's chunk size; NH: the number of
-    sequence-heads, for the state walks); recorded for `last_configs()`."""
+                  tokens: int | None = None, seqs: int | None = None) -> dict:
+    """The config `kernel` launches with for this shape; recorded for `last_configs()`.
+
+    BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
+    (gsa_kernels/tuned.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
+    No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles).
+    """
     if kernel not in CANDIDATES:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
-    cfg = default_config(kernel, K, V, M, BT, NH, dtype)
+    cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
+    if cfg is None:
+        cfg = default_config(kernel, K, V, M, BT, seqs, dtype)
     with _lock:
         _last_used[kernel] = dict(cfg)
+    tuned.record_launch(kernel, cfg, source, entry)
     return cfg
 
 
@@ -86,3 +96,9 @@ def last_configs() -> dict[str, dict]:
     """The config each kernel used at its most recent launch in this process (for tests and debugging)."""
     with _lock:
         return {k: dict(v) for k, v in _last_used.items()}
+
+
+def clear_last_configs():
+    """Forget the recorded launches (the sweep uses it to see which kernels an op launches)."""
+    with _lock:
+        _last_used.clear()

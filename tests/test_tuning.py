@@ -1,0 +1,623 @@
+"""Tuned launch configs: the run-time lookup (gsa_kernels/tuned.py) and the sweep (tuning/).
+
+Lookup: a tuned shape launches its file's configs with zero autotune benchmarks; an untuned shape takes
+the nearest entry that fits, or the default; stale, foreign-arch and malformed files give one warning
+and the fallback; GSA_TUNED_CONFIGS picks the file; opt-in autotuning persists to the user cache.
+Sweep: --dry-run end to end in the interpreter (stopped by --time-budget, then --resume), the file it
+writes loads at run time, and bad arguments (an arch that is not the GPU present) exit non-zero.
+Every op result here is compared with the float64 recurrence. Timing is never asserted.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import yaml
+
+from conftest import DEVICE, ON_GPU
+from gsa_kernels import chunk_gsa, configs, last_launches, tuned
+from reference import naive_recurrent_gsa
+from tuning import search, shapes, yamlio
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = [k for k in configs.CANDIDATES if k != "chunk"]
+
+
+@pytest.fixture(autouse=True)
+def clean_lookup(monkeypatch, tmp_path):
+    """Every test starts with no tuned file, an empty user cache and no opt-in, and forgets after."""
+    monkeypatch.setenv(tuned.ENV_FILE, "none")
+    monkeypatch.setenv(tuned.ENV_CACHE_DIR, str(tmp_path / "user-cache"))
+    monkeypatch.delenv(tuned.ENV_AUTOTUNE, raising=False)
+    tuned.reset()
+    yield
+    tuned.reset()
+
+
+def arch_here():
+    return tuned.current_arch() or "sm90"
+
+
+def meta(**changes):
+    m = search.run_meta(arch=arch_here(), dry_run=False, device=DEVICE)
+    m.update(changes)
+    return m
+
+
+def shape_key(B, T, H, K, V, M, dtype, N=None):
+    return {"K": K, "V": V, "M": M, "dtype": dtype, "tokens": tuned.bucket(B * T * H),
+            "seqs": tuned.bucket((N or B) * H)}
+
+
+def two_valued_param(kernel):
+    """A parameter of the kernel with at least two candidate values, preferring one that no
+    dimension prunes (num_warps, num_stages) over the tiles."""
+    params = [p for p, vals in configs.CANDIDATES[kernel].items() if len(vals) >= 2]
+    free = [p for p in params if p not in ("BK", "BV", "BM", "BC", "BT")]
+    return (free or params)[0]
+
+
+def non_default_configs(K, V, M, BT=32):
+    """A config per kernel (the first candidate values) that differs from default_config."""
+    out = {"chunk": {"BT": BT}}
+    for kernel in KERNELS:
+        default = configs.default_config(kernel, K, V, M)
+        cfg = {p: vals[0] for p, vals in configs.CANDIDATES[kernel].items()}
+        if cfg == default:
+            p = two_valued_param(kernel)
+            cfg[p] = configs.CANDIDATES[kernel][p][1]
+        assert cfg != default
+        out[kernel] = cfg
+    return out
+
+
+def small_space(varied: dict[str, str]):
+    """CANDIDATES cut to each kernel's default values (K = V = M = 16), plus the first two values of
+    the parameter named for a kernel in `varied`: a search the interpreter finishes in seconds."""
+    small = {"chunk": {"BT": [32]}}
+    for kernel in KERNELS:
+        default = configs.default_config(kernel, 16, 16, 16)
+        small[kernel] = {p: [default[p]] for p in configs.CANDIDATES[kernel]}
+        if kernel in varied:
+            p = varied[kernel]
+            small[kernel][p] = [default[p]] + [x for x in configs.CANDIDATES[kernel][p] if x != default[p]][:1]
+    return small
+
+
+def forward_kernels():
+    """The kernels chunk_gsa's forward launches (by running one), in launch order."""
+    configs.clear_last_configs()
+    chunk_gsa(*inputs(*SMALL))
+    return [k for k in configs.last_configs() if k != "chunk"]
+
+
+def entry(key, cfgs, backend="triton"):
+    return {"key": key, "shape": [1, 1, 1, key["K"], key["V"], key["M"]], "backend": backend,
+            "configs": copy.deepcopy(cfgs), "times_ms": {}}
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc, sort_keys=False) if not isinstance(doc, str) else doc)
+    return path
+
+
+def use_file(monkeypatch, path):
+    monkeypatch.setenv(tuned.ENV_FILE, str(path))
+    tuned.reset()
+
+
+def inputs(B, T, H, K, V, M, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, M, generator=gen)) / 8
+    s = 1 - g.exp()
+    return [x.to(dtype).to(DEVICE).requires_grad_() for x in (q, k, v, s, g)]
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_and_check(xs, tol=1e-5):
+    """chunk_gsa forward + backward against the float64 recurrence (SPEC section 3, float32 bound)."""
+    o, _ = chunk_gsa(*xs)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, xs, do)
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    o_ref, _ = naive_recurrent_gsa(*ref_in)
+    ref_grads = torch.autograd.grad(o_ref, ref_in, do.double())
+    assert rel(o, o_ref) <= tol
+    for gr, gref in zip(grads, ref_grads):
+        assert rel(gr, gref) <= tol
+
+
+class Counter:
+    """Counts every way a benchmark could run: our search, triton.testing.do_bench, Triton's Autotuner."""
+
+    def __init__(self, monkeypatch):
+        self.do_bench = self.autotuner = 0
+        import triton.runtime.autotuner as autotuner
+        import triton.testing
+        real_bench, real_run = triton.testing.do_bench, autotuner.Autotuner.run
+
+        def bench(*a, **k):
+            self.do_bench += 1
+            return real_bench(*a, **k)
+
+        def run(*a, **k):
+            self.autotuner += 1
+            return real_run(*a, **k)
+        monkeypatch.setattr(triton.testing, "do_bench", bench)
+        monkeypatch.setattr(autotuner.Autotuner, "run", run)
+
+    def total(self):
+        return self.do_bench + self.autotuner + tuned.stats()["autotune_benchmarks"]
+
+
+SMALL = (1, 32, 1, 16, 16, 16)   # B, T, H, K, V, M: interpreter-sized
+
+
+# ---------------------------------------------------------------------------------------------
+# lookup
+
+def test_tuned_shape_launches_its_configs_with_zero_autotune_benchmarks(monkeypatch, tmp_path):
+    cfgs = non_default_configs(16, 16, 16)
+    path = write(tmp_path / "t.yaml", {"meta": meta(), "entries": [entry(shape_key(*SMALL, "float32"), cfgs)]})
+    use_file(monkeypatch, path)
+    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")        # opted in: it would tune if the shape were missing
+    counter = Counter(monkeypatch)
+    run_and_check(inputs(*SMALL))
+    assert counter.total() == 0
+    assert tuned.stats()["autotune_runs"] == 0
+    launched = last_launches()
+    assert set(launched) == set(configs.CANDIDATES)
+    for kernel, info in launched.items():
+        assert info["source"] == "tuned", kernel
+        assert info["config"] == cfgs[kernel], kernel
+    assert configs.last_configs() == cfgs
+
+
+def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tmp_path):
+    # a small candidate space keeps the interpreter quick: two values of one parameter, two kernels
+    varied = {KERNELS[0]: two_valued_param(KERNELS[0]), KERNELS[-1]: two_valued_param(KERNELS[-1])}
+    monkeypatch.setattr(configs, "CANDIDATES", small_space(varied))
+    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    tuned.reset()
+    counter = Counter(monkeypatch)
+    run_and_check(inputs(*SMALL))
+    assert tuned.stats()["autotune_runs"] == 1
+    assert tuned.stats()["autotune_benchmarks"] >= 5     # the BT stage, 2 + 2 candidates, the final op
+    cache = tuned.user_cache_path()
+    assert cache.is_file()
+    doc = yaml.safe_load(cache.read_text())
+    assert [e["key"] for e in doc["entries"]] == [shape_key(*SMALL, "float32")]
+    assert {info["source"] for info in last_launches().values()} == {"user-cache"}
+    # a later process (reset: nothing in memory) reuses the cache and tunes nothing
+    tuned.reset()
+    counter.do_bench = counter.autotuner = 0
+    run_and_check(inputs(*SMALL, seed=1))
+    assert counter.total() == 0
+    assert {info["source"] for info in last_launches().values()} == {"user-cache"}
+    assert configs.last_configs() == doc["entries"][0]["configs"]
+
+
+def test_without_opt_in_an_untuned_shape_never_autotunes(monkeypatch):
+    counter = Counter(monkeypatch)
+    run_and_check(inputs(*SMALL))
+    assert counter.total() == 0 and tuned.stats()["autotune_runs"] == 0
+    assert not tuned.user_cache_path().exists()
+    assert {info["source"] for info in last_launches().values()} == {"default"}
+
+
+def test_nearest_entry_is_used_for_an_untuned_shape(monkeypatch, tmp_path):
+    near = non_default_configs(16, 16, 16)
+    far = {k: {p: vals[-1] for p, vals in configs.CANDIDATES[k].items()} for k in configs.CANDIDATES}
+    far["chunk"] = {"BT": 64}
+    entries = [entry(shape_key(1, 2048, 4, 256, 256, 128, "float16"), far),    # far: K, V, M, dtype
+               entry(shape_key(1, 32, 1, 32, 32, 16, "float32"), near)]        # near: K, V one step off
+    use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(), "entries": entries}))
+    counter = Counter(monkeypatch)
+    run_and_check(inputs(*SMALL))                                              # K = V = 16
+    assert counter.total() == 0
+    for kernel, info in last_launches().items():
+        assert info["source"] == "nearest"
+        assert info["config"] == near[kernel]
+        assert info["entry"] == tuned.problem_key(**shape_key(1, 32, 1, 32, 32, 16, "float32"))
+
+
+def test_nearest_distance_rule():
+    key = tuned.problem_key(K=128, V=128, M=64, dtype=torch.bfloat16, tokens=65536, seqs=32)
+    # one doubling of M (weight 2) is farther than one of K (weight 1)
+    assert tuned._distance(key, (128, 128, 128, "bfloat16", 65536, 32)) == 2
+    assert tuned._distance(key, (256, 128, 64, "bfloat16", 65536, 32)) == 1
+    # float16 is near bfloat16, float32 is far from both; work-size buckets weigh half
+    assert tuned._distance(key, (128, 128, 64, "float16", 65536, 32)) == 1
+    assert tuned._distance(key, (128, 128, 64, "float32", 65536, 32)) == 4
+    assert tuned._distance(key, (128, 128, 64, "bfloat16", 4 * 65536, 8)) == 2
+    assert tuned.bucket(65536 + 1000) == 65536 and tuned.bucket(3 * 65536) == 4 * 65536
+
+
+def test_nearest_entry_that_does_not_fit_is_skipped(monkeypatch, tmp_path):
+    # tuned at M = 16 with BT = 128 and wide tiles: fine there, over the register estimate at M = 256
+    big = {k: {p: vals[-1] for p, vals in configs.CANDIDATES[k].items()} for k in configs.CANDIDATES}
+    big["chunk"] = {"BT": 128}
+    for k in KERNELS:
+        if "num_warps" in big[k]:
+            big[k]["num_warps"] = min(configs.CANDIDATES[k]["num_warps"])
+    probe = KERNELS[0]
+    key = shape_key(1, 32, 1, 16, 16, 16, "float32")
+    assert tuned._entry_fits(tuned.parse_entry(entry(key, big), 0), tuned.problem_key(**key))
+    use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(), "entries": [entry(key, big)]}))
+    cfg = configs.launch_config(probe, K=16, V=16, M=256, dtype=torch.float32, tokens=32, seqs=1)
+    assert last_launches()[probe]["source"] == "default"
+    assert cfg == configs.default_config(probe, 16, 16, 256)
+    # the same file serves a problem where the entry fits (same dims, another work size)
+    configs.launch_config(probe, K=16, V=16, M=16, dtype=torch.float32, tokens=64, seqs=1)
+    assert last_launches()[probe]["source"] == "nearest"
+
+
+def test_default_configs_always_fit_and_survive_pruning():
+    grid = shapes.parse_shapes("bench,common-full") + [shapes.Shape(1, 700, 2, 64, 64, 256)]
+    for shape in grid:
+        for dtype in ("bfloat16", "float16", "float32"):
+            for kernel in KERNELS:
+                d = configs.default_config(kernel, shape.K, shape.V, shape.M)
+                BT = configs.default_config("chunk", shape.K, shape.V, shape.M)["BT"]
+                assert tuned.fits(d, K=shape.K, V=shape.V, M=shape.M, BT=BT, dtype=dtype, arch="sm90"), \
+                    (shape, dtype, kernel, d)
+                kept, _ = search.prune(kernel, search.enumerate_space(kernel), shape=shape, dtype=dtype,
+                                       BT=BT, arch="sm90")
+                assert d in kept, (shape, dtype, kernel, d)
+
+
+def test_pruning_rules():
+    shape = shapes.Shape(1, 32, 1, 16, 48, 16)      # pow2: K 16, V 64, M 16, T 32
+    for kernel in KERNELS:
+        cands = configs.CANDIDATES[kernel]
+        kept, pruned = search.prune(kernel, search.enumerate_space(kernel), shape=shape,
+                                    dtype="float16", BT=32, arch="sm90")
+        assert kept and len(kept) + len(pruned) == len(search.enumerate_space(kernel))
+        if "BK" in cands:          # K pads to 16: only the smallest BK
+            assert {c["BK"] for c in kept} == {min(cands["BK"])}
+        if "BV" in cands:          # V pads to 64: every BV up to 64
+            assert {c["BV"] for c in kept} == {x for x in cands["BV"] if x <= 64}
+        if "BC" in cands:          # never a sub-chunk longer than the chunk
+            assert all(c["BC"] <= 32 for c in kept)
+    bts, _ = search.prune("chunk", search.enumerate_space("chunk"), shape=shape, dtype="float16", BT=None,
+                          arch="sm90")
+    assert [c["BT"] for c in bts] == [32]
+
+
+def test_tie_break_is_deterministic():
+    a, b, c = {"x": 1}, {"x": 2}, {"x": 3}
+    order = [a, b, c]
+    # b fastest, a within 2%: the earlier (a) wins; the runner-up is the fastest of the rest
+    assert search.tie_break([(c, 1.00), (b, 0.99), (a, 1.005)], order, None, 0.02) == (a, 1.005, 0.99)
+    # the start (default) config wins any near-tie it is part of
+    assert search.tie_break([(a, 1.01), (b, 1.00), (c, 1.015)], order, c, 0.02)[0] == c
+    # outside the window the fastest wins
+    assert search.tie_break([(a, 1.10), (b, 1.00)], order, a, 0.02) == (b, 1.00, 1.10)
+
+
+def test_env_override_and_missing_files(monkeypatch, tmp_path):
+    cfgs = non_default_configs(16, 16, 16)
+    key = shape_key(*SMALL, "float32")
+    use_file(monkeypatch, write(tmp_path / "mine.yaml", {"meta": meta(), "entries": [entry(key, cfgs)]}))
+    kernel = KERNELS[0]
+    assert configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1) \
+        == cfgs[kernel]
+    # "none" switches the file off: defaults, silently
+    use_file(monkeypatch, "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1) \
+            == configs.default_config(kernel, 16, 16, 16)
+    # a path that does not exist: the user asked for it, so one warning
+    use_file(monkeypatch, tmp_path / "nope.yaml")
+    with pytest.warns(RuntimeWarning, match="does not exist"):
+        configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
+
+
+def test_no_shipped_file_for_the_arch_is_silent(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuned.ENV_FILE)
+    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
+    monkeypatch.setattr(tuned, "tuned_configs_dir", lambda: tmp_path)      # no sm90.yaml there
+    tuned.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = configs.launch_config(KERNELS[-1], K=64, V=64, M=64, dtype=torch.bfloat16, tokens=4096, seqs=4)
+    assert cfg == configs.default_config(KERNELS[-1], 64, 64, 64)
+    assert tuned.stats()["files_read"] == 0
+
+
+def test_file_is_read_once(monkeypatch, tmp_path):
+    key = shape_key(*SMALL, "float32")
+    use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(),
+                                                      "entries": [entry(key, non_default_configs(16, 16, 16))]}))
+    for M in (16, 32, 64):
+        for kernel in configs.CANDIDATES:
+            configs.launch_config(kernel, K=16, V=16, M=M, dtype=torch.float32, tokens=32, seqs=1)
+    assert tuned.stats()["files_read"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# files that must not be used: one warning, then the fallback
+
+def _launch_all_twice():
+    out = []
+    for _ in range(2):
+        for kernel in configs.CANDIDATES:
+            out.append(configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1))
+    return out
+
+
+def _expect_one_warning_and_defaults(match):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _launch_all_twice()
+    ours = [w for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert ours[0].category is RuntimeWarning
+    assert match in str(ours[0].message), str(ours[0].message)
+    assert {info["source"] for info in last_launches().values()} == {"default"}
+    for kernel, info in last_launches().items():
+        assert info["config"] == configs.default_config(kernel, 16, 16, 16)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"triton": "0.0.1"}, "stale: made for Triton 0.0.1"),
+    ({"source_hash": "0123456789abcdef"}, "kernel source hash 0123456789abcdef"),
+    ({"candidates": {"chunk": "x"}}, "other candidate lists"),
+], ids=["triton-version", "kernel-source", "candidate-lists"])
+def test_stale_file_warns_once_and_falls_back(monkeypatch, tmp_path, change, match):
+    key = shape_key(*SMALL, "float32")
+    doc = {"meta": meta(**change), "entries": [entry(key, non_default_configs(16, 16, 16))]}
+    use_file(monkeypatch, write(tmp_path / "stale.yaml", doc))
+    _expect_one_warning_and_defaults(match)
+
+
+def test_foreign_arch_file_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
+    key = shape_key(*SMALL, "float32")
+    doc = {"meta": meta(arch="sm80"), "entries": [entry(key, non_default_configs(16, 16, 16))]}
+    use_file(monkeypatch, write(tmp_path / "sm80.yaml", doc))
+    _expect_one_warning_and_defaults("tuned for sm80, but this GPU is sm90")
+
+
+def test_dry_run_file_is_refused_on_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
+    key = shape_key(*SMALL, "float32")
+    doc = {"meta": meta(arch="sm90", dry_run=True), "entries": [entry(key, non_default_configs(16, 16, 16))]}
+    use_file(monkeypatch, write(tmp_path / "dry.yaml", doc))
+    _expect_one_warning_and_defaults("--dry-run")
+
+
+def _bad_value_entry():
+    cfgs = non_default_configs(16, 16, 16)
+    cfgs[KERNELS[0]][two_valued_param(KERNELS[0])] = 48          # not a candidate
+    return [entry(shape_key(*SMALL, "float32"), cfgs)]
+
+
+def _missing_kernel_entry():
+    cfgs = non_default_configs(16, 16, 16)
+    del cfgs[KERNELS[-1]]
+    return [entry(shape_key(*SMALL, "float32"), cfgs)]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("meta: [unclosed\n  - : :", "not readable YAML"),
+    ("- just\n- a list\n", "top level is not a mapping"),
+    ("!!python/object/apply:os.system ['echo should-never-run']\n", "not readable YAML"),
+    ("BAD_VALUE", "is not a candidate"),
+    ("MISSING_KERNEL", "must name exactly the kernels"),
+    ("NO_ENTRIES", "no `entries` list"),
+    ("BAD_KEY", "key.K must be a positive int"),
+], ids=["syntax", "not-a-mapping", "unsafe-tag", "bad-value", "missing-kernel", "no-entries", "bad-key"])
+def test_malformed_file_warns_once_and_falls_back(monkeypatch, tmp_path, content, match):
+    if content == "BAD_VALUE":
+        content = {"meta": meta(), "entries": _bad_value_entry()}
+    elif content == "MISSING_KERNEL":
+        content = {"meta": meta(), "entries": _missing_kernel_entry()}
+    elif content == "NO_ENTRIES":
+        content = {"meta": meta()}
+    elif content == "BAD_KEY":
+        e = entry(shape_key(*SMALL, "float32"), non_default_configs(16, 16, 16))
+        e["key"]["K"] = "sixteen"
+        content = {"meta": meta(), "entries": [e]}
+    use_file(monkeypatch, write(tmp_path / "bad.yaml", content))
+    _expect_one_warning_and_defaults(match)
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch.compile backend
+
+def test_torch_compile_backend_is_dispatched_for_an_exact_entry(monkeypatch, tmp_path):
+    from reference import chunk_gsa_torch
+    calls = []
+
+    def fake_compiled(*a, **k):      # stands in for torch.compile(chunk_gsa_torch): same function, eager
+        calls.append(k.get("chunk_size"))
+        return chunk_gsa_torch(*a, **k)
+    monkeypatch.setattr(tuned, "_compiled", fake_compiled)
+    key = shape_key(*SMALL, "float32")
+    doc = {"meta": meta(), "entries": [entry(key, non_default_configs(16, 16, 16), backend="torch_compile")]}
+    use_file(monkeypatch, write(tmp_path / "tc.yaml", doc))
+    run_and_check(inputs(*SMALL))
+    assert calls == [64]
+    assert last_launches() == {}                       # no Triton kernel launched
+    # another shape (nearest only) stays on the Triton kernels
+    run_and_check(inputs(1, 32, 1, 16, 16, 32))
+    assert calls == [64] and {i["source"] for i in last_launches().values()} == {"nearest"}
+    # a file from another torch version: its backend choice is not trusted, the kernels run
+    doc["meta"]["torch"] = "1.0.0"
+    use_file(monkeypatch, write(tmp_path / "tc-old.yaml", doc))
+    run_and_check(inputs(*SMALL))
+    assert calls == [64] and {i["source"] for i in last_launches().values()} == {"tuned"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+def sweep(*args, env=None, timeout=600):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("TRITON_INTERPRET", None)       # the CLI must set it itself for --dry-run
+    return subprocess.run([sys.executable, "-m", "tuning.sweep", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_sweep_dry_run_end_to_end_with_budget_resume_and_runtime_load(monkeypatch, tmp_path):
+    out = tmp_path / "sm90.yaml"
+    first = sweep("--arch", "sm90", "--dry-run", "--output", str(out), "--time-budget", "1")
+    assert first.returncode == 0, first.stderr
+    assert "stopped by --time-budget" in first.stderr and "ETA" in first.stderr
+    doc1 = yaml.safe_load(out.read_text())
+    assert doc1["meta"]["dry_run"] is True and doc1["meta"]["complete"] is False
+    assert len(doc1["entries"]) == 1
+    second = sweep("--arch", "sm90", "--dry-run", "--output", str(out), "--resume")
+    assert second.returncode == 0, second.stderr
+    doc2 = yaml.safe_load(out.read_text())
+    assert doc2["meta"]["complete"] is True and len(doc2["entries"]) == 2
+    assert doc1["entries"][0] in doc2["entries"]           # kept as it was, not tuned again
+    tiny = shapes.PRESETS["tiny"]()
+    assert sorted(e["shape"] for e in doc2["entries"]) == sorted(s.as_list() for s in tiny)
+    for e in doc2["entries"]:
+        assert e["times_ms"]["triton_fwd_bwd"] > 0 and e["backend"] == "triton"
+        assert set(e["configs"]) == set(configs.CANDIDATES)
+        assert any("torch_compile" in n for n in e["notes"])
+    assert not list(tmp_path.glob(".*.tmp"))               # atomic writes leave no temp files
+    # the runtime loads it: the tuned shape launches its entry's configs with zero benchmarks
+    use_file(monkeypatch, out)
+    counter = Counter(monkeypatch)
+    shape = tiny[0]
+    xs = inputs(shape.B, shape.T, shape.H, shape.K, shape.V, shape.M, torch.float16)
+    if ON_GPU:   # a dry-run file is refused on a GPU (its times are the interpreter's)
+        with pytest.warns(RuntimeWarning, match="dry-run"):
+            chunk_gsa(*xs)
+        return
+    o, _ = chunk_gsa(*xs)
+    o_ref, _ = naive_recurrent_gsa(*[x.detach().double() for x in xs])
+    assert rel(o, o_ref) <= 5e-3
+    assert counter.total() == 0
+    want = next(e for e in doc2["entries"] if e["shape"] == shape.as_list())
+    launched = last_launches()
+    assert "chunk" in launched and len(launched) >= 2
+    for kernel, info in launched.items():
+        assert info["source"] == "tuned" and info["config"] == want["configs"][kernel]
+
+
+def test_sweep_refuses_an_arch_that_is_not_present(monkeypatch, capsys):
+    from tuning import sweep as sweep_cli
+    if not ON_GPU:
+        monkeypatch.setattr(tuned, "current_arch", lambda: "sm80")
+    present = tuned.current_arch()
+    other = "sm100" if present != "sm100" else "sm90"
+    assert sweep_cli.main(["--arch", other]) == 2
+    err = capsys.readouterr().err
+    assert f"--arch {other} but the GPU present is {present}" in err
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs a machine without CUDA")
+def test_sweep_without_a_gpu_exits_non_zero():
+    res = sweep("--arch", "sm90", timeout=120)
+    assert res.returncode == 2
+    assert "no CUDA GPU is present" in res.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--arch", "hopper", "--dry-run"], "--arch must look like sm90"),
+    (["--arch", "sm90", "--dry-run", "--shapes", "nosuch"], "--shapes 'nosuch'"),
+    (["--arch", "sm90", "--dry-run", "--dtypes", "int8"], "--dtypes 'int8'"),
+    (["--arch", "sm90", "--dry-run", "--kernels", "nosuch"], "--kernels: unknown"),
+    (["--arch", "sm90", "--dry-run", "--output", "tuned_configs/sm90.yaml"], "never overwrites"),
+], ids=["arch", "shapes", "dtypes", "kernels", "shipped-output"])
+def test_sweep_bad_arguments_exit_2_naming_the_argument(args, match):
+    res = sweep(*args, timeout=120)
+    assert res.returncode == 2 and match in res.stderr, res.stderr
+
+
+def test_sweep_resume_refuses_a_file_from_other_software(tmp_path):
+    out = tmp_path / "old.yaml"
+    m = search.run_meta(arch="sm90", dry_run=True, device="cpu")
+    m["triton"] = "0.0.1"
+    out.write_text(yamlio.dump({"meta": m, "entries": [], "failed": []}))
+    res = sweep("--arch", "sm90", "--dry-run", "--output", str(out), "--resume", timeout=120)
+    assert res.returncode == 2 and "made with other hardware or software" in res.stderr
+    assert yaml.safe_load(out.read_text())["meta"]["triton"] == "0.0.1"     # left untouched
+
+
+def test_correctness_gate_rejects_a_wrong_candidate(monkeypatch):
+    """A candidate whose output is wrong (a forward kernel's non-default value, corrupted on purpose)
+    is rejected by the float64 reference check and cannot win, however fast."""
+    kernel = forward_kernels()[0]
+    param = two_valued_param(kernel)
+    small = small_space({kernel: param})
+    good, bad = small[kernel][param]
+    monkeypatch.setattr(configs, "CANDIDATES", small)
+    real = search.chunk_gsa
+
+    def faulty(*a, **k):
+        o, states = real(*a, **k)
+        if tuned._override and tuned._override[kernel][param] == bad:
+            o = o * 1.01                                # 1% off: over the 1e-5 bound
+        return o, states
+    monkeypatch.setattr(search, "chunk_gsa", faulty)
+    st = search.Settings(kernels=(kernel,), compile_backend=False)
+    res = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float32, device=DEVICE, settings=st)
+    e = res["entry"]
+    assert e["configs"][kernel][param] == good
+    assert len(e["rejected"][kernel]) == 1 and "o error" in e["rejected"][kernel][0]
+    assert e["candidates"][kernel] == {"timed": 1, "pruned": 0, "rejected": 1}
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(monkeypatch, tmp_path):
+    path = tmp_path / "t.yaml"
+    yamlio.atomic_write_yaml(path, {"meta": {"a": 1}, "entries": []})
+    before = path.read_text()
+
+    def crash(fd):
+        raise OSError("disk gone")
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        yamlio.atomic_write_yaml(path, {"meta": {"a": 2}, "entries": [1, 2, 3]})
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.yaml"]
+
+
+def test_user_cache_merge_replaces_a_stale_cache(tmp_path):
+    path = tmp_path / "sm90.yaml"
+    m = search.run_meta(arch="sm90", dry_run=False, device="cpu")
+    e1 = entry(shape_key(*SMALL, "float32"), non_default_configs(16, 16, 16))
+    e2 = entry(shape_key(1, 64, 1, 16, 16, 16, "float32"), non_default_configs(16, 16, 16))
+    yamlio.merge_entry(path, e1, meta=m)
+    yamlio.merge_entry(path, e2, meta=m)
+    assert len(yaml.safe_load(path.read_text())["entries"]) == 2
+    yamlio.merge_entry(path, e2, meta={**m, "triton": "9.9.9"})     # other software: start over
+    doc = yaml.safe_load(path.read_text())
+    assert [x["key"] for x in doc["entries"]] == [e2["key"]] and doc["meta"]["triton"] == "9.9.9"
+    assert triton.__version__ != "9.9.9"
+
+
+def test_failed_opt_in_autotuning_warns_once_and_is_not_retried(monkeypatch):
+    calls = []
+
+    def failing(**kw):
+        calls.append(kw)
+        return {"entry": None, "failed": "no candidate passed"}
+    monkeypatch.setattr(search, "tune_shape", failing)
+    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    with pytest.warns(RuntimeWarning, match="autotuning .* failed"):
+        run_and_check(inputs(*SMALL))
+    run_and_check(inputs(*SMALL, seed=1))
+    assert len(calls) == 1 and tuned.stats()["autotune_runs"] == 1
+    assert {info["source"] for info in last_launches().values()} == {"default"}
+    assert not tuned.user_cache_path().exists()

@@ -1,0 +1,490 @@
+"""Tuning one problem shape: the candidate space, pruning, coordinate descent, tie-break.
+
+Everything is driven by `gsa_kernels.configs.CANDIDATES` (kernel -> parameter -> values) and by the
+names the launchers pass to `launch_config`; nothing here knows a kernel's arguments. The unit timed
+is the real op, `chunk_gsa`, with `configs.override` fixing every kernel's config:
+
+1. Which kernel runs where: one forward and one backward with every kernel at its default config;
+   `configs.last_configs()` lists the kernels each launched, in launch order. A kernel launched only
+   by the forward is timed by the forward; one launched only by the backward is timed by the backward
+   alone (`torch.autograd.grad` on graphs retained from forwards made with the current forward
+   configs, so the forward is not in its time); one launched by both is timed by forward+backward.
+   A kernel of CANDIDATES that chunk_gsa never launches keeps its default config.
+2. The chunk size BT (kernel "chunk") fixes the layout every other kernel works on, so it is the
+   outer choice: every BT candidate is timed on forward+backward with the other kernels at their
+   defaults for that BT, and the best `bt_top` (default 1) BTs go on to step 3.
+3. Coordinate descent at each kept BT, `passes` times (default 1): for each kernel in launch order,
+   time every candidate with the other kernels at their current best, keep the winner.
+4. The kept BT whose tuned configs give the fastest forward+backward wins.
+
+Pruning, before anything is compiled (rules by the naming grammar BT/BC/BK/BV/BM; other parameters
+are never pruned): a tile (BK, BV, BM) larger than the padded dim (pow2, at least 16) unless it is the
+smallest candidate; a chunk BT longer than the padded T unless it is the smallest candidate; a
+sub-chunk BC larger than BT; a config over `gsa_kernels.tuned.fits`'s shared memory or register
+estimate. A candidate that then fails to compile or to launch is rejected with the error.
+
+Near-ties: among the candidates within `tie` (default 2%) of the fastest, the default config wins if
+it is one of them (a stable answer), else the earliest in enumeration order (CANDIDATES order:
+parameters as declared, values as listed, smallest first there). The same rule picks BT, and the
+torch.compile backend must beat the Triton kernels by more than `tie` to be chosen.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import platform
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from gsa_kernels import configs, tuned
+from gsa_kernels.chunk import chunk_gsa
+from tuning import measure
+from tuning.shapes import Shape
+
+CHUNK = "chunk"   # the pseudo-kernel holding BT, the chunk size every launch of one call shares
+TILE_DIMS = {"BK": "K", "BV": "V", "BM": "M"}
+
+
+@dataclass
+class Settings:
+    max_candidates: int | None = None   # per kernel and BT, after pruning; None: all
+    passes: int = 1
+    bt_top: int = 1
+    tie: float = 0.02
+    jobs: int = 0                        # parallel compile workers (CUDA only); 0: compile on first launch
+    compile_backend: bool = True         # time torch.compile(chunk_gsa_torch) too
+    compile_timeout: float = 300.0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    kernels: tuple | None = None         # kernels to tune; others stay at their defaults
+
+    def as_meta(self) -> dict:
+        return {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
+                "tie": self.tie, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
+                "compile_backend": self.compile_backend, "compile_mode": tuned.COMPILE_MODE,
+                "kernels": list(self.kernels) if self.kernels else "all"}
+
+
+def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = None) -> dict:
+    """The `meta` block: where, with what software and how a file's entries were measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu, sm_count = props.name, props.multi_processor_count
+    else:
+        gpu, sm_count = f"none (Triton interpreter on {platform.machine()} CPU)", 0
+    meta = {"format": tuned.FORMAT, "arch": arch, "gpu": gpu, "sm_count": sm_count,
+            "device": device.type, "triton": str(triton.__version__), "torch": str(torch.__version__),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "dry_run": bool(dry_run), "complete": False, "source_hash": tuned.source_fingerprint(),
+            "source_files": [f"gsa_kernels/{p.relative_to(p.parents[1]).as_posix()}"
+                             if p.parent.name == "kernels" else f"gsa_kernels/{p.name}"
+                             for p in tuned.source_files()],
+            "candidates": {k: tuned.candidates_hash(k) for k in configs.CANDIDATES}}
+    if settings is not None:
+        meta["search"] = settings.as_meta()
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the candidate space
+# ---------------------------------------------------------------------------------------------
+
+def enumerate_space(kernel: str) -> list[dict]:
+    params = configs.CANDIDATES[kernel]
+    return [dict(zip(params, values)) for values in itertools.product(*params.values())]
+
+
+def _p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | None,
+          arch: str | None) -> tuple[list[dict], list[str]]:
+    """(kept, reasons pruned) by the rules of the module docstring."""
+    params = configs.CANDIDATES[kernel]
+    dims = {"K": shape.K, "V": shape.V, "M": shape.M}
+    kept, pruned = [], []
+    for cfg in cfgs:
+        why = None
+        for p, dim in TILE_DIMS.items():
+            if p in cfg and cfg[p] > _p2(dims[dim]) and cfg[p] != min(params[p]):
+                why = f"{p}={cfg[p]} > pow2({dim}={dims[dim]})"
+        if kernel == CHUNK and cfg["BT"] > _p2(shape.T) and cfg["BT"] != min(params["BT"]):
+            why = f"BT={cfg['BT']} > pow2(T={shape.T})"
+        if "BC" in cfg and BT is not None and cfg["BC"] > BT:
+            why = f"BC={cfg['BC']} > BT={BT}"
+        if why is None and kernel != CHUNK:
+            bt = BT if BT is not None else 64
+            if not tuned.fits(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype, arch=arch):
+                smem, regs = tuned.resource_estimate(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype)
+                why = f"estimate smem {smem} B / {regs:.0f} regs per thread does not fit"
+        if why is None:
+            kept.append(cfg)
+        else:
+            pruned.append(f"{fmt(cfg)}: {why}")
+    return kept, pruned
+
+
+def cap(cfgs: list[dict], start: dict, n: int | None) -> list[dict]:
+    """At most n configs: the start config, then evenly spaced others; enumeration order kept."""
+    if n is None or len(cfgs) <= n:
+        return cfgs
+    rest = [c for c in cfgs if c != start]
+    picks = [start] if start in cfgs else []
+    k = n - len(picks)
+    if k > 0:
+        picks += [rest[round(j * (len(rest) - 1) / max(1, k - 1))] for j in range(k)] if k > 1 else [rest[0]]
+    return [c for c in cfgs if c in picks]
+
+
+def fmt(cfg: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def tie_break(timed: list[tuple[dict, float]], order: list[dict], start: dict | None, tie: float):
+    """(winner, winner ms, runner-up ms or None) by the near-tie rule of the module docstring."""
+    best = min(ms for _, ms in timed)
+    near = [(c, ms) for c, ms in timed if ms <= best * (1 + tie)]
+    chosen = next(((c, ms) for c, ms in near if c == start), None)
+    if chosen is None:
+        chosen = min(near, key=lambda cm: order.index(cm[0]))
+    others = [ms for c, ms in timed if c != chosen[0]]
+    return chosen[0], chosen[1], (min(others) if others else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# one shape
+# ---------------------------------------------------------------------------------------------
+
+class _CudaBroken(RuntimeError):
+    pass
+
+
+@dataclass
+class _Failure:
+    """What `_run` returns instead of raising when a candidate fails to compile or launch."""
+    reason: str
+
+
+
+
+@dataclass
+class _Kernel:
+    name: str
+    phase: str                              # "fwd", "bwd" or "fwd+bwd"
+    timed: int = 0
+    pruned: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+
+
+class ShapeSearch:
+    def __init__(self, shape: Shape, dtype: str, device, settings: Settings, progress=None, arch=None):
+        self.shape, self.dtype, self.device, self.s = shape, dtype, torch.device(device), settings
+        self.arch = arch
+        self.progress = progress or (lambda n=1: None)
+        self.inputs = measure.Inputs(shape, dtype, self.device)
+        self.ref = measure.Reference(self.inputs)
+        self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
+        self.tunable = [k for k in configs.CANDIDATES if settings.kernels is None or k in settings.kernels]
+        self.checked: dict = {}              # (BT, kernel, cfg) -> None or reason
+        self._graphs = None                  # (fwd-config key, [(o, xs)]) retained for backward timing
+        # the parallel precompile only warms Triton's cache: a candidate failing there is still tried
+        # (and rejected) here, so a broken worker can never reject a good config
+        self.precompile_failures = 0
+        self.notes: list[str] = []
+
+    # -- ops under a full override ---------------------------------------------------------
+    def _fwd(self, xs):
+        return chunk_gsa(*xs)[0]
+
+    def _run(self, cfgs: dict, fn):
+        try:
+            with configs.override(cfgs):
+                return fn()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:                       # compile or launch failure of this candidate
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if "CUDA error" in str(e) or "illegal" in str(e).lower():
+                raise _CudaBroken(msg) from e        # the context is gone: stop, do not blame the config
+            return _Failure(msg)
+
+    def _full(self, BT, current: dict) -> dict:
+        out = {k: dict(v) for k, v in current.items()}
+        if CHUNK in configs.CANDIDATES:
+            out[CHUNK] = {"BT": BT}
+        return out
+
+    def default_start(self, kernel: str, BT) -> dict:
+        d = configs.default_config(kernel, self.shape.K, self.shape.V, self.shape.M)
+        if "BC" in d and BT is not None:
+            d["BC"] = min(d["BC"], BT)
+        return d
+
+    def space(self, kernel: str, BT) -> tuple[list[dict], list[str], dict]:
+        """(candidates, pruned reasons, start config) of a kernel at chunk size BT."""
+        kept, pruned = prune(kernel, enumerate_space(kernel), shape=self.shape, dtype=self.dtype,
+                             BT=BT, arch=self.arch)
+        start = self.default_start(kernel, BT) if kernel != CHUNK else {"BT": configs.default_config(
+            CHUNK, self.shape.K, self.shape.V, self.shape.M)["BT"]}
+        if start not in kept:
+            start = kept[0] if kept else start
+        if kernel not in self.tunable:
+            return [start], pruned, start
+        return cap(kept, start, self.s.max_candidates), pruned, start
+
+    def discover(self, BT0) -> None:
+        """Which kernels the forward and the backward launch, in launch order (module docstring, 1)."""
+        start = {k: self.space(k, BT0)[2] for k in configs.CANDIDATES if k != CHUNK}
+        cfgs = self._full(BT0, start)
+        xs, do = self.inputs.sets[0], self.inputs.do
+        configs.clear_last_configs()
+        o = self._run(cfgs, lambda: self._fwd(xs))
+        if isinstance(o, _Failure):
+            raise RuntimeError(f"the default configs do not run at {self.shape} {self.dtype}: {o.reason}")
+        fwd = list(configs.last_configs())
+        configs.clear_last_configs()
+        self._run(cfgs, lambda: torch.autograd.grad(o, xs, do))
+        bwd = list(configs.last_configs())
+        self.kernels = []
+        for name in dict.fromkeys(fwd + bwd):
+            if name == CHUNK:
+                continue
+            phase = "fwd+bwd" if (name in fwd and name in bwd) else ("fwd" if name in fwd else "bwd")
+            self.kernels.append(_Kernel(name, phase))
+        launched = {k.name for k in self.kernels} | {CHUNK}
+        for name in configs.CANDIDATES:
+            if name not in launched:
+                self.notes.append(f"{name}: not launched by chunk_gsa; default config kept")
+
+    # -- timing and the gate -----------------------------------------------------------------
+    def _fwd_graphs(self, cfgs):
+        key = repr(sorted((k, sorted(v.items())) for k, v in cfgs.items()
+                          if k == CHUNK or self._phase(k) != "bwd"))
+        if self._graphs is None or self._graphs[0] != key:
+            self._graphs = None
+            graphs = []
+            for xs in self.inputs.sets:
+                o = self._run(cfgs, lambda xs=xs: self._fwd(xs))
+                if isinstance(o, _Failure):
+                    return o
+                graphs.append((o, xs))
+            self._graphs = (key, graphs)
+        return self._graphs[1]
+
+    def _phase(self, name):
+        return next((k.phase for k in self.kernels if k.name == name), "fwd")
+
+    def measure(self, cfgs: dict, phase: str, gate_key=None) -> tuple[float | None, str | None]:
+        """(ms, None) or (None, reason): check once per gate_key, then time the op of `phase`."""
+        do = self.inputs.do
+        if phase == "bwd":
+            graphs = self._fwd_graphs(cfgs)
+            if isinstance(graphs, _Failure):
+                return None, f"forward failed: {graphs.reason}"
+            fns = [lambda o=o, xs=xs: torch.autograd.grad(o, xs, do, retain_graph=True) for o, xs in graphs]
+            first = lambda: (graphs[0][0], fns[0]())                           # noqa: E731
+        elif phase == "fwd":
+            fns = [lambda xs=xs: self._fwd(xs) for xs in self.inputs.sets]
+            first = lambda: (fns[0](), None)                                   # noqa: E731
+        else:
+            def fwd_bwd(xs):
+                o = self._fwd(xs)
+                return o, torch.autograd.grad(o, xs, do)
+            fns = [lambda xs=xs: fwd_bwd(xs) for xs in self.inputs.sets]
+            first = fns[0]
+        if gate_key is None or gate_key not in self.checked:
+            out = self._run(cfgs, first)
+            reason = out.reason if isinstance(out, _Failure) else measure.check(self.ref, out[0], out[1])
+            if gate_key is not None:
+                self.checked[gate_key] = reason
+            if reason is not None:
+                return None, reason
+        elif self.checked[gate_key] is not None:
+            return None, self.checked[gate_key]
+        ms = self._run(cfgs, lambda: self.timer(measure.rotating(fns)))
+        tuned.count_benchmark()
+        self.progress(1)
+        if isinstance(ms, _Failure):
+            return None, ms.reason
+        return ms, None
+
+    # -- the search ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        bt_space = self.space(CHUNK, None) if CHUNK in configs.CANDIDATES else ([{"BT": None}], [], {"BT": None})
+        bts, bt_pruned, bt_start = bt_space
+        self.discover(bt_start["BT"])
+        precompile = self._precompiler()
+
+        # 2. chunk size, others at their defaults
+        starts = {bt["BT"]: {k.name: self.space(k.name, bt["BT"])[2] for k in self.kernels} for bt in bts}
+        if precompile:
+            self.precompile_failures += len(precompile([(("BT", bt["BT"]), self._full(bt["BT"], starts[bt["BT"]]),
+                                                         "fwd+bwd") for bt in bts]))
+        stage = []
+        bt_rejected = []
+        for bt in bts:
+            ms, why = self.measure(self._full(bt["BT"], starts[bt["BT"]]), "fwd+bwd", gate_key=("BT", bt["BT"]))
+            if ms is None:
+                bt_rejected.append(f"{fmt(bt)}: {why}")
+            else:
+                stage.append((bt, ms))
+        if not stage:
+            return {"entry": None, "failed": "no chunk size passed: " + "; ".join(bt_rejected)}
+        ranked = sorted(stage, key=lambda bm: bm[1])
+        kept = [bt for bt, _ in ranked[:max(1, self.s.bt_top)]]
+
+        # 3. coordinate descent per kept BT
+        results = {}
+        for bt in kept:
+            BT = bt["BT"]
+            current = dict(starts[BT])
+            spaces = {k.name: self.space(k.name, BT) for k in self.kernels}
+            for k in self.kernels:
+                k.pruned = spaces[k.name][1]
+            if precompile:
+                tasks = [((BT, k.name, fmt(c)), self._full(BT, {**current, k.name: c}), k.phase)
+                         for k in self.kernels if k.name in self.tunable for c in spaces[k.name][0]]
+                self.precompile_failures += len(precompile(tasks))
+            times = {}
+            for _ in range(self.s.passes):
+                for k in self.kernels:
+                    cands, _, start = spaces[k.name]
+                    timed = []
+                    for c in cands:
+                        cfgs = self._full(BT, {**current, k.name: c})
+                        ms, why = self.measure(cfgs, k.phase, gate_key=(BT, k.name, fmt(c)))
+                        if ms is None:
+                            if f"{fmt(c)}: {why}" not in k.rejected:
+                                k.rejected.append(f"{fmt(c)}: {why}")
+                        else:
+                            timed.append((c, ms))
+                    k.timed = len(timed)
+                    if not timed:
+                        return {"entry": None, "failed": f"{k.name} at BT={BT}: no candidate passed ("
+                                + "; ".join(k.rejected[:3]) + ")"}
+                    win, win_ms, ru_ms = tie_break(timed, cands, start, self.s.tie)
+                    current[k.name] = win
+                    times[k.name] = {"winner": round(win_ms, 4), "runner_up": _r(ru_ms), "op": k.phase}
+            total, why = self.measure(self._full(BT, current), "fwd+bwd")
+            fwd, _ = self.measure(self._full(BT, current), "fwd")
+            if total is None:
+                return {"entry": None, "failed": f"tuned configs at BT={BT} failed: {why}"}
+            results[BT] = (current, times, total, fwd)
+
+        # 4. the chunk size
+        bt_timed = [({"BT": BT}, r[2]) for BT, r in results.items()]
+        if len(bt_timed) == 1:      # BT chosen by step 2: report step 2's times
+            bt_win = kept[0]
+            bt_win_ms = dict((fmt(b), ms) for b, ms in stage)[fmt(bt_win)]
+            others = [ms for b, ms in stage if b != bt_win]
+            bt_ru = min(others) if others else None
+            op = "fwd+bwd, other kernels at their defaults"
+        else:
+            bt_win, bt_win_ms, bt_ru = tie_break(bt_timed, bts, bt_start, self.s.tie)
+            op = "fwd+bwd, other kernels tuned"
+        current, times, total, fwd = results[bt_win["BT"]]
+        self._graphs = None
+        return self._entry(bt_win, current, times, total, fwd, bt_win_ms, bt_ru, op, bt_pruned, bt_rejected,
+                           len(stage))
+
+    def _entry(self, bt_win, current, times, total, fwd, bt_win_ms, bt_ru, op, bt_pruned, bt_rejected,
+               bt_timed) -> dict:
+        sh = self.shape
+        all_cfgs = {}
+        for name in configs.CANDIDATES:
+            if name == CHUNK:
+                all_cfgs[name] = dict(bt_win)
+            elif name in current:
+                all_cfgs[name] = dict(current[name])
+            else:
+                all_cfgs[name] = self.default_start(name, bt_win["BT"])
+        times_ms = {}
+        if CHUNK in configs.CANDIDATES:
+            times_ms[CHUNK] = {"winner": round(bt_win_ms, 4), "runner_up": _r(bt_ru), "op": op}
+        times_ms.update(times)
+        times_ms["triton_fwd"] = _r(fwd)
+        times_ms["triton_fwd_bwd"] = round(total, 4)
+        counts = {CHUNK: {"timed": bt_timed, "pruned": len(bt_pruned), "rejected": len(bt_rejected)}}
+        rejected = {CHUNK: bt_rejected} if bt_rejected else {}
+        for k in self.kernels:
+            counts[k.name] = {"timed": k.timed, "pruned": len(k.pruned), "rejected": len(k.rejected)}
+            if k.rejected:
+                rejected[k.name] = k.rejected
+        entry = {
+            "key": {"K": sh.K, "V": sh.V, "M": sh.M, "dtype": self.dtype,
+                    "tokens": tuned.bucket(sh.B * sh.T * sh.H), "seqs": tuned.bucket(sh.B * sh.H)},
+            "shape": sh.as_list(),
+            "backend": "triton",
+            "configs": all_cfgs,
+            "times_ms": times_ms,
+            "candidates": counts,
+        }
+        if rejected:
+            entry["rejected"] = rejected
+        notes = list(self.notes)
+        if self.precompile_failures:
+            notes.append(f"parallel precompile: {self.precompile_failures} tasks failed in workers "
+                         f"(tried again here; rejections above are from this process)")
+        if self.s.compile_backend:
+            from tuning import compile_backend
+            res = compile_backend.measure_in_subprocess(sh, self.dtype, self.s)
+            if res.get("error"):
+                notes.append(f"torch_compile: {res['error']}")
+            else:
+                times_ms["torch_compile_fwd"] = res["fwd_ms"]
+                times_ms["torch_compile_fwd_bwd"] = res["fwd_bwd_ms"]
+                if res["fwd_bwd_ms"] < total * (1 - self.s.tie):
+                    entry["backend"] = "torch_compile"
+            self.progress(2)
+        else:
+            notes.append("torch_compile: not timed (" + ("dry run" if self.device.type != "cuda"
+                                                         else "--compile-backend off") + ")")
+        entry["notes"] = notes
+        return {"entry": entry, "failed": None}
+
+    def _precompiler(self):
+        if self.s.jobs <= 0 or self.device.type != "cuda":
+            return None
+        from tuning import precompile
+        return lambda tasks: precompile.compile_all(tasks, self.shape, self.dtype, self.s.jobs)
+
+
+def _r(x):
+    return None if x is None else round(x, 4)
+
+
+def units(shape: Shape, dtype: str, settings: Settings, arch=None) -> int:
+    """How many timings tuning this shape will take (for the progress bar's ETA); an estimate."""
+    bts = [c["BT"] for c in prune(CHUNK, enumerate_space(CHUNK), shape=shape, dtype=dtype, BT=None,
+                                  arch=arch)[0]] if CHUNK in configs.CANDIDATES else [None]
+    n = len(bts) + 2 * min(settings.bt_top, len(bts))
+    BT = bts[0]
+    for k in configs.CANDIDATES:
+        if k == CHUNK or (settings.kernels and k not in settings.kernels):
+            continue
+        kept = prune(k, enumerate_space(k), shape=shape, dtype=dtype, BT=BT, arch=arch)[0]
+        n += min(len(kept), settings.max_candidates or len(kept)) * settings.passes * min(settings.bt_top, len(bts))
+    return n + (2 if settings.compile_backend else 0)
+
+
+def tune_shape(*, B, T, H, K, V, M, dtype, device, settings: Settings | None = None, progress=None) -> dict:
+    """Tune one shape: {"entry": dict or None, "failed": reason or None}. Used by the sweep and by
+    the opt-in autotuning of gsa_kernels (GSA_KERNELS_AUTOTUNE=1), which takes the defaults below."""
+    device = torch.device(device)
+    if settings is None:
+        on_gpu = device.type == "cuda"
+        settings = Settings(jobs=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0,
+                            compile_backend=False)
+    shape = Shape(B, T, H, K, V, M)
+    arch = tuned.current_arch() if device.type == "cuda" else None
+    try:
+        with torch.enable_grad():      # the run-time autotuner may be called under no_grad
+            search = ShapeSearch(shape, tuned.dtype_name(dtype), device, settings, progress, arch=arch)
+            return search.run()
+    except _CudaBroken as e:
+        raise RuntimeError(f"CUDA failed while tuning {shape} {dtype}: {e}") from e

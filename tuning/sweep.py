@@ -1,0 +1,247 @@
+"""python -m tuning.sweep --arch sm90 [--shapes PRESET|FILE] [--dtypes ...] [--kernels ...]
+                          [--output PATH] [--resume [PATH]] [--time-budget S] [--dry-run] ...
+
+Tunes every shape x dtype of the grid on the present GPU (tuning/search.py says how) and writes
+tuned_configs/<arch>.yaml (schema: tuning/yamlio.py). The file is rewritten atomically after every
+shape, so an interrupted sweep loses at most the shape it was on; `--resume` keeps the shapes a
+previous run already wrote (it must have been made on the same GPU with the same software) and
+tunes the rest. `--time-budget S` stops cleanly before a shape that would end past S seconds (by the
+mean shape time so far), so a sweep fits a 10-minute device call and the next call resumes.
+
+Exit codes: 0 done or stopped by the budget (the summary says which), 2 bad arguments, a GPU that is
+not --arch, or a resume file from other software.
+
+--dry-run runs the whole pipeline in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set here
+before Triton is imported) on the `tiny` grid with at most 2 candidates per kernel, skips the
+torch.compile timing (recorded as a note) and writes a file marked `dry_run: true`, by default to
+a temporary path and never over tuned_configs/<arch>.yaml. CI runs it (tests/test_tuning.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--dry-run" in sys.argv[1:]:
+    # must precede the first import of triton (gsa_kernels, tuning.search and torch's inductor import it)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+class Progress:
+    """A progress bar with an ETA on stderr; plain lines (at most one per 10 s) when not a terminal."""
+
+    def __init__(self, total_units: int, total_shapes: int, stream=sys.stderr):
+        self.total, self.done, self.shapes, self.shape_i = max(1, total_units), 0, total_shapes, 0
+        self.t0, self.last_print, self.stream = time.monotonic(), 0.0, stream
+        self.tty = stream.isatty()
+        self.label = ""
+
+    def start_shape(self, label: str):
+        self.shape_i += 1
+        self.label = label
+        self._print(force=True)
+
+    def __call__(self, n: int = 1):
+        self.done += n
+        self._print()
+
+    def eta(self) -> float | None:
+        el = time.monotonic() - self.t0
+        return None if self.done == 0 else el / self.done * max(0, self.total - self.done)
+
+    def _print(self, force=False):
+        now = time.monotonic()
+        if not self.tty and not force and now - self.last_print < 10:
+            return
+        self.last_print = now
+        frac = min(1.0, self.done / self.total)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        eta = self.eta()
+        eta_s = "?" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        line = (f"[{bar}] {self.done}/{self.total} timings, shape {self.shape_i}/{self.shapes} "
+                f"{self.label}, elapsed {int(now - self.t0)}s, ETA {eta_s}")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", required=True, help="the GPU arch to tune for, e.g. sm90 (must be the GPU present)")
+    p.add_argument("--shapes", default=None,
+                   help="presets bench,common,common-full,tiny (comma-separated) or a YAML/JSON FILE "
+                        "(default: bench,common; tiny with --dry-run)")
+    p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (default: bf16,fp16; fp16 "
+                                                  "with --dry-run, whose interpreter miscomputes bf16 dots)")
+    p.add_argument("--kernels", default=None, help="comma-separated kernels to tune (default: all of "
+                                                   "configs.CANDIDATES); the others keep their defaults")
+    p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>.yaml; a temp "
+                                                  "file with --dry-run)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="keep the entries of PATH (default: --output) and tune only the shapes it lacks")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly before a shape that would end after SECONDS")
+    p.add_argument("--dry-run", action="store_true", help="the whole pipeline in Triton's interpreter on the CPU")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="per kernel and chunk size, after pruning (default: all; 2 with --dry-run)")
+    p.add_argument("--passes", type=int, default=1, help="coordinate-descent passes (default 1)")
+    p.add_argument("--bt-top", type=int, default=1, help="chunk sizes refined by coordinate descent (default 1)")
+    p.add_argument("--tie", type=float, default=0.02, help="near-tie window, fraction (default 0.02)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel compile workers (default: min(8, CPUs/2) on a GPU, 0 in a dry run)")
+    p.add_argument("--compile-backend", choices=("on", "off"), default=None,
+                   help="time torch.compile(chunk_gsa_torch) per shape (default on; off with --dry-run)")
+    p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per shape for it (default 300)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (default 25)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (default 100)")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> int:
+    print(f"tuning.sweep: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.dry_run and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return fail("--dry-run needs TRITON_INTERPRET=1 before Triton is imported: run it as "
+                    "`python -m tuning.sweep --dry-run ...`")
+    if not re.fullmatch(r"sm\d{2,3}", args.arch):
+        return fail(f"--arch must look like sm90 (sm<major><minor>), got {args.arch!r}")
+    for name in ("max_candidates", "passes", "bt_top", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "jobs" else 1):
+            return fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'jobs' else 1}, got {value}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        return fail(f"--time-budget must be positive seconds, got {args.time_budget}")
+
+    import torch
+    from gsa_kernels import configs, tuned
+    from gsa_kernels._paths import tuned_configs_dir
+    from tuning import search, shapes, yamlio
+
+    present = tuned.current_arch()
+    if not args.dry_run:
+        if present is None:
+            return fail(f"--arch {args.arch}: no CUDA GPU is present here, so nothing can be tuned for it "
+                        f"(--dry-run exercises the pipeline on a CPU)")
+        if present != args.arch:
+            name = torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown GPU"
+            return fail(f"--arch {args.arch} but the GPU present is {present} ({name}): "
+                        f"tune on a {args.arch} GPU, or pass --arch {present}")
+    device = "cpu" if args.dry_run else "cuda"
+
+    try:
+        grid_shapes = shapes.parse_shapes(args.shapes or ("tiny" if args.dry_run else "bench,common"))
+        dtypes = shapes.parse_dtypes(args.dtypes or ("float16" if args.dry_run else "bf16,fp16"))
+    except ValueError as e:
+        return fail(str(e))
+    kernels = None
+    if args.kernels:
+        kernels = tuple(k.strip() for k in args.kernels.split(","))
+        unknown = [k for k in kernels if k not in configs.CANDIDATES]
+        if unknown:
+            return fail(f"--kernels: unknown {unknown}; known: {sorted(configs.CANDIDATES)}")
+
+    shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
+    if args.output:
+        output = Path(args.output)
+    elif args.dry_run:
+        output = Path(tempfile.gettempdir()) / f"gsa_kernels_dry_run_{args.arch}.yaml"
+    else:
+        output = tuned_configs_dir() / f"{args.arch}.yaml"
+    if args.dry_run and output.resolve() == shipped:
+        return fail(f"--output {output}: a dry run never overwrites the shipped tuned configs")
+
+    settings = search.Settings(
+        max_candidates=args.max_candidates if args.max_candidates is not None else (2 if args.dry_run else None),
+        passes=args.passes, bt_top=args.bt_top, tie=args.tie,
+        jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else min(8, (os.cpu_count() or 2) // 2)),
+        compile_backend=(args.compile_backend or ("off" if args.dry_run else "on")) == "on",
+        compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels)
+    meta = search.run_meta(arch=args.arch, dry_run=args.dry_run, device=device, settings=settings)
+
+    entries, failed = [], []
+    if args.resume is not None:
+        source = output if args.resume is True else Path(args.resume)
+        if source.is_file():
+            try:
+                old = yamlio.read_yaml(source)
+                old_meta, old_entries = old["meta"], list(old["entries"])
+                old_failed = list(old.get("failed") or [])
+            except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
+                return fail(f"--resume {source}: not a tuned file ({type(e).__name__}: {e})")
+            differs = yamlio.software_mismatch(old_meta, meta)
+            if differs:
+                return fail(f"--resume {source} was made with other hardware or software ({'; '.join(differs)}); "
+                            f"its times would not compare: drop --resume or remove the file")
+            entries, failed = old_entries, old_failed
+            print(f"resuming from {source}: {len(entries)} entries, {len(failed)} failed shapes kept", file=sys.stderr)
+        elif args.resume is not True:
+            return fail(f"--resume {source}: no such file")
+
+    def key_of(shape, dtype):
+        return {"K": shape.K, "V": shape.V, "M": shape.M, "dtype": dtype,
+                "tokens": tuned.bucket(shape.B * shape.T * shape.H), "seqs": tuned.bucket(shape.B * shape.H)}
+
+    have = [e["key"] for e in entries] + [f["key"] for f in failed if "key" in f]
+    jobs, seen = [], []
+    for dtype in dtypes:              # dtype-major: with the default grid, bf16 bench shapes come first
+        for shape in grid_shapes:
+            key = key_of(shape, dtype)
+            if key in have or key in seen:
+                continue      # tuned already (resume), or the same key as an earlier shape of the grid
+            seen.append(key)
+            jobs.append((shape, dtype, key))
+
+    def save(complete: bool):
+        yamlio.atomic_write_yaml(output, {"meta": {**meta, "complete": complete},
+                                          "entries": yamlio.sort_entries(entries), "failed": failed})
+
+    total_units = sum(search.units(s, d, settings, arch=present) for s, d, _ in jobs)
+    progress = Progress(total_units, len(jobs))
+    print(f"tuning {len(jobs)} shapes x dtypes on {meta['gpu']} ({args.arch}{', dry run' if args.dry_run else ''}) "
+          f"-> {output}", file=sys.stderr)
+    t0, shape_times, stopped = time.monotonic(), [], None
+    save(complete=not jobs)
+    for i, (shape, dtype, key) in enumerate(jobs):
+        elapsed = time.monotonic() - t0
+        if args.time_budget is not None and shape_times and \
+                elapsed + sum(shape_times) / len(shape_times) > args.time_budget:
+            stopped = len(jobs) - i
+            break
+        progress.start_shape(f"{shape} {dtype}")
+        ts = time.monotonic()
+        result = search.tune_shape(B=shape.B, T=shape.T, H=shape.H, K=shape.K, V=shape.V, M=shape.M,
+                                   dtype=dtype, device=device, settings=settings, progress=progress)
+        shape_times.append(time.monotonic() - ts)
+        if result["entry"] is not None:
+            entries.append(result["entry"])
+        else:
+            failed.append({"key": key, "shape": shape.as_list(), "reason": result["failed"]})
+            print(f"\nshape {shape} {dtype} failed: {result['failed']}", file=sys.stderr)
+        save(complete=(i == len(jobs) - 1))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    progress.close()
+    took = time.monotonic() - t0
+    if stopped:
+        print(f"stopped by --time-budget after {took:.0f} s: {len(jobs) - stopped} shapes tuned, {stopped} left; "
+              f"{output} holds the partial result: run again with --resume to go on", file=sys.stderr)
+    else:
+        print(f"done in {took:.0f} s: {len(entries)} entries, {len(failed)} failed -> {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
