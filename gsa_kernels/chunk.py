@@ -117,7 +117,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
 
 
 def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks,
-                  layout: ChunkLayout):
+                  layout: ChunkLayout, use_h0: bool):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, max(16, triton.next_power_of_2(M))
@@ -162,7 +162,8 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_values_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
-        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
 
@@ -186,7 +187,8 @@ class ChunkGSAFunction(torch.autograd.Function):
             dhk_final = dhk_final.float().contiguous()
             dhv_final = dhv_final.float().contiguous()
         dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-            q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout)
+            q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout,
+            use_h0=ctx.initial_dtypes[0] is not None)
         hk_dtype, hv_dtype = ctx.initial_dtypes
         dhk0 = None if hk_dtype is None else dhk0.to(hk_dtype)
         dhv0 = None if hv_dtype is None else dhv0.to(hv_dtype)

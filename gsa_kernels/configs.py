@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
 import triton
 
 from gsa_kernels import tuned
@@ -37,8 +36,7 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None,
-                   dtype=None) -> dict:
+def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None) -> dict:
     """A sound config for any shape, from the H100 measurements of docs/perf-notes.md (v5).
 
     Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
@@ -62,10 +60,9 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_values": {"BV": min(64, BV), "num_warps": 4, "num_stages": 3},
     }[kernel]
-    wide = BT > 32 or BM >= 128 or dtype == torch.float32
-    if wide and kernel.startswith("chunk_"):
-        # larger chunks or slot dims hold 2-4x the [BT, BT] and [BT, BM] tiles, and IEEE float32 dots
-        # run on the CUDA cores with more registers: more warps, narrower K/V tiles
+    if (BT > 32 or BM >= 128) and kernel.startswith("chunk_"):
+        # larger chunks or slot dims hold 2-4x the [BT, BT] and [BT, BM] tiles: more warps, narrower
+        # K/V tiles
         cfg["num_warps"] = 8
         for key in ("BK", "BV"):
             if key in cfg:
@@ -85,7 +82,7 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
     cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
     if cfg is None:
-        cfg = default_config(kernel, K, V, M, BT, seqs, dtype)
+        cfg = default_config(kernel, K, V, M, BT, seqs)
     with _lock:
         _last_used[kernel] = dict(cfg)
     tuned.record_launch(kernel, cfg, source, entry)

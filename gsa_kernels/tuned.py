@@ -137,10 +137,11 @@ def resource_estimate(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype) -> t
     """(shared memory bytes, live float32 values per thread) a kernel config is estimated to need.
 
     Generic, by the naming grammar only (BT chunk, BK/BV tiles of K/V, BM = pow2(M) slots); a
-    parameter a kernel does not have counts 0. Per pipelined loop iteration a kernel loads row tiles
-    [BT, BK] and [BT, BV] of the inputs and state tiles [BK, BM], [BM, BV] in float32, and Triton keeps
-    num_stages copies in shared memory:
-        smem = num_stages * (BT * (BK + BV) * itemsize + (BK + BV) * BM * 4)
+    parameter a kernel does not have counts 0. Per pipelined loop iteration a kernel loads a row tile
+    [BT, BK] (or [BT, BV]) of the inputs and a state tile [BK, BM] (or [BM, BV]) in float32; the K and
+    V loops of a kernel run one after the other, and Triton keeps num_stages copies in shared memory:
+        smem = num_stages * (BT * max(BK, BV) * itemsize + max(BK, BV) * BM * 4)
+    (on the H100, chunk_fwd at BT 32, BK = BV = 128, M 64, 3 stages: estimated 123 KB, compiled 98-119 KB).
     The live accumulators of a chunk program are the [BT, BT] intra-chunk matrix, about three
     [BT, BM] score/probability/gate tiles and the two state tiles, spread over 32 * num_warps threads:
         regs = (BT * BT + 3 * BT * BM + BM * (BK + BV)) / (32 * num_warps)
@@ -151,7 +152,8 @@ def resource_estimate(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype) -> t
     BM = _p2(M)
     BK, BV = cfg.get("BK", 0), cfg.get("BV", 0)
     stages, warps = cfg.get("num_stages", 1), cfg.get("num_warps", 4)
-    smem = stages * (BT * (BK + BV) * item + (BK + BV) * BM * 4)
+    tile = max(BK, BV)
+    smem = stages * (BT * tile * item + tile * BM * 4)
     regs = (BT * BT + 3 * BT * BM + BM * (BK + BV)) / (32 * warps)
     return smem, regs
 

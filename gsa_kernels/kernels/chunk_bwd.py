@@ -22,7 +22,7 @@
 import triton
 import triton.language as tl
 
-from gsa_kernels.kernels.indexing import chunk_coords
+from gsa_kernels.kernels.indexing import chunk_coords, starts_sequence
 from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, load_rows, matrix_causal
 from gsa_kernels.kernels.states import chunk_gates
 
@@ -128,7 +128,7 @@ def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_lo
                             dv, ds, dg, cu_seqlens, chunk_table, T,
                             H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                             BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                            IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                            USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     """Values side: dv; then ds (both shares) and dg, the reverse cumulative sum of dG plus the carry."""
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -176,4 +176,9 @@ def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_lo
         carry = tl.load(carry_keys + (slot * H + h) * M + m, mask=m < M, other=0.0) \
             + tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
         dgc = tl.cumsum(dG, axis=0, reverse=True) + carry[None, :]
+        if not USE_INITIAL_STATE:
+            # a sequence's first gate only decays the (absent) initial state: its gradient is exactly
+            # 0, where the sum above leaves float32 cancellation residue
+            first = starts_sequence(chunk_table, pid, T, BT, IS_VARLEN) & (t == 0)
+            dgc = tl.where(first[:, None], 0.0, dgc)
         tl.store(dg + off, dgc.to(dg.dtype.element_ty), mask=io_mask)

@@ -36,3 +36,13 @@ def chunk_coords(cu_seqlens, chunk_table, pid, T, BT: tl.constexpr, IS_VARLEN: t
         eos = bos + T
     t0 = bos + c * BT
     return t0, eos - t0, exists
+
+
+@triton.jit
+def starts_sequence(chunk_table, pid, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Whether chunk `pid` is the first chunk of its sequence."""
+    if IS_VARLEN:
+        c = tl.load(chunk_table + 2 * pid + 1)
+    else:
+        c = pid % tl.cdiv(T, BT)
+    return c == 0
