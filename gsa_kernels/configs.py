@@ -8,6 +8,7 @@ the defaults below apply: they were chosen for the H100 and checked on it (docs/
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import triton
@@ -22,6 +23,16 @@ CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk_bwd_dscores": {"BC": [8, 16], "BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd": {"BC": [8, 16], "BK": [32, 64], "BV": [32, 64], "num_warps": [4, 8],
                   "num_stages": [1, 2, 3]},
+    # fused_recurrent (token by token): slot tiles BMS, K / V tiles BKS / BVS; the other axis is whole
+    "recurrent_fwd_keys": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_fwd_values": {"BV": [16, 32, 64, 128], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_dp": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_keys": {"BKS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_values": {"BVS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
+    # the T = 1 decode step; SPLIT 0 means "pick from the batch": programs per (batch, head)
+    "decode": {"BK": [16, 32, 64, 128], "BV": [16, 32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
+               "num_warps": [1, 2, 4, 8], "num_stages": [1, 2, 3]},
 }
 
 KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
@@ -34,9 +45,21 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
+# Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
+# this many float32 elements (16 per thread at 4 warps would be 2048; 4096 keeps loads wide).
+_RECURRENT_TILE = 4096
+
+
+def _tile(whole: int, dim: int, lo: int = 2, hi: int = 64) -> int:
+    """A power-of-two tile of `dim` such that tile * whole stays near _RECURRENT_TILE."""
+    return max(lo, min(hi, triton.next_power_of_2(dim), _RECURRENT_TILE // whole))
+
+
 def default_config(kernel: str, K: int, V: int, M: int) -> dict:
     """A sound config for any shape: tiles no larger than the (padded) dims, BT smaller for wide M."""
     BM = _pow2(M)
+    if kernel.startswith("recurrent_") or kernel == "decode":
+        return _recurrent_default(kernel, K, V, M)
     BT = 64 if BM <= 128 else 32
     BK = min(64, _pow2(K))
     BV = min(64, _pow2(V))
@@ -53,13 +76,50 @@ def default_config(kernel: str, K: int, V: int, M: int) -> dict:
     return dict(cfg)
 
 
-def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None) -> dict:
-    """The config `kernel` launches with for this shape; recorded for `last_configs()`."""
+def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
+    BK, BV, BM = triton.next_power_of_2(K), triton.next_power_of_2(V), triton.next_power_of_2(M)
+    cfg = {
+        "recurrent_fwd_keys": {"BMS": _tile(BK, M), "num_warps": 4},
+        "recurrent_fwd_values": {"BV": _tile(BM, V, lo=8), "num_warps": 4},
+        "recurrent_bwd_dp": {"BMS": _tile(BV, M), "num_warps": 4},
+        "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
+        "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
+        "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
+        # decode: [64, BM] tiles of Hk and [BM, 64] of Hv per loop step (16 KB at M = 64)
+        "decode": {"BK": min(64, max(16, BK)), "BV": min(64, max(16, BV)), "SPLIT": 0,
+                   "num_warps": 4, "num_stages": 2},
+    }[kernel]
+    return dict(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM; the interpreter uses that)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
+    """Programs per (batch, head) of the decode step: enough for about one program per SM over the
+    NH = B * H pairs, a power of two, and no more than there are K or V tiles to own."""
+    tiles = max(triton.cdiv(K, BK), triton.cdiv(V, BV))
+    want = triton.next_power_of_2(triton.cdiv(_num_sms(), max(NH, 1)))
+    return max(1, min(want, triton.next_power_of_2(tiles)))
+
+
+def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
+                  NH: int | None = None) -> dict:
+    """The config `kernel` launches with for this shape; recorded for `last_configs()`.
+    NH (number of (batch, head) pairs) is the decode step's extra key: it sets SPLIT."""
     if kernel not in CANDIDATES:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
     cfg = default_config(kernel, K, V, M)
     if "BC" in cfg and BT is not None:
         cfg["BC"] = min(cfg["BC"], BT)
+    if kernel == "decode" and cfg["SPLIT"] == 0:
+        cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], NH or 1)
     with _lock:
         _last_used[kernel] = dict(cfg)
     return cfg
