@@ -266,10 +266,15 @@ def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv
         dpt = tl.load(dp + row + mm, mask=mask_m, other=0.0)
         st = tl.load(s + row + mm, mask=mask_m, other=0.0).to(tl.float32)
         dst = tl.zeros((BM,), dtype=tl.float32)
-        for j in range(NK):
-            dst += tl.load(dsk_parts + j * part_stride + row + mm, mask=mask_m, other=0.0)
-        for j in range(NV):
-            dst += tl.load(dsv_parts + j * part_stride + row + mm, mask=mask_m, other=0.0)
+        # step the pointers part by part (64-bit address arithmetic: NK * part_stride may pass 2^31)
+        part = dsk_parts + row + mm
+        for _ in range(NK):
+            dst += tl.load(part, mask=mask_m, other=0.0)
+            part += part_stride
+        part = dsv_parts + row + mm
+        for _ in range(NV):
+            dst += tl.load(part, mask=mask_m, other=0.0)
+            part += part_stride
         acc += dz * z + p * dpt - st * dst
         tl.store(ds + row + mm, dst.to(ds.dtype.element_ty), mask=mask_m)
         tl.store(dg + row + mm, acc.to(dg.dtype.element_ty), mask=mask_m)
