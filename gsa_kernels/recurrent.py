@@ -98,7 +98,7 @@ def recurrent_bwd(q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do
     recurrent_bwd_gates_kernel[(N * H,)](
         s, scores, dp, dsk_parts, dsv_parts, hk_final if use_dht else dummy, hv_final if use_dht else dummy,
         dhk_final if use_dht else dummy, dhv_final if use_dht else dummy, ds, dg, cu, T, part_stride, NK, NV,
-        H=H, K=K, V=V, M=M, BM=_pow2(M), BK=cfg["BK"], BV=cfg["BV"],
+        H=H, K=K, V=V, M=M, BM=_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
     return dq, dk, dv, ds, dg, dhk0, dhv0
 

@@ -238,8 +238,11 @@ def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv
                                ds, dg, cu_seqlens, T, part_stride, NK, NV,
                                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                                BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                               USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """ds = sum of the K-tile and V-tile parts; dg by the reverse sum of the module docstring."""
+                               USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+                               IS_VARLEN: tl.constexpr):
+    """ds = sum of the K-tile and V-tile parts; dg by the reverse sum of the module docstring.
+    Without an initial state the first gate of a sequence only decays zeros: its dg is exactly 0,
+    and is stored as 0 (the reverse sum would leave a float32 cancellation residue there)."""
     nh = tl.program_id(0)
     n, h = nh // H, nh % H
     bos, eos = token_span(cu_seqlens, n, T, IS_VARLEN)
@@ -277,4 +280,7 @@ def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv
             part += part_stride
         acc += dz * z + p * dpt - st * dst
         tl.store(ds + row + mm, dst.to(ds.dtype.element_ty), mask=mask_m)
-        tl.store(dg + row + mm, acc.to(dg.dtype.element_ty), mask=mask_m)
+        dgt = acc
+        if not USE_INITIAL_STATE:
+            dgt = tl.where(t == bos, 0.0, acc)
+        tl.store(dg + row + mm, dgt.to(dg.dtype.element_ty), mask=mask_m)
