@@ -102,12 +102,12 @@ def _num_sms() -> int:
 
 
 def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
-    """Programs per (batch, head) of the decode step: the largest power of two that keeps the
-    B * H * SPLIT programs within one per SM (every extra program re-reads all of its head's Hk from
-    L2, so no more than fill the GPU), and no more than there are K or V tiles to own."""
+    """Programs per (batch, head) of the decode step: the smallest power of two that gives the
+    B * H * SPLIT programs at least two per SM (each program walks its tiles one after another, so
+    the loads in flight come from programs side by side), and no more than there are K or V tiles to
+    own. Every extra program per head re-reads that head's Hk from L2 (not HBM): the cost side."""
     tiles = max(triton.cdiv(K, BK), triton.cdiv(V, BV))
-    per_pair = max(1, _num_sms() // max(NH, 1))
-    want = 1 << (per_pair.bit_length() - 1)
+    want = triton.next_power_of_2(triton.cdiv(2 * _num_sms(), max(NH, 1)))
     return max(1, min(want, triton.next_power_of_2(tiles)))
 
 

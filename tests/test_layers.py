@@ -250,12 +250,18 @@ def test_paper_layer_prefill_then_decode_on_gpu(dtype):
             ys.append(y)
     y_steps = torch.cat(ys, 1)
     ry, (rhk, rhv) = reference_layer(layer, x)
-    bound = 1e-5 if dtype == torch.float32 else 1e-2
-    errors = {"y_vs_full": rel_err(y_steps, y_full), "y_vs_ref": rel_err(y_steps, ry),
-              "hk": rel_err(state[0], rhk), "hv": rel_err(state[1], rhv),
-              "hk_vs_full": rel_err(state[0], state_full[0])}
+    errors = {"y_vs_full": rel_err(y_steps, y_full), "hk_vs_full": rel_err(state[0], state_full[0]),
+              "hv_vs_full": rel_err(state[1], state_full[1]),
+              "y_vs_ref": rel_err(y_steps, ry), "hk_vs_ref": rel_err(state[0], rhk), "hv_vs_ref": rel_err(state[1], rhv)}
     print(f"\n{dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
-    assert max(errors.values()) <= bound, errors
+    if dtype == torch.float32:
+        bounds = dict.fromkeys(errors, 1e-5)
+    else:
+        # bf16: the two paths see the same rounded projections, so SPEC's state/gradient bound; the
+        # float64 reference does not round q, k, v, s, g to bf16 as the layer's projections do, so twice that
+        bounds = {n: (1e-2 if n.endswith("full") else 2e-2) for n in errors}
+    bad = {n: e for n, e in errors.items() if e > bounds[n]}
+    assert not bad, errors
 
 
 # ---------------------------------------------------------------------------------------------------
