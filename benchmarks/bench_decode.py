@@ -110,7 +110,7 @@ def sweep_decode(B, bw):
         rows = []
         for BK, BV, split, warps, stages in itertools.product(cand["BK"], cand["BV"], cand["SPLIT"][1:],
                                                               cand["num_warps"], cand["num_stages"]):
-            if BK != BV or BK == 16 or warps < 4:    # 90 configs: a few minutes
+            if BK != BV:    # 45 configs: a couple of minutes
                 continue
             cfg = {"BK": BK, "BV": BV, "SPLIT": split, "num_warps": warps, "num_stages": stages}
             step = lambda: decode_step(*xs, K ** -0.5, hk, hv, *out, config=cfg)   # noqa: E731
