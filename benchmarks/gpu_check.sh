@@ -7,6 +7,9 @@
 #     tests     the test suite on CUDA (default targets: tests)
 #     bench     benchmarks/bench_chunk.py (BENCH_ARGS, e.g. "--shapes a --no-fla")
 #     profile   benchmarks/profile_kernels.py (PROFILE_ARGS)
+#     decode    the token-by-token, decode and layer tests, then benchmarks/bench_decode.py (vs FLA,
+#               eager and CUDA graph, B = 1, 8, 64, GSAModel tokens/s; DECODE_ARGS="--sweep" adds
+#               the decode config sweep)
 #   flash-linear-attention comes from the wheel in .whl/ and its autotune results from
 #   .fla_cache/fla_autotune.tgz when carried (see ../shared/GPU.md and benchmarks/fla_cache.py).
 set -uo pipefail
@@ -38,6 +41,11 @@ for step in ${steps//,/ }; do
       python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     profile)
       python3 -m benchmarks.profile_kernels ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || status=1 ;;
+    decode)
+      python3 -m pytest -q -rs --durations=10 tests/test_recurrent.py tests/test_decode.py tests/test_layers.py \
+        2>&1 | tee "$OUT/tests_decode.log" || status=1
+      python3 -m benchmarks.bench_decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 \
+        | tee "$OUT/bench_decode.log" || status=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -8,6 +8,7 @@ the defaults below apply: they were chosen for the H100 and checked on it (docs/
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import triton
@@ -28,12 +29,39 @@ CANDIDATES: dict[str, dict[str, list[int]]] = {
 
 KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
 
+# The token-by-token and decode kernels: their search space, for `benchmarks/bench_decode.py --sweep`.
+# The tuning sweep does not cover them yet, so they launch with `default_config` (no tuned lookup).
+RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
+    # fused_recurrent (token by token): slot tiles BMS, K / V tiles BKS / BVS; the other axis is whole
+    "recurrent_fwd_keys": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_fwd_values": {"BV": [16, 32, 64, 128], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_dp": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_keys": {"BKS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_values": {"BVS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
+    # the T = 1 decode step; SPLIT 0 means "pick from the batch": programs per (batch, head).
+    # num_stages stays 1: its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS
+    # is the same for 1, 2 and 3 stages; the compiler unrolls the constant-trip tile loops instead)
+    "decode": {"BK": [32, 64, 128], "BV": [32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
+               "num_warps": [2, 4, 8], "num_stages": [1]},
+}
+
 _lock = threading.Lock()
 _last_used: dict[str, dict] = {}
 
 
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
+
+
+# Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
+# this many float32 elements (16 per thread at 4 warps would be 2048; 4096 keeps loads wide).
+_RECURRENT_TILE = 4096
+
+
+def _tile(whole: int, dim: int, lo: int = 2, hi: int = 64) -> int:
+    """A power-of-two tile of `dim` such that tile * whole stays near _RECURRENT_TILE."""
+    return max(lo, min(hi, triton.next_power_of_2(dim), _RECURRENT_TILE // whole))
 
 
 def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None) -> dict:
@@ -44,6 +72,8 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks are one
     program per (sequence-head, tile): with few sequence-heads (seqs = N*H), smaller tiles fill the GPU.
     """
+    if kernel.startswith("recurrent_") or kernel == "decode":
+        return _recurrent_default(kernel, K, V, M)
     BM = _pow2(M)
     BT = BT or 32
     BK = min(128, _pow2(K), max(16, 8192 // BM))
@@ -70,22 +100,64 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     return dict(cfg)
 
 
+def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
+    BK, BV, BM = triton.next_power_of_2(K), triton.next_power_of_2(V), triton.next_power_of_2(M)
+    cfg = {
+        "recurrent_fwd_keys": {"BMS": _tile(BK, M), "num_warps": 4},
+        "recurrent_fwd_values": {"BV": _tile(BM, V, lo=8), "num_warps": 4},
+        "recurrent_bwd_dp": {"BMS": _tile(BV, M), "num_warps": 4},
+        "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
+        "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
+        "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
+        # decode: [64, BM] tiles of Hk and [BM, 64] of Hv per loop step (16 KB at M = 64)
+        "decode": {"BK": min(64, max(16, BK)), "BV": min(64, max(16, BV)), "SPLIT": 0,
+                   "num_warps": 4, "num_stages": 1},
+    }[kernel]
+    return dict(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM; the interpreter uses that)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
+    """Programs per (batch, head) of the decode step: the smallest power of two that gives the
+    B * H * SPLIT programs at least two per SM (each program walks its tiles one after another, so
+    the loads in flight come from programs side by side), and no more than there are K or V tiles to
+    own. Every extra program per head re-reads that head's Hk from L2 (not HBM): the cost side."""
+    tiles = max(triton.cdiv(K, BK), triton.cdiv(V, BV))
+    want = triton.next_power_of_2(triton.cdiv(2 * _num_sms(), max(NH, 1)))
+    return max(1, min(want, triton.next_power_of_2(tiles)))
+
+
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
                   tokens: int | None = None, seqs: int | None = None) -> dict:
     """The config `kernel` launches with for this shape; recorded for `last_configs()`.
 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
     (gsa_kernels/tuned.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
-    No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles).
+    No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles; for the
+    decode step seqs = B*H sets SPLIT, its programs per (batch, head)).
     """
-    if kernel not in CANDIDATES:
-        raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES)}")
-    cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
+    if kernel in RECURRENT_CANDIDATES:
+        cfg, source, entry = None, "default", None
+    elif kernel in CANDIDATES:
+        cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
+    else:
+        raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES) + sorted(RECURRENT_CANDIDATES)}")
     if cfg is None:
         cfg = default_config(kernel, K, V, M, BT, seqs)
+    if kernel == "decode" and cfg["SPLIT"] == 0:
+        cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
     with _lock:
         _last_used[kernel] = dict(cfg)
-    tuned.record_launch(kernel, cfg, source, entry)
+    if kernel in CANDIDATES:
+        tuned.record_launch(kernel, cfg, source, entry)
     return cfg
 
 

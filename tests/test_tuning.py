@@ -176,6 +176,7 @@ def test_tuned_shape_launches_its_configs_with_zero_autotune_benchmarks(monkeypa
     use_file(monkeypatch, path)
     monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")        # opted in: it would tune if the shape were missing
     counter = Counter(monkeypatch)
+    configs.clear_last_configs()          # earlier tests may have launched the recurrent kernels
     run_and_check(inputs(*SMALL))
     assert counter.total() == 0
     assert tuned.stats()["autotune_runs"] == 0
@@ -205,6 +206,7 @@ def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tm
     # a later process (reset: nothing in memory) reuses the cache and tunes nothing
     tuned.reset()
     counter.do_bench = counter.autotuner = 0
+    configs.clear_last_configs()
     run_and_check(inputs(*SMALL, seed=1))
     assert counter.total() == 0
     assert {info["source"] for info in last_launches().values()} == {"user-cache"}

@@ -1,0 +1,210 @@
+"""The decode step (T = 1 with a state), side by side with flash-linear-attention, eager and in a CUDA
+graph, against the floor of reading and writing the float32 state once; plus GSAModel generation.
+
+    python -m benchmarks.bench_decode [--batches 1,8,64] [--no-fla] [--sweep] [--no-generate] [--json PATH]
+
+Shape: the paper's layer, H = 4, K = V = 512, M = 64, bf16 inputs, float32 state [B, 4, 512, 64] +
+[B, 4, 64, 512]. "eager" is one call of the public function per step (Python wrapper included),
+"graph" the same call captured once in a CUDA graph and replayed (the kernel alone, about). Times are
+medians of triton.testing.do_bench. The floor is 2 x the state bytes at the copy bandwidth measured
+in the same run. --sweep also times every decode config candidate (configs.RECURRENT_CANDIDATES["decode"])
+in a graph, checked against the default's output, to pick the defaults from.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_chunk import copy_bandwidth
+
+H, K, V, M = 4, 512, 512, 64
+
+
+def make_step_inputs(B, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=gen) for D in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, 1, H, M, device="cuda", generator=gen)) / 8
+    s = 1 - g.exp()
+    hk = torch.randn(B, H, K, M, device="cuda", generator=gen)
+    hv = torch.randn(B, H, M, V, device="cuda", generator=gen)
+    return [q, k, v, s.to(dtype), g.to(dtype)], (hk, hv)
+
+
+def cuda_graph(fn):
+    """fn captured in a CUDA graph (after warm-up calls on a side stream, which compile the kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def bench(fn, rep=300):
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def providers(include_fla):
+    from gsa_kernels import fused_recurrent_gsa
+    out = {"gsa_kernels": fused_recurrent_gsa}
+    if include_fla:
+        try:
+            from fla.ops.gsa import fused_recurrent_gsa as fla_fused_recurrent_gsa
+            out["fla"] = fla_fused_recurrent_gsa
+        except Exception as e:  # the optional peer: report why it is missing, keep going
+            print(f"# flash-linear-attention not available ({type(e).__name__}: {e}); skipping it",
+                  file=sys.stderr)
+    return out
+
+
+def time_decode(B, provs):
+    """{provider: {"eager": ms, "graph": ms}} for one decode step at batch B, plus the out= variant."""
+    from gsa_kernels import fused_recurrent_gsa
+    xs, (hk, hv) = make_step_inputs(B)
+    times, outputs = {}, {}
+    with torch.no_grad():
+        for name, fn in provs.items():
+            state = (hk.clone(), hv.clone())     # FLA's older decode kernels write into the state
+            step = lambda: fn(*xs, initial_state=state, output_final_state=True)   # noqa: E731
+            o, (hk1, hv1) = step()
+            outputs[name] = (o, hk1, hv1)
+            times[name] = {"eager": bench(step), "graph": bench(cuda_graph(step).replay)}
+        bufs = (torch.empty_like(hk), torch.empty_like(hv))
+        step = lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=bufs)   # noqa: E731
+        times["gsa_kernels_out"] = {"eager": bench(step), "graph": bench(cuda_graph(step).replay)}
+    agree = None
+    if "fla" in outputs:
+        a, b = outputs["gsa_kernels"], outputs["fla"]
+        agree = {"o": rel(a[0], b[0]), "hk": rel(a[1], b[1]), "hv": rel(a[2], b[2])}
+    return times, agree
+
+
+def sweep_decode(B, bw):
+    """Every decode candidate config in a CUDA graph; output checked against the default config."""
+    from gsa_kernels.configs import RECURRENT_CANDIDATES as CANDIDATES, launch_config
+    from gsa_kernels.recurrent import decode_step
+    xs, (hk, hv) = make_step_inputs(B)
+    cand = CANDIDATES["decode"]
+    default = launch_config("decode", K=K, V=V, M=M, dtype=torch.bfloat16, NH=B * H)
+    out = torch.empty_like(hk), torch.empty_like(hv)
+    with torch.no_grad():
+        ref_o = decode_step(*xs, K ** -0.5, hk, hv, *out, config=default)
+        ref = (ref_o, out[0].clone(), out[1].clone())
+        rows = []
+        for BK, BV, split, warps, stages in itertools.product(cand["BK"], cand["BV"], cand["SPLIT"][1:],
+                                                              cand["num_warps"], cand["num_stages"]):
+            if BK != BV:    # 45 configs: a couple of minutes
+                continue
+            cfg = {"BK": BK, "BV": BV, "SPLIT": split, "num_warps": warps, "num_stages": stages}
+            step = lambda: decode_step(*xs, K ** -0.5, hk, hv, *out, config=cfg)   # noqa: E731
+            try:
+                ms = bench(cuda_graph(step).replay, rep=100)
+            except Exception as e:   # a config the compiler rejects (resources): report, go on
+                print(f"#   {cfg}: failed ({type(e).__name__})", file=sys.stderr)
+                continue
+            o = step()
+            err = max(rel(o, ref[0]), rel(out[0], ref[1]), rel(out[1], ref[2]))
+            rows.append({"config": cfg, "ms": ms, "max_rel_diff_vs_default": err})
+    rows.sort(key=lambda r: r["ms"])
+    state_bytes = 2 * 4 * B * H * (K * M + M * V)
+    print(f"  sweep B={B}: default {default} | best 5 (graph ms, x floor):")
+    for r in rows[:5]:
+        print(f"    {r['ms'] * 1e3:7.1f} us  {r['ms'] / (state_bytes / bw * 1e3):5.2f}x  {r['config']}  "
+              f"diff {r['max_rel_diff_vs_default']:.1e}")
+    return rows
+
+
+def time_generate(B, L=4, prompt=128, new=64, vocab=32000, dtype=torch.bfloat16):
+    """GSAModel (hidden 2048, 4 heads, 64 slots, L layers) generation: decode tokens/s (prefill excluded)."""
+    from gsa_kernels.layers import GSAModel
+    torch.manual_seed(0)
+    model = GSAModel(vocab, hidden_size=2048, num_layers=L, num_heads=4, num_slots=64).to("cuda", dtype).eval()
+    ids = torch.randint(0, vocab, (B, prompt), device="cuda")
+    model.generate(ids, 4)     # warm-up: compile every kernel
+    torch.cuda.synchronize()
+
+    def wall(n):
+        t0 = time.perf_counter()
+        model.generate(ids, n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    prefill = min(wall(0) for _ in range(3))
+    total = min(wall(new) for _ in range(3))
+    decode_s = total - prefill
+    return {"B": B, "layers": L, "prompt": prompt, "new_tokens": new, "prefill_s": prefill,
+            "decode_s": decode_s, "tokens_per_s": B * new / decode_s, "ms_per_step": decode_s / new * 1e3}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--no-fla", action="store_true", help="leave out flash-linear-attention")
+    ap.add_argument("--sweep", action="store_true", help="also time every decode config candidate")
+    ap.add_argument("--no-generate", action="store_true", help="skip the GSAModel generation figure")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU")
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s, "
+          f"H={H} K={K} V={V} M={M}, bf16 inputs, float32 state")
+    provs = providers(not args.no_fla)
+    rows, sweeps, generation = [], {}, []
+    for B in map(int, args.batches.split(",")):
+        state_bytes = 2 * 4 * B * H * (K * M + M * V)     # read + write the float32 state once
+        floor_ms = state_bytes / bw * 1e3
+        times, agree = time_decode(B, provs)
+        row = {"B": B, "floor_ms": floor_ms, "ms": times, "agreement_with_fla": agree}
+        for mode in ("eager", "graph"):
+            if "fla" in times:
+                row[f"speedup_vs_fla_{mode}"] = times["fla"][mode] / times["gsa_kernels"][mode]
+        rows.append(row)
+        us = lambda name, mode: f"{times[name][mode] * 1e3:7.1f}" if name in times else "      -"   # noqa: E731
+        print(f"B={B:3d} floor {floor_ms * 1e3:6.1f} us | eager: ours {us('gsa_kernels', 'eager')} us, out= "
+              f"{us('gsa_kernels_out', 'eager')} us, fla {us('fla', 'eager')} us | graph: ours "
+              f"{us('gsa_kernels', 'graph')} us ({times['gsa_kernels']['graph'] / floor_ms:.2f}x floor), out= "
+              f"{us('gsa_kernels_out', 'graph')} us, fla {us('fla', 'graph')} us"
+              + (f" | vs fla: o {agree['o']:.1e} hk {agree['hk']:.1e} hv {agree['hv']:.1e}" if agree else ""),
+              flush=True)
+        if args.sweep:
+            sweeps[B] = sweep_decode(B, bw)
+    print("\n| B | floor us | ours eager us | fla eager us | ours graph us | fla graph us | ours graph x floor | speed-up graph |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["ms"]
+        f = lambda name, mode: f"{t[name][mode] * 1e3:.1f}" if name in t else "-"   # noqa: E731
+        spd = f"{r['speedup_vs_fla_graph']:.2f}x" if "speedup_vs_fla_graph" in r else "-"
+        print(f"| {r['B']} | {r['floor_ms'] * 1e3:.1f} | {f('gsa_kernels', 'eager')} | {f('fla', 'eager')} | "
+              f"{f('gsa_kernels', 'graph')} | {f('fla', 'graph')} | {t['gsa_kernels']['graph'] / r['floor_ms']:.2f} | {spd} |")
+    if not args.no_generate:
+        print("\n# GSAModel generate (hidden 2048, 4 heads, 64 slots, 4 layers, bf16, prompt 128, 64 new tokens, eager)")
+        for B in map(int, args.batches.split(",")):
+            r = time_generate(B)
+            generation.append(r)
+            print(f"B={B:3d}: {r['tokens_per_s']:9.0f} tokens/s, {r['ms_per_step']:.2f} ms per step "
+                  f"(prefill {r['prefill_s'] * 1e3:.1f} ms)", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows,
+                       "sweeps": {str(b): r for b, r in sweeps.items()}, "generate": generation}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""One decode step (T = 1 with a state): both memory updates, the slot softmax and the output in one launch.
+
+The step is memory-bound on the float32 state, K*M + M*V floats per (batch, head), read once and
+written once. At small batch one program per (batch, head) would leave most of the GPU idle, so
+every (batch, head) gets SPLIT programs, program j of them owning
+
+    the K row tiles i of Hk with i % SPLIT == j   (it writes those rows of the new Hk)
+    the V column tiles i of Hv with i % SPLIT == j (it writes those columns of the new Hv and of o)
+
+The output needs the scores over all slots, and the scores need all of K:
+z = scale * q^T Hk_new = scale * sum over every K tile. A cross-program reduction would need a grid
+barrier (a second launch, or spin-waiting on other programs), so instead every program reads the
+whole of Hk and recomputes the full scores row; the rows it does not own it updates in registers
+and drops. The trade-off: L2 reads of Hk grow SPLIT-fold (the first program to touch a row brings
+it from HBM, its siblings, launched next to it, hit L2), while HBM traffic stays at the floor:
+
+    HBM bytes per (batch, head)  ~ 4 * (K*M + M*V) read + 4 * (K*M + M*V) written (+ q, k, v, s, g, o)
+    L2 bytes per (batch, head)   ~ 4 * SPLIT * K*M read for the scores
+
+so SPLIT is picked (configs.py) to fill the GPU at small batch and is 1 once B*H alone does.
+
+In place (hk_new is hk0): a program that writes rows another program still has to read would race,
+so the launcher uses SPLIT = 1 then: each tile is read and written by the same program, in the same
+loop iteration, so every element is read before it is overwritten.
+Slots are padded to BM = next power of two >= M and masked: any M works.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+                  USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr):
+    j, bh = tl.program_id(0), tl.program_id(1)
+    bh64 = bh.to(tl.int64)
+    mm = tl.arange(0, BM)
+    mask_m = mm < M
+    st = tl.load(s + bh * M + mm, mask=mask_m, other=0.0).to(tl.float32)
+    alpha = tl.exp(tl.load(g + bh * M + mm, mask=mask_m, other=0.0).to(tl.float32))
+
+    # keys: z accumulates q^T Hk_new over the K tiles seen so far (all of them, for the full row)
+    z = tl.zeros((BM,), dtype=tl.float32)
+    for i in range(tl.cdiv(K, BK)):
+        kk = i * BK + tl.arange(0, BK)
+        mask_k = kk < K
+        hk_mask = mask_k[:, None] & mask_m[None, :]
+        hk_off = bh64 * K * M + kk[:, None] * M + mm[None, :]
+        qt = tl.load(q + bh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
+        kt = tl.load(k + bh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
+        hk = kt[:, None] * st[None, :]
+        if USE_INITIAL_STATE:
+            hk += tl.load(hk0 + hk_off, mask=hk_mask, other=0.0).to(tl.float32) * alpha[None, :]
+        z += tl.sum(qt[:, None] * hk, 0)
+        if STORE_STATE:
+            if i % SPLIT == j:
+                tl.store(hk_new + hk_off, hk, mask=hk_mask)
+
+    z = tl.where(mask_m, z * scale, float("-inf"))
+    p = tl.exp(z - tl.max(z, 0))
+    p = p / tl.sum(p, 0)
+
+    # values: this program's V tiles only; o is complete per tile (the slot sum is inside)
+    for i in range(j, tl.cdiv(V, BV), SPLIT):
+        vv = i * BV + tl.arange(0, BV)
+        mask_v = vv < V
+        hv_mask = mask_m[:, None] & mask_v[None, :]
+        hv_off = bh64 * M * V + mm[:, None] * V + vv[None, :]
+        vt = tl.load(v + bh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
+        hv = st[:, None] * vt[None, :]
+        if USE_INITIAL_STATE:
+            hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=hv_mask, other=0.0).to(tl.float32)
+        ot = tl.sum(p[:, None] * hv, 0)
+        tl.store(o + bh * V + vv, ot.to(o.dtype.element_ty), mask=mask_v)
+        if STORE_STATE:
+            tl.store(hv_new + hv_off, hv, mask=hv_mask)

@@ -1,0 +1,7 @@
+"""Model code from the library: the GSA token mixer, the residual block and a small causal LM."""
+from gsa_kernels.layers.block import GSABlock, SwiGLU
+from gsa_kernels.layers.gsa import GatedSlotAttention
+from gsa_kernels.layers.model import GSAModel
+from gsa_kernels.layers.norms import RMSNorm
+
+__all__ = ["GatedSlotAttention", "GSABlock", "GSAModel", "RMSNorm", "SwiGLU"]

@@ -1,0 +1,51 @@
+"""GSABlock: pre-norm residual block, GSA token mixer then SwiGLU channel mixer (the paper's layer)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from gsa_kernels.layers.gsa import GatedSlotAttention
+from gsa_kernels.layers.norms import RMSNorm
+
+
+class SwiGLU(nn.Module):
+    """down( silu(gate(x)) * up(x) ); the intermediate size defaults to 2/3 * hidden_ratio * hidden,
+    rounded up to a multiple of 256 (as FLA's GatedMLP, whose gate_proj / up_proj / down_proj names
+    it shares)."""
+
+    def __init__(self, hidden_size: int, hidden_ratio: float = 4, intermediate_size: int | None = None):
+        super().__init__()
+        if intermediate_size is None:
+            intermediate_size = int(hidden_size * hidden_ratio * 2 / 3)
+            intermediate_size = 256 * ((intermediate_size + 255) // 256)
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GSABlock(nn.Module):
+    """h = x + attn(attn_norm(x));  y = h + mlp(mlp_norm(h)).  Returns (y, state) like the attention.
+
+    Keyword arguments other than those below go to GatedSlotAttention (num_kv_heads, expand_k, ...).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, num_slots: int = 64, hidden_ratio: float = 4,
+                 intermediate_size: int | None = None, norm_eps: float = 1e-6, layer_idx: int | None = None,
+                 **attn_kwargs):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(hidden_size, eps=norm_eps)
+        self.attn = GatedSlotAttention(hidden_size, num_heads=num_heads, num_slots=num_slots,
+                                       layer_idx=layer_idx, **attn_kwargs)
+        self.mlp_norm = RMSNorm(hidden_size, eps=norm_eps)
+        self.mlp = SwiGLU(hidden_size, hidden_ratio, intermediate_size)
+
+    def forward(self, x, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None):
+        o, state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             attention_mask=attention_mask)
+        h = x + o
+        return h + self.mlp(self.mlp_norm(h)), state

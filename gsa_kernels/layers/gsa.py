@@ -1,0 +1,139 @@
+"""GatedSlotAttention: the token mixer of the GSA paper, built on chunk_gsa / fused_recurrent_gsa.
+
+Parameter names and semantics follow flash-linear-attention's `fla.layers.GatedSlotAttention`, so a
+checkpoint's `q_proj`, `k_proj`, `v_proj`, `f_proj`, `g_norm`, `o_proj` weights load as they are:
+
+    q = phi(x W_q)                      [B, T, H, K]        phi: the feature map, swish by default
+    k = phi(x W_k),  v = silu(x W_v)    [B, T, H_kv, K / V]
+    g = logsigmoid(x W_f) / gate_logit_normalizer,  s = 1 - exp(g)      [B, T, H_kv, M]
+    k, v, s, g repeated to the H query heads (grouped kv heads, as FLA's layer does)
+    o = GSA(q, k, v, s, g, scale)       scale 1 (the paper's), over the slot memories
+    y = o_proj( RMSNorm(silu(o)) [* silu(x W_g) with use_output_gate] )
+
+Choices (and where they differ from FLA):
+  * K = hidden * expand_k / H and V = hidden * expand_v / H per head; num_slots (M) defaults to 64,
+    the paper's (FLA's layer defaults to K). g_norm runs over the whole value dim (FLA's over
+    hidden_size, the same number when expand_v = 1).
+  * use_output_gate adds `g_proj` (hidden -> value dim) and multiplies the normed output by
+    silu(g_proj(x)); FLA stores the flag but never uses it. use_norm=False skips g_norm.
+  * Kernel choice: fused_recurrent_gsa for T <= recurrent_threshold (64) outside training (decode
+    steps and short prompts); chunk_gsa otherwise (training, long prefill). mode="fused_recurrent"
+    forces the token-by-token kernel everywhere (it has a backward too).
+  * No short convolution (FLA's use_short_conv): the state is exactly the two slot memories.
+  * Padding: `attention_mask` [B, T] (1 keep, 0 pad; left, right or anywhere) packs the kept tokens
+    into one varlen batch (one host sync) so padded tokens never enter the memories; their outputs
+    are 0 and each row's state is that of its kept tokens. Already-packed input takes `cu_seqlens`
+    (x [1, total, hidden]); the state then has one entry per sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.layers.norms import RMSNorm
+from gsa_kernels.recurrent import fused_recurrent_gsa
+
+FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x, None: lambda x: x}
+
+
+class GatedSlotAttention(nn.Module):
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 4, num_slots: int = 64,
+                 expand_k: float = 1.0, expand_v: float = 1.0, num_kv_heads: int | None = None,
+                 gate_logit_normalizer: float = 8.0, feature_map: str | None = "swish",
+                 use_output_gate: bool = False, use_norm: bool = True, elementwise_affine: bool = True,
+                 norm_eps: float = 1e-5, scale: float = 1.0, mode: str = "chunk",
+                 recurrent_threshold: int = 64, layer_idx: int | None = None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(f"hidden_size * expand_k ({key_dim}) and hidden_size * expand_v ({value_dim}) "
+                             f"must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(str(k) for k in FEATURE_MAPS)}, got {feature_map!r}")
+        if mode not in ("chunk", "fused_recurrent"):
+            raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.num_kv_groups = num_heads // num_kv_heads
+        self.num_slots, self.key_dim, self.value_dim = num_slots, key_dim, value_dim
+        self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_heads
+        self.gate_logit_normalizer, self.feature_map = gate_logit_normalizer, feature_map
+        self.use_output_gate, self.use_norm, self.scale = use_output_gate, use_norm, scale
+        self.mode, self.recurrent_threshold, self.layer_idx = mode, recurrent_threshold, layer_idx
+
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_k_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_v_dim, bias=False)
+        self.f_proj = nn.Linear(hidden_size, num_kv_heads * num_slots, bias=False)
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        if use_norm:
+            self.g_norm = RMSNorm(value_dim, elementwise_affine=elementwise_affine, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def state_shapes(self, batch_size: int):
+        """Shapes of one layer's state (hk, hv): [N, H, K, M] and [N, H, M, V], float32."""
+        H, K, V, M = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_slots
+        return (batch_size, H, K, M), (batch_size, H, M, V)
+
+    def kernel_inputs(self, x):
+        """q, k, v, s, g [B, T, H, *] in x's dtype, kv heads already repeated to the query heads."""
+        B, T, _ = x.shape
+        phi = FEATURE_MAPS[self.feature_map]
+        q = phi(self.q_proj(x)).view(B, T, self.num_heads, self.head_k_dim)
+        k = phi(self.k_proj(x)).view(B, T, self.num_kv_heads, self.head_k_dim)
+        v = F.silu(self.v_proj(x)).view(B, T, self.num_kv_heads, self.head_v_dim)
+        g = F.logsigmoid(self.f_proj(x).float()) / self.gate_logit_normalizer
+        s = (1 - g.exp()).to(x.dtype)
+        g = g.to(x.dtype).view(B, T, self.num_kv_heads, self.num_slots)
+        s = s.view(B, T, self.num_kv_heads, self.num_slots)
+        if self.num_kv_groups > 1:
+            k, v, s, g = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v, s, g))
+        return q, k, v, s, g
+
+    def forward(self, x: torch.Tensor, state=None, use_cache: bool = True, cu_seqlens=None,
+                attention_mask=None):
+        """y [B, T, hidden], and the new state (hk, hv) when use_cache (else None).
+
+        state: (hk [N, H, K, M], hv [N, H, M, V]) from the previous call, or None for a fresh start.
+        It is only read; the returned state is new tensors.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x (shape {tuple(x.shape)}) must be [B, T, hidden_size={self.hidden_size}]")
+        if cu_seqlens is not None and attention_mask is not None:
+            raise ValueError("give either cu_seqlens (packed input) or attention_mask (padded input), not both")
+        B, T, _ = x.shape
+        q, k, v, s, g = self.kernel_inputs(x)
+
+        indices = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(f"attention_mask (shape {tuple(attention_mask.shape)}) must be [B, T] = {(B, T)}")
+            keep = attention_mask.to(device=x.device).bool()
+            if not bool(keep.all()):
+                indices = keep.flatten().nonzero().squeeze(1)
+                lengths = keep.sum(1)
+                cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
+                cu_seqlens[1:] = lengths.cumsum(0)
+                q, k, v, s, g = (t.flatten(0, 1).index_select(0, indices)[None] for t in (q, k, v, s, g))
+
+        recurrent = self.mode == "fused_recurrent" or (T <= self.recurrent_threshold and not self.training)
+        op = fused_recurrent_gsa if recurrent else chunk_gsa
+        o, new_state = op(q, k, v, s, g, scale=self.scale, initial_state=state,
+                          output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        if indices is not None:
+            o = o.new_zeros(B * T, self.num_heads, self.head_v_dim).index_copy(0, indices, o[0]).view(B, T, -1, self.head_v_dim)
+
+        o = F.silu(o.reshape(B, T, self.value_dim))
+        if self.use_norm:
+            o = self.g_norm(o)
+        if self.use_output_gate:
+            o = o * F.silu(self.g_proj(x))
+        y = self.o_proj(o)
+        return y, (new_state if use_cache else None)

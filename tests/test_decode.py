@@ -1,0 +1,160 @@
+"""The decode step (fused_recurrent_gsa with T = 1, a state and no gradients): one launch that updates
+both memories and reads the output, against the float64 naive recurrence; the caller's state is
+never written unless asked (inplace=True / out=).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from gsa_kernels import fused_recurrent_gsa, last_configs
+from gsa_kernels.configs import decode_split
+from gsa_kernels.recurrent import decode_step
+from reference import naive_recurrent_gsa
+from test_chunk import BOUNDS, DTYPES, make_inputs, rel_err
+
+
+def reference_step(q, k, v, s, g, hk0, hv0, scale=None):
+    ins = [x.double().cpu() for x in (q, k, v, s, g)]
+    h0 = None if hk0 is None else (hk0.double().cpu(), hv0.double().cpu())
+    return naive_recurrent_gsa(*ins, scale=scale, initial_state=h0, output_final_state=True)
+
+
+def check_step(o, hk, hv, ref, dtype):
+    o_bound, bound = BOUNDS[dtype]
+    ro, (rhk, rhv) = ref
+    errors = {"o": rel_err(o, ro), "hk": rel_err(hk, rhk), "hv": rel_err(hv, rhv)}
+    assert errors["o"] <= o_bound and errors["hk"] <= bound and errors["hv"] <= bound, errors
+    return errors
+
+
+SHAPES = [  # (B, H, K, V, M)
+    (2, 2, 16, 24, 5),       # M not a power of two, V not a multiple of the tile
+    (1, 1, 40, 72, 20),
+    (3, 2, 16, 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,K,V,M", SHAPES, ids=[f"B{x[0]}-H{x[1]}-K{x[2]}-V{x[3]}-M{x[4]}" for x in SHAPES])
+@pytest.mark.parametrize("h0", [True, False], ids=["state", "no-state"])
+def test_decode_matches_naive(B, H, K, V, M, h0, dtype):
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, 1, H, K, V, M, dtype, "mixed", seed=B + K + M, initial_state=h0)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    state = (hk0.to(DEVICE), hv0.to(DEVICE)) if h0 else None
+    with torch.no_grad():
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=state, output_final_state=True)
+    assert "decode" in last_configs()
+    assert o.shape == (B, 1, H, V) and o.dtype == dtype and hk.dtype == hv.dtype == torch.float32
+    check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), dtype)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_decode_split_over_programs(split):
+    """Small tiles so that K and V have 3 and 5 tiles: every program recomputes the scores from all of
+    Hk and writes only its own tiles (uneven ownership when the tiles do not divide by SPLIT)."""
+    B, H, K, V, M = 2, 2, 48, 80, 12
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, 1, H, K, V, M, torch.float32, "mixed", seed=split)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)
+    hk, hv = torch.full_like(hk0_d, float("nan")), torch.full_like(hv0_d, float("nan"))
+    cfg = {"BK": 16, "BV": 16, "SPLIT": split, "num_warps": 2, "num_stages": 1}
+    with torch.no_grad():
+        o = decode_step(*dev, K ** -0.5, hk0_d, hv0_d, hk, hv, config=cfg)
+    check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), torch.float32)
+
+
+def test_decode_split_default_fills_the_gpu_at_small_batch():
+    # one program per (batch, head) when B * H alone gives two per SM; more below, but no more than tiles
+    assert decode_split(512, 512, 64, 64, NH=1024) == 1
+    assert decode_split(512, 512, 64, 64, NH=4) == 8
+    assert decode_split(16, 16, 16, 16, NH=1) == 1
+
+
+def test_decode_loop_equals_the_sequence():
+    """T decode steps, each feeding its state to the next, equal the recurrence over the whole sequence."""
+    B, T, H, K, V, M = 2, 6, 2, 16, 16, 10
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, torch.float32, "model", seed=3)
+    state = (hk0.to(DEVICE), hv0.to(DEVICE))
+    outs = []
+    with torch.no_grad():
+        for t in range(T):
+            o, state = fused_recurrent_gsa(*(x[:, t:t + 1].to(DEVICE) for x in (q, k, v, s, g)),
+                                           initial_state=state, output_final_state=True)
+            outs.append(o)
+    ref = reference_step(q, k, v, s, g, hk0, hv0)
+    check_step(torch.cat(outs, 1), *state, ref, torch.float32)
+
+
+def test_decode_leaves_the_callers_state_untouched():
+    q, k, v, s, g, hk0, hv0 = make_inputs(2, 1, 2, 16, 16, 8, torch.float32, "model", seed=1)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    hk0, hv0 = hk0.to(DEVICE), hv0.to(DEVICE)
+    before = hk0.clone(), hv0.clone()
+    with torch.no_grad():
+        _, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), output_final_state=True)
+        # beam search: two continuations from one state
+        o2, _ = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), output_final_state=True)
+    assert torch.equal(hk0, before[0]) and torch.equal(hv0, before[1])
+    assert hk.data_ptr() != hk0.data_ptr() and hv.data_ptr() != hv0.data_ptr()
+    assert not torch.equal(hk, hk0)
+
+
+def test_decode_without_final_state():
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 1, 2, 16, 16, 8, torch.float32, "model", seed=2)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    with torch.no_grad():
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0.to(DEVICE), hv0.to(DEVICE)))
+    assert hk is None and hv is None
+    ro, _ = reference_step(q, k, v, s, g, hk0, hv0)
+    assert rel_err(o, ro) <= 1e-5
+
+
+def test_decode_inplace_and_out():
+    q, k, v, s, g, hk0, hv0 = make_inputs(2, 1, 2, 48, 80, 12, torch.float32, "mixed", seed=5)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    ref = reference_step(q, k, v, s, g, hk0, hv0)
+    hk0, hv0 = hk0.to(DEVICE), hv0.to(DEVICE)
+    with torch.no_grad():
+        bufs = torch.empty_like(hk0), torch.empty_like(hv0)
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), out=bufs)
+        assert hk is bufs[0] and hv is bufs[1]
+        check_step(o, hk, hv, ref, torch.float32)
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), inplace=True)
+        assert hk is hk0 and hv is hv0
+        check_step(o, hk0, hv0, ref, torch.float32)
+
+
+def test_decode_with_gradients_takes_the_training_path():
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 1, 1, 16, 16, 8, torch.float32, "model", seed=6)
+    q_dev = q.detach().clone().to(DEVICE).requires_grad_()
+    o, (hk, hv) = fused_recurrent_gsa(q_dev, *(x.to(DEVICE) for x in (k, v, s, g)),
+                                      initial_state=(hk0.to(DEVICE), hv0.to(DEVICE)), output_final_state=True)
+    assert o.requires_grad
+    o.sum().backward()
+    q_ref = q.detach().double().requires_grad_()
+    ro, _ = naive_recurrent_gsa(q_ref, k.double(), v.double(), s.double(), g.double(),
+                                initial_state=(hk0.double(), hv0.double()))
+    ro.sum().backward()
+    assert rel_err(q_dev.grad, q_ref.grad) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU-only: the paper's layer shape at the benchmark's batch sizes, and wide slots
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="paper-size shapes run on the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,H,K,V,M", [(1, 4, 512, 512, 64), (8, 4, 512, 512, 64), (64, 4, 512, 512, 64),
+                                       (3, 2, 128, 256, 100), (2, 2, 64, 64, 256)],
+                         ids=lambda x: str(x))
+def test_decode_large_on_gpu(B, H, K, V, M, dtype):
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, 1, H, K, V, M, dtype, "model", seed=B)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)
+    with torch.no_grad():
+        o, (hk, hv) = fused_recurrent_gsa(*dev, scale=1.0, initial_state=(hk0_d, hv0_d), output_final_state=True)
+    errors = check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0, scale=1.0), dtype)
+    assert torch.equal(hk0_d.cpu(), hk0) and torch.equal(hv0_d.cpu(), hv0)
+    print(f"\n{dtype} B{B}-H{H}-K{K}-V{V}-M{M}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
