@@ -27,14 +27,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--chunk-sizes", default="64")
+    ap.add_argument("--chunk-sizes", default="0", help="0: the default chunk size")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
         q, k, v, s, g = make_inputs(B, T, H, D, M, torch.bfloat16)
         for BT in map(int, args.chunk_sizes.split(",")):
-            step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT)[0].backward(torch.ones_like(v))   # noqa: E731
+            step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT or None)[0].backward(torch.ones_like(v))   # noqa: E731
             step()
             torch.cuda.synchronize()
             with gpu_lock(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
