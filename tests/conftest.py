@@ -12,7 +12,7 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 # Kernel tests run their tensors here: "cuda" on a GPU, "cpu" under the interpreter.
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -25,6 +25,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "dev", max_examples=15, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# triage on a GPU call of 10 minutes: report the first failing example as drawn, without shrinking
+settings.register_profile(
+    "triage", max_examples=15, deadline=None, print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
