@@ -93,10 +93,14 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     if (BT > 32 or BM >= 128) and kernel.startswith("chunk_"):
         # larger chunks or slot dims hold 2-4x the [BT, BT] and [BT, BM] tiles: more warps, narrower
         # K/V tiles
+        # (and fewer stages: chunk 64 in float32 needs 295 KB of shared memory at M 128 with 3 stages,
+        # 233 KB at M 256 with 2; the H100 has 227 KB)
         cfg["num_warps"] = 8
+        cfg["num_stages"] = 1 if (BT > 32 and BM >= 256) else min(cfg["num_stages"], 2)
+        cap = 32 if (BT > 32 and BM >= 128) else 64
         for key in ("BK", "BV"):
             if key in cfg:
-                cfg[key] = min(cfg[key], 64)
+                cfg[key] = min(cfg[key], cap)
     return dict(cfg)
 
 
