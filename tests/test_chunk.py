@@ -63,8 +63,9 @@ def rel_err(got, ref):
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
     """Forward + backward of chunk_gsa on DEVICE and of the float64 naive recurrence on the same
     (already rounded) inputs, with the same random upstream gradients. Returns (ours, ref) dicts;
-    for float32 inputs ref["fp32_baseline"] also holds the errors of the same computation done by
-    PyTorch in float32 (reference.chunk_gsa_torch), the conditioning yardstick of assert_close."""
+    for float32 inputs ref["fp32_baseline"] also gives the errors of the same computation done by
+    PyTorch in float32 (reference.chunk_gsa_torch), the conditioning yardstick of assert_close,
+    as a function: it is computed only when an error is over the SPEC bound."""
     gen = torch.Generator().manual_seed(seed)
     has_h0 = hk0 is not None
     ins = [q, k, v, s, g] + ([hk0, hv0] if has_h0 else [])
@@ -88,13 +89,15 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=No
     for name, a, b in zip(GRAD_NAMES, ours_in, ref_in):
         ours[name], ref[name] = a.grad, b.grad
     if q.dtype == torch.float32:
-        base_in = [x.detach().clone().requires_grad_() for x in ins]
-        bo, (bhk, bhv) = chunk_gsa_torch(*base_in[:5], initial_state=tuple(base_in[5:]) if has_h0 else None,
-                                         cu_seqlens=cu_seqlens, **kw)
-        torch.autograd.backward([bo, bhk, bhv], [do.float(), dhk.float(), dhv.float()])
-        base = {"o": bo, "hk": bhk, "hv": bhv}
-        base.update({name: a.grad for name, a in zip(GRAD_NAMES, base_in)})
-        ref["fp32_baseline"] = {name: rel_err(base[name], ref[name]) for name in base}
+        def fp32_baseline():
+            base_in = [x.detach().clone().requires_grad_() for x in ins]
+            bo, (bhk, bhv) = chunk_gsa_torch(*base_in[:5], initial_state=tuple(base_in[5:]) if has_h0 else None,
+                                             cu_seqlens=cu_seqlens, **kw)
+            torch.autograd.backward([bo, bhk, bhv], [do.float(), dhk.float(), dhv.float()])
+            base = {"o": bo, "hk": bhk, "hv": bhv}
+            base.update({name: a.grad for name, a in zip(GRAD_NAMES, base_in)})
+            return {name: rel_err(base[name], ref[name]) for name in base}
+        ref["fp32_baseline"] = fp32_baseline
     return ours, ref
 
 
@@ -105,10 +108,12 @@ def assert_close(ours, ref, dtype, context=""):
     of PyTorch's own float32 evaluation of the same algorithm on the same inputs (never looser than
     needed: it only exceeds 1e-5 when PyTorch's float32 error does)."""
     o_bound, bound = BOUNDS[dtype]
-    baseline = ref.get("fp32_baseline", {})
     names = [n for n in ref if n != "fp32_baseline"]
     errors = {name: rel_err(ours[name], ref[name]) for name in names}
-    limit = {n: max(o_bound if n == "o" else bound, 2 * baseline.get(n, 0.0)) for n in names}
+    limit = {n: o_bound if n == "o" else bound for n in names}
+    if "fp32_baseline" in ref and any(errors[n] > limit[n] for n in names):
+        baseline = ref["fp32_baseline"]()
+        limit = {n: max(limit[n], 2 * baseline.get(n, 0.0)) for n in names}
     bad = {n: e for n, e in errors.items() if e > limit[n]}
     assert not bad, f"{context}: over the bound: {bad}; all errors: {errors}; bounds: {limit}"
     return errors
