@@ -10,6 +10,9 @@
 #     decode    the token-by-token, decode and layer tests, then benchmarks/bench_decode.py (vs FLA,
 #               eager and CUDA graph, B = 1, 8, 64, GSAModel tokens/s; DECODE_ARGS="--sweep" adds
 #               the decode config sweep)
+#     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
+#               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile)
+#     report    python -m benchmarks.report (REPORT_ARGS), its outputs copied to $OUT
 #   flash-linear-attention comes from the wheel in .whl/ and its autotune results from
 #   .fla_cache/fla_autotune.tgz when carried (see ../shared/GPU.md and benchmarks/fla_cache.py).
 set -uo pipefail
@@ -46,6 +49,12 @@ for step in ${steps//,/ }; do
         2>&1 | tee "$OUT/tests_decode.log" || status=1
       python3 -m benchmarks.bench_decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 \
         | tee "$OUT/bench_decode.log" || status=1 ;;
+    compile)
+      python3 -m pytest -q -rs --durations=10 tests/test_compile.py 2>&1 | tee "$OUT/tests_compile.log" || status=1
+      python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \
+        | tee "$OUT/bench_compile.log" || status=1 ;;
+    report)
+      python3 -m benchmarks.report ${REPORT_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -2,7 +2,7 @@
 
 All checks here read shapes, dtypes and devices only, except the cu_seqlens value checks, which read
 the data: they run when cu_seqlens is on the CPU (free) or when GSA_KERNELS_VALIDATE=1 (one device
-sync), never silently on the fast path.
+sync), never silently on the fast path, and not inside torch.compile (a graph break).
 """
 from __future__ import annotations
 
@@ -80,7 +80,11 @@ def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
         raise ValueError(f"{_describe('cu_seqlens', cu_seqlens)}: expected a 1-D tensor [N + 1], N >= 1")
     if B != 1:
         raise ValueError(f"cu_seqlens given with batch size {B}: pack the sequences along T with B == 1")
-    if cu_seqlens.device.type == "cpu" or os.environ.get("GSA_KERNELS_VALIDATE") == "1":
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
+        raise ValueError(f"{_describe('cu_seqlens', cu_seqlens)}: expected the CPU or q's device {device}")
+    # reading the offsets inside torch.compile would be a graph break: a compiled graph checks shapes only
+    if not torch.compiler.is_compiling() and (
+            cu_seqlens.device.type == "cpu" or os.environ.get("GSA_KERNELS_VALIDATE") == "1"):
         c = cu_seqlens.cpu()
         if c[0].item() != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {c[0].item()}")
@@ -88,8 +92,6 @@ def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
             raise ValueError(f"cu_seqlens must be non-decreasing, got {c.tolist()}")
         if c[-1].item() != T:
             raise ValueError(f"cu_seqlens must end at T = {T} (q's length), got {c[-1].item()}")
-    elif cu_seqlens.device != device:
-        raise ValueError(f"{_describe('cu_seqlens', cu_seqlens)}: expected the CPU or q's device {device}")
     return cu_seqlens.numel() - 1
 
 

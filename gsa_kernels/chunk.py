@@ -92,6 +92,11 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     f32 = dict(dtype=torch.float32, device=q.device)
     hk_chunks = torch.empty(layout.num_slots, H, K, M, **f32)
     hv_chunks = torch.empty(layout.num_slots, H, M, V, **f32)
+    if layout.is_varlen:
+        # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
+        # every output of the op is defined (the custom op returns these states)
+        hk_chunks[-N:].zero_()
+        hv_chunks[-N:].zero_()
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     G = chunk_gates(g, layout)
@@ -213,6 +218,25 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     if chunk_size is not None and (chunk_size not in (16, 32, 64)):
         raise ValueError(f"chunk_size must be 16, 32 or 64, got {chunk_size}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
+    hk0 = hv0 = None
+    if initial_state is not None and any(x is not None for x in initial_state):
+        hk0, hv0 = initial_state
+        f32 = dict(dtype=torch.float32, device=q.device)
+        hk0 = torch.zeros(problem.N, problem.H, problem.K, problem.M, **f32) if hk0 is None else hk0
+        hv0 = torch.zeros(problem.N, problem.H, problem.M, problem.V, **f32) if hv0 is None else hv0
+    tensors = (q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(),
+               None if hk0 is None else hk0.float().contiguous(),
+               None if hv0 is None else hv0.float().contiguous())
+
+    if torch.compiler.is_compiling():
+        # inside torch.compile: the custom ops of gsa_kernels/ops.py. The chunk size comes from the
+        # static dims (compiled_chunk_size) and the kernels' configs are looked up when the graph
+        # runs, so a new T does not recompile; opt-in autotuning and the torch_compile backend are
+        # eager-only (the graph runs what the tuned file and the user cache already hold)
+        from gsa_kernels.ops import chunk_gsa_compiled
+        o, hk, hv = chunk_gsa_compiled(*tensors, cu_seqlens, scale, chunk_size or 0, bool(output_final_state))
+        return o, (hk, hv)
+
     sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
                  tokens=problem.B * problem.T * problem.H, seqs=problem.N * problem.H)
     # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
@@ -223,16 +247,13 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
                                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                           chunk_size=chunk_size or 64)
     BT = chunk_size or launch_config("chunk", **sizes)["BT"]
-
-    hk0 = hv0 = None
-    if initial_state is not None and any(x is not None for x in initial_state):
-        hk0, hv0 = initial_state
-        f32 = dict(dtype=torch.float32, device=q.device)
-        hk0 = torch.zeros(problem.N, problem.H, problem.K, problem.M, **f32) if hk0 is None else hk0
-        hv0 = torch.zeros(problem.N, problem.H, problem.M, problem.V, **f32) if hv0 is None else hv0
     layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
-    o, hk, hv = ChunkGSAFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(),
-        None if hk0 is None else hk0.float().contiguous(), None if hv0 is None else hv0.float().contiguous(),
-        scale, bool(output_final_state), layout)
+    o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout)
     return o, (hk, hv)
+
+
+def compiled_chunk_size(K: int, V: int, M: int, dtype: torch.dtype) -> int:
+    """The chunk size of a call inside torch.compile: the tuned entry nearest to (K, V, M, dtype)
+    whatever the work size, since the graph must know the saved states' shapes (chunk slots) without
+    depending on T. Eager calls also weigh the work size (launch_config with tokens and seqs)."""
+    return launch_config("chunk", K=K, V=V, M=M, dtype=dtype)["BT"]

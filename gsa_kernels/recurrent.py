@@ -219,6 +219,18 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
         output_final_state = True
     cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
 
+    if torch.compiler.is_compiling():
+        # inside torch.compile: the custom ops of gsa_kernels/ops.py; `out` / `inplace` become copies
+        from gsa_kernels.ops import fused_recurrent_compiled
+        o, hk_new, hv_new = fused_recurrent_compiled(
+            q, k, v, s, g, None if hk0 is None else hk0.float(), None if hv0 is None else hv0.float(),
+            cu, scale, bool(output_final_state), decode=(T == 1 and cu is None and not needs_grad))
+        if out is not None:
+            out[0].copy_(hk_new)
+            out[1].copy_(hv_new)
+            hk_new, hv_new = out
+        return o, (hk_new, hv_new)
+
     if not needs_grad:
         q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
         if hk0 is not None and not inplace:

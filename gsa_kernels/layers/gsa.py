@@ -123,7 +123,8 @@ class GatedSlotAttention(nn.Module):
                 cu_seqlens[1:] = lengths.cumsum(0)
                 q, k, v, s, g = (t.flatten(0, 1).index_select(0, indices)[None] for t in (q, k, v, s, g))
 
-        recurrent = self.mode == "fused_recurrent" or (T <= self.recurrent_threshold and not self.training)
+        # (training first: a compiled training graph then never guards on T)
+        recurrent = self.mode == "fused_recurrent" or (not self.training and T <= self.recurrent_threshold)
         op = fused_recurrent_gsa if recurrent else chunk_gsa
         o, new_state = op(q, k, v, s, g, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, cu_seqlens=cu_seqlens)

@@ -1,0 +1,105 @@
+"""One training step of a GSAModel, eager vs torch.compile(fullgraph=True), and the compile time.
+
+    python -m benchmarks.bench_compile [--layers 4 --hidden 2048 --heads 4 --slots 64 --T 2048 --B 4]
+
+The model is the issue's: 4 GSABlocks, hidden 2048, 4 heads (K = V = 512), 64 slots, bf16 weights and
+activations, vocabulary 32000 (a Llama-sized LM head; the issue names none). A step is forward, the
+shifted cross-entropy loss and backward (gradients set to None before each). Times are medians of
+triton.testing.do_bench after warm-up; the compile time is the wall time of the first compiled step
+(Dynamo + AOTAutograd + Inductor for forward and backward, our Triton kernels already built by the
+eager warm-up) minus one eager step. A second length T/2 then checks that the compiled model does not
+recompile (T is marked dynamic). Prints a table and writes --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--mode", default="default", help="torch.compile mode")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_compile needs a CUDA GPU")
+    import triton.testing
+
+    from gsa_kernels.layers import GSAModel
+
+    torch.manual_seed(0)
+    model = GSAModel(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                     num_slots=args.slots).to(device="cuda", dtype=torch.bfloat16).train()
+    ids = torch.randint(0, args.vocab, (args.B, args.T), device="cuda")
+    torch._dynamo.mark_dynamic(ids, 1)
+
+    def step(ids):
+        logits, _ = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    compiled_step = torch.compile(step, fullgraph=True, mode=args.mode)
+
+    def train_step(fn):
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss = fn(ids)
+            loss.backward()
+            return loss
+        return run
+
+    eager = train_step(step)
+    eager_loss = eager().item()            # warm-up: builds our Triton kernels
+    eager_ms = triton.testing.do_bench(eager, warmup=100, rep=1000, return_mode="median")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    compiled_loss = train_step(compiled_step)().item()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0 - eager_ms / 1e3
+    compiled_ms = triton.testing.do_bench(train_step(compiled_step), warmup=100, rep=1000, return_mode="median")
+
+    torch.cuda.reset_peak_memory_stats()
+    eager()
+    eager_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    train_step(compiled_step)()
+    compiled_peak = torch.cuda.max_memory_allocated() / 2**30
+
+    # a second length: the compiled step must not recompile
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    half = torch.randint(0, args.vocab, (args.B, args.T // 2), device="cuda")
+    torch._dynamo.mark_dynamic(half, 1)
+    model.zero_grad(set_to_none=True)
+    compiled_step(half).backward()
+    recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before
+
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  shape=vars(args), eager_ms=eager_ms, compiled_ms=compiled_ms, speedup=eager_ms / compiled_ms,
+                  compile_s=compile_s, eager_peak_gib=eager_peak, compiled_peak_gib=compiled_peak,
+                  eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled)
+    print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
+          f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, on {result['device']}")
+    print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
+    print(f"{'eager':>10} {eager_ms:9.2f} {eager_peak:9.2f} {eager_loss:9.4f}")
+    print(f"{'compiled':>10} {compiled_ms:9.2f} {compiled_peak:9.2f} {compiled_loss:9.4f}")
+    print(f"speed-up {eager_ms / compiled_ms:.2f}x; compile time {compile_s:.1f} s (mode {args.mode!r}); "
+          f"new graphs at T = {args.T // 2}: {recompiled}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

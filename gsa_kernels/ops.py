@@ -1,0 +1,302 @@
+"""The PyTorch custom operators that torch.compile sees: forward and backward of chunk_gsa and
+fused_recurrent_gsa, and the decode step, each with a fake (meta) implementation, and autograd
+registered on the forwards.
+
+Why `torch.library.custom_op` and not `triton_op`: every op picks its launch configs from the tuned
+table at run time, from the concrete work size (B*T*H, N*H buckets). Inside an opaque custom op that
+lookup runs on real ints when the graph runs, so a compiled graph neither guards nor recompiles on T,
+and the lookup stays off the traced code; `triton_op` would have Dynamo trace the lookup with
+symbolic sizes. Inductor cannot fuse into these kernels either way.
+
+Why eager calls do not go through these ops: the dispatcher costs about 25 us per op call on the host
+(70 us with autograd), a visible share of a 30 us decode step or a 0.4 ms forward. So `chunk_gsa` and
+`fused_recurrent_gsa` call their autograd.Functions directly in eager mode and these ops only while
+compiling (`torch.compiler.is_compiling()`); both run the same launchers (chunk.py, recurrent.py), and
+tests/test_compile.py checks the ops with `opcheck` and a compiled model against eager.
+
+Optional results (final states not asked for, initial-state gradients without an initial state) are
+empty tensors of shape [0]: a custom op returns tensors only.
+"""
+from __future__ import annotations
+
+import torch
+
+from gsa_kernels.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, compiled_chunk_size
+from gsa_kernels.recurrent import decode_step, recurrent_bwd, recurrent_fwd
+
+Tensor = torch.Tensor
+NONE = (0,)     # the shape of an absent optional result
+
+
+def _absent(x: Tensor | None) -> bool:
+    return x is None or x.numel() == 0
+
+
+def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(NONE, dtype=torch.float32) if x is None else x
+
+
+def _contiguous(*xs):
+    return tuple(None if x is None else x.contiguous() for x in xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk_gsa
+# ---------------------------------------------------------------------------------------------
+
+def _chunk_size(q, v, s, chunk_size: int) -> int:
+    """The call's chunk size: the given one, or (0) the tuned one for the static dims. Also run by the
+    fake implementations at trace time, where int() pins symbolic head dims (they are the model's
+    constants) and leaves T symbolic."""
+    if chunk_size:
+        return chunk_size
+    return compiled_chunk_size(int(q.shape[-1]), int(v.shape[-1]), int(s.shape[-1]), q.dtype)
+
+
+def _chunk_slots(q, v, s, cu_seqlens, chunk_size: int):
+    """Chunk slots of the saved states (ChunkLayout.num_slots), for the fake implementation."""
+    B, T = q.shape[:2]
+    BT = _chunk_size(q, v, s, chunk_size)
+    return B * ((T + BT - 1) // BT) if cu_seqlens is None else T // BT + (cu_seqlens.shape[0] - 1)
+
+
+def _chunk_layout(q, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
+    return ChunkLayout(q.shape[0], q.shape[1], _chunk_size(q, v, s, chunk_size), cu_seqlens, q.device)
+
+
+@torch.library.custom_op("gsa_kernels::chunk_gsa_fwd", mutates_args=())
+def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
+                     hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
+                     scale: float, chunk_size: int, output_final_state: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's.
+    chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out
+    flat (1-D): a [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T
+    crosses one chunk."""
+    q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
+    layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
+    o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
+    return (o, scores, hk_chunks.view(-1), hv_chunks.view(-1), _or_empty(hk_final, q),
+            _or_empty(hv_final, q))
+
+
+@chunk_gsa_fwd_op.register_fake
+def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state):
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    slots = _chunk_slots(q, v, s, cu_seqlens, chunk_size)
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
+            q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
+            q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
+            q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
+
+
+@torch.library.custom_op("gsa_kernels::chunk_gsa_bwd", mutates_args=())
+def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: Tensor,
+                     dhk_final: Tensor | None, dhv_final: Tensor | None, scores: Tensor,
+                     hk_chunks: Tensor, hv_chunks: Tensor, cu_seqlens: Tensor | None,
+                     scale: float, chunk_size: int, use_initial_state: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states."""
+    q, k, v, s, g, do, dhk_final, dhv_final = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final)
+    layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
+    H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
+    if hk_chunks.numel() != layout.num_slots * H * K * M:
+        raise RuntimeError(f"chunk_gsa backward: the saved chunk states hold {hk_chunks.numel()} values, "
+                           f"chunk size {layout.BT} needs {layout.num_slots} x {H * K * M}: the tuned "
+                           f"table changed between the forward and the backward")
+    hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
+    if dhk_final is not None:
+        dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
+    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
+        q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, layout,
+        use_h0=use_initial_state)
+    if not use_initial_state:
+        dhk0 = dhv0 = None
+    return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
+
+
+@chunk_gsa_bwd_op.register_fake
+def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens, scale,
+      chunk_size, use_initial_state):
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    f32 = dict(dtype=torch.float32)
+    dhk0 = q.new_empty(N, H, K, M, **f32) if use_initial_state else q.new_empty(NONE, **f32)
+    dhv0 = q.new_empty(N, H, M, V, **f32) if use_initial_state else q.new_empty(NONE, **f32)
+    return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, s, g)),
+            dhk0, dhv0)
+
+
+def _chunk_setup_context(ctx, inputs, output):
+    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _ = inputs
+    _, scores, hk_chunks, hv_chunks, _, _ = output
+    ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens)
+    ctx.scale, ctx.chunk_size, ctx.use_initial_state = scale, chunk_size, hk0 is not None
+    ctx.mark_non_differentiable(scores, hk_chunks, hv_chunks)
+
+
+def _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, like):
+    """Both final-state gradients, or (None, None) when neither is given: a missing one is zeros."""
+    if _absent(dhk_final) and _absent(dhv_final):
+        return None, None
+    f32 = dict(dtype=torch.float32, device=like.device)
+    dhk = torch.zeros(N, H, K, M, **f32) if _absent(dhk_final) else dhk_final
+    dhv = torch.zeros(N, H, M, V, **f32) if _absent(dhv_final) else dhv_final
+    return dhk, dhv
+
+
+def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_final):
+    q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens = ctx.saved_tensors
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    do = torch.zeros_like(v) if do is None else do
+    dhk_final, dhv_final = _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, q)
+    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd_op(
+        q, k, v, s, g, do.to(q.dtype), dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens,
+        ctx.scale, ctx.chunk_size, ctx.use_initial_state)
+    if not ctx.use_initial_state:
+        dhk0 = dhv0 = None
+    return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None, None
+
+
+chunk_gsa_fwd_op.register_autograd(_chunk_backward, setup_context=_chunk_setup_context)
+
+
+def chunk_gsa_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state):
+    """chunk_gsa as custom ops: (o, hk_final or None, hv_final or None)."""
+    o, _, _, _, hk, hv = chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size,
+                                          output_final_state)
+    return o, (hk if output_final_state else None), (hv if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_recurrent_gsa
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("gsa_kernels::fused_recurrent_gsa_fwd", mutates_args=())
+def recurrent_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0: Tensor | None,
+                     hv0: Tensor | None, cu_seqlens: Tensor | None, scale: float,
+                     output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, scores, hk_final, hv_final); scores (float32) are the backward's."""
+    q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
+    B, _, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
+    hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
+    o, scores = recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N)
+    return o, scores, _or_empty(hk_final, q), _or_empty(hv_final, q)
+
+
+@recurrent_fwd_op.register_fake
+def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state):
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
+            q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
+            q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
+
+
+@torch.library.custom_op("gsa_kernels::fused_recurrent_gsa_bwd", mutates_args=())
+def recurrent_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scores: Tensor,
+                     hk0: Tensor | None, hv0: Tensor | None, hk_final: Tensor | None,
+                     hv_final: Tensor | None, do: Tensor, dhk_final: Tensor | None,
+                     dhv_final: Tensor | None, cu_seqlens: Tensor | None, scale: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, ds, dg, dhk0, dhv0); the final states are needed with final-state gradients."""
+    q, k, v, s, g, hk0, hv0, do, dhk_final, dhv_final = _contiguous(
+        q, k, v, s, g, hk0, hv0, do, dhk_final, dhv_final)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if dhk_final is not None:
+        dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
+    dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
+        q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
+        cu_seqlens, N)
+    return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
+
+
+@recurrent_bwd_op.register_fake
+def _(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final, cu_seqlens, scale):
+    f32 = dict(dtype=torch.float32)
+    dhk0 = q.new_empty(NONE, **f32) if hk0 is None else torch.empty_like(hk0, **f32)
+    dhv0 = q.new_empty(NONE, **f32) if hv0 is None else torch.empty_like(hv0, **f32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(s, memory_format=torch.contiguous_format),
+            torch.empty_like(g, memory_format=torch.contiguous_format), dhk0, dhv0)
+
+
+def _recurrent_setup_context(ctx, inputs, output):
+    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state = inputs
+    _, scores, hk_final, hv_final = output
+    ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0,
+                          hk_final if output_final_state else None,
+                          hv_final if output_final_state else None, cu_seqlens)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(scores)
+
+
+def _recurrent_backward(ctx, do, _dscores, dhk_final, dhv_final):
+    q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens = ctx.saved_tensors
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    do = torch.zeros_like(v) if do is None else do
+    if hk_final is None:
+        dhk_final = dhv_final = None
+    else:
+        dhk_final, dhv_final = _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, q)
+    dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd_op(
+        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do.to(q.dtype), dhk_final, dhv_final,
+        cu_seqlens, ctx.scale)
+    if hk0 is None:
+        dhk0 = dhv0 = None
+    return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None
+
+
+recurrent_fwd_op.register_autograd(_recurrent_backward, setup_context=_recurrent_setup_context)
+
+
+@torch.library.custom_op("gsa_kernels::decode_step", mutates_args=())
+def decode_step_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0: Tensor | None,
+                   hv0: Tensor | None, scale: float, store_state: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One token per sequence, no gradient: (o [B, 1, H, V], hk_new, hv_new), new float32 states
+    (empty when not stored)."""
+    q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
+    B, _, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    hk_new = torch.empty(B, H, K, M, **f32) if store_state else None
+    hv_new = torch.empty(B, H, M, V, **f32) if store_state else None
+    o = decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new)
+    return o, _or_empty(hk_new, q), _or_empty(hv_new, q)
+
+
+@decode_step_op.register_fake
+def _(q, k, v, s, g, hk0, hv0, scale, store_state):
+    B, _, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, 1, H, V),
+            q.new_empty(B, H, K, M, **f32) if store_state else q.new_empty(NONE, **f32),
+            q.new_empty(B, H, M, V, **f32) if store_state else q.new_empty(NONE, **f32))
+
+
+def fused_recurrent_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state, decode):
+    """fused_recurrent_gsa as custom ops: (o, hk_final or None, hv_final or None); `decode` (T = 1,
+    no gradient) takes the one-launch decode step."""
+    if decode:
+        o, hk, hv = decode_step_op(q, k, v, s, g, hk0, hv0, scale, output_final_state)
+    else:
+        o, _, hk, hv = recurrent_fwd_op(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state)
+    return o, (hk if output_final_state else None), (hv if output_final_state else None)
