@@ -12,7 +12,8 @@
 #               the decode config sweep)
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
 #               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile)
-#     report    python -m benchmarks.report (REPORT_ARGS), its outputs copied to $OUT
+#     report    python -m benchmarks.report --json-only into $OUT (REPORT_ARGS, REPORT_TIMEOUT seconds,
+#               REPORT_RESUME=1 to continue docs/benchmarks/report.json), then packs FLA's autotune results
 #   flash-linear-attention comes from the wheel in .whl/ and its autotune results from
 #   .fla_cache/fla_autotune.tgz when carried (see ../shared/GPU.md and benchmarks/fla_cache.py).
 set -uo pipefail
@@ -54,7 +55,13 @@ for step in ${steps//,/ }; do
       python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \
         | tee "$OUT/bench_compile.log" || status=1 ;;
     report)
-      python3 -m benchmarks.report ${REPORT_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1 ;;
+      # rows are saved as they come, so a call cut short keeps them; REPORT_RESUME=1 continues from the
+      # committed docs/benchmarks/report.json. Only the JSON comes back: draw with --plot-only here.
+      [ -n "${REPORT_RESUME:-}" ] && cp docs/benchmarks/report.json "$OUT/report.json"
+      timeout "${REPORT_TIMEOUT:-500}" python3 -m benchmarks.report --resume --json-only ${REPORT_ARGS:-} \
+        --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
+      python3 -c "from pathlib import Path; import os; from benchmarks.fla_cache import pack; \
+print('packed', pack(Path(os.environ['TRITON_CACHE_DIR']), Path(os.environ['OUT']) / 'fla_autotune.tgz'), 'autotune results')" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
