@@ -120,6 +120,11 @@ def dynamic_length(*tensors):
     return tensors
 
 
+def _recompile_reasons() -> str:
+    """Dynamo's guard failures so far (what made it compile again), for an assertion message."""
+    return "; ".join(str(r) for reasons in torch._dynamo.utils.guard_failures.values() for r in reasons)
+
+
 def _grads(fn, inputs):
     for x in inputs:
         x.grad = None
@@ -148,7 +153,7 @@ def test_op_compiles_without_recompiling_for_new_T(op_name):
         assert rel_err(out, ref) <= 1e-6
         for got, want in zip(grads, ref_grads):
             assert rel_err(got, want) <= 1e-6
-    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 lengths"
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 lengths: {_recompile_reasons()}"
     assert tuned.stats()["autotune_benchmarks"] == before
 
 
@@ -221,7 +226,7 @@ def test_model_training_step_compiles_fullgraph(dtype):
         assert rel_err(loss, ref) <= BOUND[dtype]
         for n, p in model.named_parameters():
             assert rel_err(p.grad, ref_grads[n]) <= BOUND[dtype] * 10, n
-    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 3 lengths"
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 3 lengths: {_recompile_reasons()}"
 
 
 def test_layer_prefill_and_decode_compile():
