@@ -8,6 +8,7 @@ still compiles the winners).
 
     python -m benchmarks.fla_cache warm --shapes a,b,c,d --jobs 4 --pack $OUT/fla_autotune.tgz
     python -m benchmarks.fla_cache restore .fla_cache/fla_autotune.tgz
+    python -m benchmarks.fla_cache pack $OUT/fla_autotune.tgz     # whatever the cache holds now
 
 Fairness: shapes are warmed in parallel processes to overlap FLA's compile time (single-threaded, the
 bulk of its cost), but every autotune *timing* holds a machine-wide file lock, so no two of FLA's
@@ -92,10 +93,14 @@ def main(argv=None):
     one.add_argument("--dtype", default="bf16")
     r = sub.add_parser("restore")
     r.add_argument("archive")
+    pk = sub.add_parser("pack")
+    pk.add_argument("archive")
     args = ap.parse_args(argv)
     cache = _cache_dir()
     if args.cmd == "one":
         warm_one(args.shape, args.dtype)
+    elif args.cmd == "pack":
+        print(f"packed {pack(cache, Path(args.archive))} autotune results")
     elif args.cmd == "restore":
         cache.mkdir(parents=True, exist_ok=True)
         with tarfile.open(args.archive) as tar:

@@ -60,8 +60,7 @@ for step in ${steps//,/ }; do
       [ -n "${REPORT_RESUME:-}" ] && cp docs/benchmarks/report.json "$OUT/report.json"
       timeout "${REPORT_TIMEOUT:-500}" python3 -m benchmarks.report --resume --json-only ${REPORT_ARGS:-} \
         --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
-      python3 -c "from pathlib import Path; import os; from benchmarks.fla_cache import pack; \
-print('packed', pack(Path(os.environ['TRITON_CACHE_DIR']), Path(os.environ['OUT']) / 'fla_autotune.tgz'), 'autotune results')" ;;
+      python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
@@ -69,12 +68,7 @@ if [ -n "$warm_pid" ]; then
   deadline=${DEADLINE:-560}
   while kill -0 "$warm_pid" 2>/dev/null && [ $((SECONDS - start)) -lt "$deadline" ]; do sleep 5; done
   kill -0 "$warm_pid" 2>/dev/null && echo "fla warm-up still running at the deadline; partial results packed"
-  python3 - <<'PY'
-from pathlib import Path
-from benchmarks.fla_cache import pack
-import os
-print("packed", pack(Path(os.environ["TRITON_CACHE_DIR"]), Path(os.environ["OUT"]) / "fla_autotune.tgz"), "autotune results")
-PY
+  python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz"
   tail -5 "$OUT/fla_warm.log"
 fi
 exit $status

@@ -29,6 +29,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def num_chunk_slots(B: int, T: int, BT: int, N: int, is_varlen: bool):
+    """Chunk slots of the saved states: B * ceil(T / BT); packed (varlen), the host-known bound
+    T // BT + N >= sum_n ceil(len_n / BT), so no sync sizes the grid. Also takes symbolic sizes."""
+    return T // BT + N if is_varlen else B * ((T + BT - 1) // BT)
+
+
+def final_state_grads(dhk, dhv, hk_shape, hv_shape, device):
+    """The final-state gradients as contiguous float32, a missing one (None, or the empty result of
+    a custom op) as zeros; (None, None) when neither is given."""
+    absent = lambda x: x is None or x.numel() == 0   # noqa: E731
+    if absent(dhk) and absent(dhv):
+        return None, None
+    f32 = dict(dtype=torch.float32, device=device)
+    dhk = torch.zeros(hk_shape, **f32) if absent(dhk) else dhk.float().contiguous()
+    dhv = torch.zeros(hv_shape, **f32) if absent(dhv) else dhv.float().contiguous()
+    return dhk, dhv
+
+
 class ChunkLayout:
     """Where every chunk lives: the chunk slots of the saved states, and for varlen the device tables
     (sequence offsets, first slot of each sequence, and (sequence, chunk) of every slot)."""
@@ -38,7 +56,7 @@ class ChunkLayout:
         self.is_varlen = cu_seqlens is not None
         if not self.is_varlen:
             self.N = B
-            self.num_slots = B * triton.cdiv(T, BT)
+            self.num_slots = num_chunk_slots(B, T, BT, B, False)
             self.cu = self.chunk_offsets = self.table = None
             return
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
@@ -47,8 +65,7 @@ class ChunkLayout:
         chunks = (lengths + BT - 1) // BT
         offsets = torch.zeros(self.N + 1, dtype=torch.int32, device=device)
         offsets[1:] = torch.cumsum(chunks, 0)
-        # sum_n ceil(len_n / BT) <= T // BT + N: a bound known on the host, so no sync to size the grid
-        self.num_slots = T // BT + self.N
+        self.num_slots = num_chunk_slots(B, T, BT, self.N, True)
         slot = torch.arange(self.num_slots, dtype=torch.int32, device=device)
         seq = torch.searchsorted(offsets[1:].contiguous(), slot, right=True).to(torch.int32)
         valid = slot < offsets[-1]
@@ -186,11 +203,9 @@ class ChunkGSAFunction(torch.autograd.Function):
     def backward(ctx, do, dhk_final, dhv_final):
         q, k, v, s, g, scores, hk_chunks, hv_chunks = ctx.saved_tensors
         do = torch.zeros_like(v, dtype=q.dtype) if do is None else do.contiguous()
-        if dhk_final is not None or dhv_final is not None:
-            dhk_final = torch.zeros_like(hk_chunks[:ctx.layout.N]) if dhk_final is None else dhk_final
-            dhv_final = torch.zeros_like(hv_chunks[:ctx.layout.N]) if dhv_final is None else dhv_final
-            dhk_final = dhk_final.float().contiguous()
-            dhv_final = dhv_final.float().contiguous()
+        N = ctx.layout.N
+        dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, *hk_chunks.shape[1:]),
+                                                 (N, *hv_chunks.shape[1:]), q.device)
         dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
             q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout,
             use_h0=ctx.initial_dtypes[0] is not None)
@@ -230,7 +245,7 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
 
     if torch.compiler.is_compiling():
         # inside torch.compile: the custom ops of gsa_kernels/ops.py. The chunk size comes from the
-        # static dims (compiled_chunk_size) and the kernels' configs are looked up when the graph
+        # static dims (ops.compiled_chunk_size) and the kernels' configs are looked up when the graph
         # runs, so a new T does not recompile; opt-in autotuning and the torch_compile backend are
         # eager-only (the graph runs what the tuned file and the user cache already hold)
         from gsa_kernels.ops import chunk_gsa_compiled
@@ -250,10 +265,3 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
     o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout)
     return o, (hk, hv)
-
-
-def compiled_chunk_size(K: int, V: int, M: int, dtype: torch.dtype) -> int:
-    """The chunk size of a call inside torch.compile: the tuned entry nearest to (K, V, M, dtype)
-    whatever the work size, since the graph must know the saved states' shapes (chunk slots) without
-    depending on T. Eager calls also weigh the work size (launch_config with tokens and seqs)."""
-    return launch_config("chunk", K=K, V=V, M=M, dtype=dtype)["BT"]

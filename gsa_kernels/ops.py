@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, compiled_chunk_size
+from gsa_kernels.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, final_state_grads, num_chunk_slots
+from gsa_kernels.configs import launch_config
 from gsa_kernels.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 
 Tensor = torch.Tensor
 NONE = (0,)     # the shape of an absent optional result
-
-
-def _absent(x: Tensor | None) -> bool:
-    return x is None or x.numel() == 0
 
 
 def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
@@ -44,6 +41,13 @@ def _contiguous(*xs):
 # chunk_gsa
 # ---------------------------------------------------------------------------------------------
 
+def compiled_chunk_size(K: int, V: int, M: int, dtype: torch.dtype) -> int:
+    """The chunk size of a call inside torch.compile: the tuned entry nearest to (K, V, M, dtype)
+    whatever the work size, since the graph must know the saved states' shapes (chunk slots) without
+    depending on T. Eager calls also weigh the work size (launch_config with tokens and seqs)."""
+    return launch_config("chunk", K=K, V=V, M=M, dtype=dtype)["BT"]
+
+
 def _chunk_size(q, v, s, chunk_size: int) -> int:
     """The call's chunk size: the given one, or (0) the tuned one for the static dims. Also run by the
     fake implementations at trace time, where int() pins symbolic head dims (they are the model's
@@ -51,13 +55,6 @@ def _chunk_size(q, v, s, chunk_size: int) -> int:
     if chunk_size:
         return chunk_size
     return compiled_chunk_size(int(q.shape[-1]), int(v.shape[-1]), int(s.shape[-1]), q.dtype)
-
-
-def _chunk_slots(q, v, s, cu_seqlens, chunk_size: int):
-    """Chunk slots of the saved states (ChunkLayout.num_slots), for the fake implementation."""
-    B, T = q.shape[:2]
-    BT = _chunk_size(q, v, s, chunk_size)
-    return B * ((T + BT - 1) // BT) if cu_seqlens is None else T // BT + (cu_seqlens.shape[0] - 1)
 
 
 def _chunk_layout(q, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
@@ -86,7 +83,7 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = _chunk_slots(q, v, s, cu_seqlens, chunk_size)
+    slots = num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N, cu_seqlens is not None)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
@@ -102,6 +99,8 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states."""
     q, k, v, s, g, do, dhk_final, dhv_final = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final)
+    if dhk_final is not None:   # the kernels read float32 states
+        dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
     H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
     if hk_chunks.numel() != layout.num_slots * H * K * M:
@@ -109,8 +108,6 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
                            f"chunk size {layout.BT} needs {layout.num_slots} x {H * K * M}: the tuned "
                            f"table changed between the forward and the backward")
     hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
-    if dhk_final is not None:
-        dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
         q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, layout,
         use_h0=use_initial_state)
@@ -140,25 +137,15 @@ def _chunk_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(scores, hk_chunks, hv_chunks)
 
 
-def _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, like):
-    """Both final-state gradients, or (None, None) when neither is given: a missing one is zeros."""
-    if _absent(dhk_final) and _absent(dhv_final):
-        return None, None
-    f32 = dict(dtype=torch.float32, device=like.device)
-    dhk = torch.zeros(N, H, K, M, **f32) if _absent(dhk_final) else dhk_final
-    dhv = torch.zeros(N, H, M, V, **f32) if _absent(dhv_final) else dhv_final
-    return dhk, dhv
-
-
 def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_final):
     q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens = ctx.saved_tensors
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     do = torch.zeros_like(v) if do is None else do
-    dhk_final, dhv_final = _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, q)
+    dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd_op(
-        q, k, v, s, g, do.to(q.dtype), dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens,
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens,
         ctx.scale, ctx.chunk_size, ctx.use_initial_state)
     if not ctx.use_initial_state:
         dhk0 = dhv0 = None
@@ -216,7 +203,7 @@ def recurrent_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scor
     q, k, v, s, g, hk0, hv0, do, dhk_final, dhv_final = _contiguous(
         q, k, v, s, g, hk0, hv0, do, dhk_final, dhv_final)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    if dhk_final is not None:
+    if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
         q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
@@ -252,12 +239,10 @@ def _recurrent_backward(ctx, do, _dscores, dhk_final, dhv_final):
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     do = torch.zeros_like(v) if do is None else do
-    if hk_final is None:
-        dhk_final = dhv_final = None
-    else:
-        dhk_final, dhv_final = _final_state_grads(dhk_final, dhv_final, N, H, K, M, V, q)
+    dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
+        dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
     dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd_op(
-        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do.to(q.dtype), dhk_final, dhv_final,
+        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
         cu_seqlens, ctx.scale)
     if hk0 is None:
         dhk0 = dhv0 = None

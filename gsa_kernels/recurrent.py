@@ -19,6 +19,7 @@ import torch
 import triton
 
 from gsa_kernels.checks import check_inputs
+from gsa_kernels.chunk import final_state_grads
 from gsa_kernels.configs import launch_config
 from gsa_kernels.kernels.decode import decode_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
@@ -150,11 +151,8 @@ class FusedRecurrentGSAFunction(torch.autograd.Function):
     def backward(ctx, do, dhk_final, dhv_final):
         q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens = ctx.saved_tensors
         do = torch.zeros_like(v, dtype=q.dtype) if do is None else do.contiguous()
-        if hk_final is None or (dhk_final is None and dhv_final is None):
-            dhk_final = dhv_final = None
-        else:
-            dhk_final = torch.zeros_like(hk_final) if dhk_final is None else dhk_final.float().contiguous()
-            dhv_final = torch.zeros_like(hv_final) if dhv_final is None else dhv_final.float().contiguous()
+        dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
+            dhk_final, dhv_final, hk_final.shape, hv_final.shape, q.device)
         dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
             q, k, v, s, g, ctx.scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
             cu_seqlens, ctx.N)
