@@ -79,7 +79,9 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     BK = min(128, _pow2(K), max(16, 8192 // BM))
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    if seqs is not None and triton.cdiv(max(K, V), SK) * seqs < 128:
+    # the state walks run one program per Hk tile and per Hv tile of each sequence-head: under two per
+    # SM (132 SMs on an H100), halve the tiles
+    if seqs is not None and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * 132:
         SK, SV = min(32, SK), min(32, SV)
     cfg = {
         "chunk": {"BT": 32},
