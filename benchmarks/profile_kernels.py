@@ -28,20 +28,30 @@ def main(argv=None):
     ap.add_argument("--shapes", default="a,b")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--chunk-sizes", default="0", help="0: the default chunk size")
+    ap.add_argument("--states", default="",
+                    help="state-walk configs to compare, TILE:WARPS:STAGES,... (both walks, BK = BV = TILE); "
+                         "empty: the default lookup")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
+    from gsa_kernels.configs import override
+    variants = [None] + [tuple(map(int, v.split(":"))) for v in args.states.split(",") if v]
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
         q, k, v, s, g = make_inputs(B, T, H, D, M, torch.bfloat16)
-        for BT in map(int, args.chunk_sizes.split(",")):
+        for BT, variant in [(BT, var) for BT in map(int, args.chunk_sizes.split(",")) for var in variants]:
             step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT or None)[0].backward(torch.ones_like(v))   # noqa: E731
-            step()
-            torch.cuda.synchronize()
-            with gpu_lock(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    step()
+            walk = {} if variant is None else {
+                kern: {"BK": variant[0], "BV": variant[0], "num_warps": variant[1], "num_stages": variant[2]}
+                for kern in ("states_fwd", "states_bwd")}
+            with override(walk):
+                step()
                 torch.cuda.synchronize()
-            print(f"== shape {name} {SHAPES[name]}, chunk {BT}: per-kernel CUDA time, total of 5 fwd+bwd steps")
+                with gpu_lock(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        step()
+                    torch.cuda.synchronize()
+            print(f"== shape {name} {SHAPES[name]}, chunk {BT}, state walks {variant or 'default'}: "
+                  "per-kernel CUDA time, per fwd+bwd step")
             rows = [(e.key, e.device_time_total / 5e3) for e in prof.key_averages() if e.device_time_total > 0]
             for key, ms in sorted(rows, key=lambda r: -r[1])[:9]:
                 print(f"  {ms:8.3f} ms  {key[:60]}")
