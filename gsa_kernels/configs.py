@@ -19,9 +19,9 @@ from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the swe
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64]},
-    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
     "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
@@ -79,14 +79,18 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     BK = min(128, _pow2(K), max(16, 8192 // BM))
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    # the state walks run one program per Hk tile and per Hv tile of each sequence-head: under two per
-    # SM (132 SMs on an H100), halve the tiles
-    if seqs is not None and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * 132:
-        SK, SV = min(32, SK), min(32, SV)
+    # the state walks are latency-bound chains of one small dot per chunk, one program per Hk tile
+    # and per Hv tile of each sequence-head (H100, perf-notes v7): the forward walk gains from a deeper
+    # prefetch (4 stages: a 0.42 -> 0.33 ms) and loses with smaller tiles; the backward walk, with
+    # under two programs per SM (132 SMs), gains from halved tiles and 3 stages (c 0.46 -> 0.41 ms)
+    # (each stage holds a [BT, BM] G and s and a [BT, 64] k or v tile: up to 48 KB in float32)
+    walk_stages = 4 if BT * BM <= 2048 else 3 if BT * BM <= 4096 else 2
+    few = seqs is not None and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * 132
+    DK, DV, bwd_stages = (min(32, SK), min(32, SV), min(3, walk_stages)) if few else (SK, SV, 2)
     cfg = {
         "chunk": {"BT": 32},
-        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
-        "states_bwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
+        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": walk_stages},
+        "states_bwd": {"BK": DK, "BV": DV, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
