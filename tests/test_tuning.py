@@ -374,7 +374,7 @@ def _expect_one_warning_and_defaults(match):
     assert match in str(ours[0].message), str(ours[0].message)
     assert {info["source"] for info in last_launches().values()} == {"default"}
     for kernel, info in last_launches().items():
-        assert info["config"] == configs.default_config(kernel, 16, 16, 16)
+        assert info["config"] == configs.default_config(kernel, 16, 16, 16, seqs=1)
 
 
 @pytest.mark.parametrize("change,match", [
