@@ -6,8 +6,7 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       dG_loc per chunk) -> states_bwd (dhk, dhv at every chunk end, and the
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
-Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the chunk states (float32
-for float32 inputs, bfloat16 for half inputs: see chunk_state_dtype).
+Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 """
 from __future__ import annotations
@@ -28,16 +27,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get IEEE float32 dots (the contract is 1e-5); half inputs get tf32 for the dots
     whose operands are float32 intermediates (states, probabilities), which bf16 would round."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def chunk_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage of the per-chunk states hk, hv, dhk, dhv between kernels (the walks accumulate in
-    float32, and the final states are float32 always). At chunk 32 and K = V = 512 these are 8x the
-    bytes of the inputs: in float32 their write and read were half the forward's time. Half inputs store
-    them in bfloat16 (float16 could overflow; the range is float32's): its rounding adds ~1e-4 relative
-    error to o, under the ~2e-3 of rounding o itself to a half type (docs/perf-notes.md, v7). float32
-    inputs keep float32 states for their 1e-5 contract."""
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 def num_chunk_slots(B: int, T: int, BT: int, N: int, is_varlen: bool):
@@ -119,9 +108,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
-    states = dict(dtype=chunk_state_dtype(q.dtype), device=q.device)
-    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
-    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, **f32)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, **f32)
     if layout.is_varlen:
         # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
         # every output of the op is defined (the custom op returns these states)

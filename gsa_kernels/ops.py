@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, chunk_state_dtype, final_state_grads,
-                                num_chunk_slots)
+from gsa_kernels.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, final_state_grads, num_chunk_slots
 from gsa_kernels.configs import launch_config
 from gsa_kernels.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 
@@ -85,9 +84,9 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     slots = num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N, cu_seqlens is not None)
-    f32, states = dict(dtype=torch.float32), dict(dtype=chunk_state_dtype(q.dtype))
+    f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
-            q.new_empty(slots * H * K * M, **states), q.new_empty(slots * H * M * V, **states),
+            q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
             q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
             q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
 

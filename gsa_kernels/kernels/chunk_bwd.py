@@ -60,7 +60,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
             doc = tl.load(do + voff, mask=vmask, other=0.0)
             vc = tl.load(v + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
-                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
+                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
         dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
@@ -104,8 +104,8 @@ def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_
             st_off = (slot * H + h) * K * M + kk[:, None] * M + m[None, :]
             qc = tl.load(q + koff, mask=kmask, other=0.0)
             kc = tl.load(k + koff, mask=kmask, other=0.0)
-            hk = tl.load(hk_chunks + st_off, mask=st_mask, other=0.0).to(tl.float32)
-            dhk = tl.load(dhk_chunks + st_off, mask=st_mask, other=0.0).to(tl.float32)
+            hk = tl.load(hk_chunks + st_off, mask=st_mask, other=0.0)
+            dhk = tl.load(dhk_chunks + st_off, mask=st_mask, other=0.0)
             dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
                 + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
             dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
@@ -157,8 +157,8 @@ def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_lo
             st_off = (slot * H + h) * M * V + m[:, None] * V + vv[None, :]
             vc = tl.load(v + voff, mask=vmask, other=0.0)
             doc = tl.load(do + voff, mask=vmask, other=0.0)
-            hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0).to(tl.float32)
-            dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0).to(tl.float32)
+            hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
+            dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
             dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
                 + tl.dot(sc * tl.exp(Gend[None, :] - G), dhv, input_precision=PREC)
             tl.store(dv + voff, dvc.to(dv.dtype.element_ty), mask=vmask)

@@ -46,7 +46,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
             qc = tl.load(q + koff, mask=kmask, other=0.0)
             kc = tl.load(k + koff, mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
-                         mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
+                         mask=(kk < K)[:, None] & slot_mask, other=0.0)
             qh += tl.dot(qc.to(tl.float32), hk, input_precision=PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
@@ -68,6 +68,6 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
             voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
             vc = tl.load(v + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
-                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
+                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             oc = tl.dot(pe, hv, input_precision=PREC) + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
             tl.store(o + voff, oc.to(o.dtype.element_ty), mask=vmask)

@@ -72,7 +72,7 @@ def _walk_keys_fwd(k, s, G_all, hk0, hk_chunks, hk_final, cu_seqlens, chunk_offs
     for c in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
         slot = chunk0 + c
-        tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk.to(hk_chunks.dtype.element_ty), mask=hk_mask)
+        tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
         nvalid = eos - t0
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
@@ -102,7 +102,7 @@ def _walk_values_fwd(v, s, G_all, hv0, hv_chunks, hv_final, cu_seqlens, chunk_of
     for c in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
         slot = chunk0 + c
-        tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv.to(hv_chunks.dtype.element_ty), mask=hv_mask)
+        tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
         nvalid = eos - t0
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
@@ -152,7 +152,7 @@ def _walk_keys_bwd(q, dz, G_all, dhk_final, dhk_chunks, dhk0, cu_seqlens, chunk_
         c = num_chunks - 1 - i
         t0 = bos + c * BT
         slot = chunk0 + c
-        tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk.to(dhk_chunks.dtype.element_ty), mask=hk_mask)
+        tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
         nvalid = eos - t0
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
@@ -182,7 +182,7 @@ def _walk_values_bwd(do, p_all, G_all, dhv_final, dhv_chunks, dhv0, cu_seqlens, 
         c = num_chunks - 1 - i
         t0 = bos + c * BT
         slot = chunk0 + c
-        tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv.to(dhv_chunks.dtype.element_ty), mask=hv_mask)
+        tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
         nvalid = eos - t0
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
