@@ -32,9 +32,11 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
                                       cu_seqlens=cu_dev, **kw)
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
                                          cu_seqlens=cu_seqlens, **kw)
-    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
-    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64)
-    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64)
+    # the upstream gradients as the op receives them: do in o's dtype (a bf16 output gets a bf16
+    # gradient), dhk / dhv in float32; the reference gets the same rounded values, as for the inputs
+    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(q.dtype).double()
+    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64).float().double()
+    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64).float().double()
     (ro * do).sum().add((rhk * dhk).sum()).add((rhv * dhv).sum()).backward()
     dev = lambda x, like: x.to(device=DEVICE, dtype=like.dtype)   # noqa: E731
     torch.autograd.backward([o, hk, hv], [dev(do, o), dev(dhk, hk), dev(dhv, hv)])
