@@ -80,16 +80,15 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
     # the state walks are latency-bound chains of one small dot per chunk, one program per Hk tile
-    # and per Hv tile of each sequence-head (H100, perf-notes v7): the forward walk gains from a deeper
-    # prefetch (4 stages: a 0.42 -> 0.33 ms) and loses with smaller tiles; the backward walk, with
-    # under two programs per SM (132 SMs), gains from halved tiles and 3 stages (c 0.46 -> 0.41 ms)
-    # (each stage holds a [BT, BM] G and s and a [BT, 64] k or v tile: up to 48 KB in float32)
-    walk_stages = 4 if BT * BM <= 2048 else 3 if BT * BM <= 4096 else 2
+    # and per Hv tile of each sequence-head (H100, perf-notes v7): the forward walk loses with smaller
+    # tiles and gains nothing from deeper prefetch; the backward walk, with under two programs per SM
+    # (132 SMs), gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms)
     few = seqs is not None and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * 132
-    DK, DV, bwd_stages = (min(32, SK), min(32, SV), min(3, walk_stages)) if few else (SK, SV, 2)
+    # (3 stages hold a [BT, BM] G and s and a [BT, 32] q or do tile each: up to 64 KB in float32)
+    DK, DV, bwd_stages = (min(32, SK), min(32, SV), 3 if BT * BM <= 4096 else 2) if few else (SK, SV, 2)
     cfg = {
         "chunk": {"BT": 32},
-        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": walk_stages},
+        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
         "states_bwd": {"BK": DK, "BV": DV, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
