@@ -82,8 +82,7 @@ class ChunkLayout:
 
 
 def _grid_states(K, V, cfg, N, H):
-    """The state walks: one program per Hk row tile plus one per Hv column tile, per sequence-head."""
-    return (triton.cdiv(K, cfg["BK"]) + triton.cdiv(V, cfg["BV"]), N * H)
+    return (max(triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])), N * H)
 
 
 def _warps(cfg):

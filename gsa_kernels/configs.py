@@ -19,9 +19,9 @@ from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the swe
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64]},
-    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
+    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
+    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
@@ -79,17 +79,12 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     BK = min(128, _pow2(K), max(16, 8192 // BM))
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    # the state walks are latency-bound chains of one small dot per chunk, one program per Hk tile
-    # and per Hv tile of each sequence-head (H100, perf-notes v7): the forward walk loses with smaller
-    # tiles and gains nothing from deeper prefetch; the backward walk, with under two programs per SM
-    # (132 SMs), gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms)
-    few = seqs is not None and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * 132
-    # (3 stages hold a [BT, BM] G and s and a [BT, 32] q or do tile each: up to 64 KB in float32)
-    DK, DV, bwd_stages = (min(32, SK), min(32, SV), 3 if BT * BM <= 4096 else 2) if few else (SK, SV, 2)
+    if seqs is not None and triton.cdiv(max(K, V), SK) * seqs < 128:
+        SK, SV = min(32, SK), min(32, SV)
     cfg = {
         "chunk": {"BT": 32},
         "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
-        "states_bwd": {"BK": DK, "BV": DV, "num_warps": 4, "num_stages": bwd_stages},
+        "states_bwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
