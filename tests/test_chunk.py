@@ -60,6 +60,25 @@ def rel_err(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-1)).item()
 
 
+def backward_both(ours_out, ref_out, ours_in, ref_in, gen):
+    """Backward of our (o, hk, hv) and of the float64 reference's with the same random upstream
+    gradients, rounded as the op receives them: do in o's dtype (a bf16 output gets a bf16 gradient),
+    dhk / dhv in float32; the reference gets the same rounded values, as for the inputs.
+    Returns (ours, ref) dicts of the outputs and the input gradients, and (do, dhk, dhv)."""
+    (o, hk, hv), (ro, rhk, rhv) = ours_out, ref_out
+    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(o.dtype).double()
+    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64).float().double()
+    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64).float().double()
+    (ro * do).sum().add((rhk * dhk).sum()).add((rhv * dhv).sum()).backward()
+    dev = lambda x, like: x.to(device=DEVICE, dtype=like.dtype)   # noqa: E731
+    torch.autograd.backward([o, hk, hv], [dev(do, o), dev(dhk, hk), dev(dhv, hv)])
+    ours = {"o": o, "hk": hk, "hv": hv}
+    ref = {"o": ro, "hk": rhk, "hv": rhv}
+    for name, a, b in zip(GRAD_NAMES, ours_in, ref_in):
+        ours[name], ref[name] = a.grad, b.grad
+    return ours, ref, (do, dhk, dhv)
+
+
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
     """Forward + backward of chunk_gsa on DEVICE and of the float64 naive recurrence on the same
     (already rounded) inputs, with the same random upstream gradients. Returns (ours, ref) dicts;
@@ -78,18 +97,7 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=No
                             cu_seqlens=cu_dev, **kw, **extra)
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
                                          cu_seqlens=cu_seqlens, **kw)
-    # the upstream gradients as the op receives them: do in o's dtype (a bf16 output gets a bf16
-    # gradient), dhk / dhv in float32; the reference gets the same rounded values, as for the inputs
-    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(q.dtype).double()
-    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64).float().double()
-    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64).float().double()
-    (ro * do).sum().add((rhk * dhk).sum()).add((rhv * dhv).sum()).backward()
-    dev = lambda x, like: x.to(device=DEVICE, dtype=like.dtype)   # noqa: E731
-    torch.autograd.backward([o, hk, hv], [dev(do, o), dev(dhk, hk), dev(dhv, hv)])
-    ours = {"o": o, "hk": hk, "hv": hv}
-    ref = {"o": ro, "hk": rhk, "hv": rhv}
-    for name, a, b in zip(GRAD_NAMES, ours_in, ref_in):
-        ours[name], ref[name] = a.grad, b.grad
+    ours, ref, (do, dhk, dhv) = backward_both((o, hk, hv), (ro, rhk, rhv), ours_in, ref_in, gen)
     if q.dtype == torch.float32:
         def fp32_baseline():
             base_in = [x.detach().clone().requires_grad_() for x in ins]

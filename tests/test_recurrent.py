@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE, ON_GPU
 from gsa_kernels import fused_recurrent_gsa, last_configs
 from reference import naive_recurrent_gsa
-from test_chunk import DTYPES, GRAD_NAMES, assert_close, make_inputs, rel_err
+from test_chunk import DTYPES, GRAD_NAMES, assert_close, backward_both, make_inputs, rel_err
 
 
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
@@ -32,18 +32,7 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
                                       cu_seqlens=cu_dev, **kw)
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
                                          cu_seqlens=cu_seqlens, **kw)
-    # the upstream gradients as the op receives them: do in o's dtype (a bf16 output gets a bf16
-    # gradient), dhk / dhv in float32; the reference gets the same rounded values, as for the inputs
-    do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(q.dtype).double()
-    dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64).float().double()
-    dhv = torch.randn(rhv.shape, generator=gen, dtype=torch.float64).float().double()
-    (ro * do).sum().add((rhk * dhk).sum()).add((rhv * dhv).sum()).backward()
-    dev = lambda x, like: x.to(device=DEVICE, dtype=like.dtype)   # noqa: E731
-    torch.autograd.backward([o, hk, hv], [dev(do, o), dev(dhk, hk), dev(dhv, hv)])
-    ours = {"o": o, "hk": hk, "hv": hv}
-    ref = {"o": ro, "hk": rhk, "hv": rhv}
-    for name, a, b in zip(GRAD_NAMES, ours_in, ref_in):
-        ours[name], ref[name] = a.grad, b.grad
+    ours, ref, _ = backward_both((o, hk, hv), (ro, rhk, rhv), ours_in, ref_in, gen)
     return ours, ref
 
 
