@@ -82,7 +82,10 @@ class ChunkLayout:
 
 
 def _grid_states(K, V, cfg, N, H):
-    return (max(triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])), N * H)
+    """The state walks: per sequence-head, one program per (Hk tile, Hv tile) pair, or with SPLIT one
+    per Hk tile plus one per Hv tile (kernels/states.py)."""
+    nk, nv = triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])
+    return (nk + nv if cfg["SPLIT"] else max(nk, nv), N * H)
 
 
 def _warps(cfg):
@@ -124,7 +127,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
         cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
+        SPLIT=cfg["SPLIT"], USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
@@ -168,7 +171,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
         q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
         dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
-        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"], SPLIT=cfg["SPLIT"],
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

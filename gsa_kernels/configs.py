@@ -19,9 +19,11 @@ from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the swe
 # kernel -> parameter -> candidate values (the sweep's search space)
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64]},
-    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    # the state walks: SPLIT 0 pairs an Hk and an Hv tile per program, 1 gives each its own program;
+    # 2 warps and 1 stage (no prefetch) were never close on the H100 (perf-notes v6)
+    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
+    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
@@ -70,7 +72,8 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
     SM hide each other's loads better than one large one. Register tiles scale down as the slot
     dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks are one
-    program per (sequence-head, tile): with few sequence-heads (seqs = N*H), smaller tiles fill the GPU.
+    programs per sequence-head (kernels/states.py): with few sequence-heads (seqs = N*H) a program per
+    tile of each memory (SPLIT) fills the GPU, with many a program per pair of tiles shares the loads.
     """
     if kernel.startswith("recurrent_") or kernel == "decode":
         return _recurrent_default(kernel, K, V, M)
@@ -79,12 +82,18 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
     BK = min(128, _pow2(K), max(16, 8192 // BM))
     BV = min(128, _pow2(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    if seqs is not None and triton.cdiv(max(K, V), SK) * seqs < 128:
-        SK, SV = min(32, SK), min(32, SV)
+    # The walks are latency-bound chains of one small dot per chunk (H100, perf-notes v6/v7). Paired
+    # programs under one per SM: split them (c forward walk 0.64 -> 0.49 ms). Split programs under two
+    # per SM: the backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages
+    # hold [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
+    split = int(seqs is not None and max(triton.cdiv(K, SK), triton.cdiv(V, SV)) * seqs < _num_sms())
+    DK, DV, bwd_stages = SK, SV, 2
+    if split and (triton.cdiv(K, SK) + triton.cdiv(V, SV)) * seqs < 2 * _num_sms():
+        DK, DV, bwd_stages = min(32, SK), min(32, SV), 3 if BT * BM <= 4096 else 2
     cfg = {
         "chunk": {"BT": 32},
-        "states_fwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
-        "states_bwd": {"BK": SK, "BV": SV, "num_warps": 4, "num_stages": 2},
+        "states_fwd": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": 2},
+        "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},

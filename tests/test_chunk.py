@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import DEVICE, ON_GPU
 from gsa_kernels import chunk_gsa, last_configs
+from gsa_kernels.configs import override
 from reference import chunk_gsa_torch, naive_recurrent_gsa
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -218,6 +219,26 @@ def test_no_nan_on_long_steep_sequences():
     (o.sum() + hk.sum() + hv.sum()).backward()
     for x in [o, hk, hv] + [x.grad for x in ins]:
         assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("split", [0, 1], ids=["paired", "split"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_state_walk_ownership(split, varlen):
+    """Both ways of owning the state tiles (SPLIT of states_fwd / states_bwd), whichever the defaults
+    pick for a shape. K = 20 and V = 40 with 32-tiles: one Hk tile and two Hv tiles, so a paired
+    program past K walks only its Hv tile, and the split grid has three programs per sequence-head."""
+    walk = {"BK": 32, "BV": 32, "SPLIT": split, "num_warps": 4, "num_stages": 2}
+    lengths = [5, 40, 1] if varlen else None
+    B, T = (1, 46) if varlen else (2, 37)
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, 2, 20, 40, 24, torch.float32, "mixed", seed=7 + split)
+    if varlen:
+        hk0, hv0 = hk0.expand(3, -1, -1, -1).contiguous(), hv0.expand(3, -1, -1, -1).contiguous()
+    cu = None if lengths is None else torch.tensor([0, 5, 45, 46])
+    with override({"states_fwd": walk, "states_bwd": walk}):
+        ours, ref = run_both(q, k, v, s, g, hk0, hv0, cu_seqlens=cu, chunk_size=16)
+        assert last_configs()["states_fwd"]["SPLIT"] == split
+        assert last_configs()["states_bwd"]["SPLIT"] == split
+    assert_close(ours, ref, torch.float32, f"SPLIT={split}")
 
 
 def test_config_of_each_launch_is_exposed():
