@@ -276,8 +276,13 @@ def _require(cond, msg):
         raise FileProblem(f"malformed: {msg}")
 
 
+def _int(x) -> bool:
+    """An int that is not a bool (True == 1 would pass a membership test of [0, 1])."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return _int(x) and x > 0
 
 
 def parse_entry(raw, index: int) -> Entry:
@@ -299,7 +304,7 @@ def parse_entry(raw, index: int) -> Entry:
         _require(isinstance(cfg, dict) and set(cfg) == set(CANDIDATES[kernel]),
                  f"{where}.configs.{kernel} must set {sorted(CANDIDATES[kernel])}")
         for param, value in cfg.items():
-            _require(value in CANDIDATES[kernel][param] and _positive_int(value),
+            _require(_int(value) and value in CANDIDATES[kernel][param],
                      f"{where}.configs.{kernel}.{param} = {value!r} is not a candidate "
                      f"{CANDIDATES[kernel][param]}")
     k = problem_key(K=key["K"], V=key["V"], M=key["M"], dtype=key["dtype"],

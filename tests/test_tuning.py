@@ -81,11 +81,12 @@ def non_default_configs(K, V, M, BT=32):
 
 
 def small_space(varied: dict[str, str]):
-    """CANDIDATES cut to each kernel's default values (K = V = M = 16), plus the first two values of
-    the parameter named for a kernel in `varied`: a search the interpreter finishes in seconds."""
+    """CANDIDATES cut to each kernel's default values (K = V = M = 16, one sequence-head: SMALL),
+    plus the first two values of the parameter named for a kernel in `varied`: a search the
+    interpreter finishes in seconds."""
     small = {"chunk": {"BT": [32]}}
     for kernel in KERNELS:
-        default = configs.default_config(kernel, 16, 16, 16)
+        default = configs.default_config(kernel, 16, 16, 16, seqs=1)
         small[kernel] = {p: [default[p]] for p in configs.CANDIDATES[kernel]}
         if kernel in varied:
             p = varied[kernel]
@@ -263,7 +264,7 @@ def test_nearest_entry_that_does_not_fit_is_skipped(monkeypatch, tmp_path):
     use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(), "entries": [entry(key, big)]}))
     cfg = configs.launch_config(probe, K=16, V=16, M=256, dtype=torch.float32, tokens=32, seqs=1)
     assert last_launches()[probe]["source"] == "default"
-    assert cfg == configs.default_config(probe, 16, 16, 256)
+    assert cfg == configs.default_config(probe, 16, 16, 256, seqs=1)
     # the same file serves a problem where the entry fits (same dims, another work size)
     configs.launch_config(probe, K=16, V=16, M=16, dtype=torch.float32, tokens=64, seqs=1)
     assert last_launches()[probe]["source"] == "nearest"
@@ -324,7 +325,7 @@ def test_env_override_and_missing_files(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1) \
-            == configs.default_config(kernel, 16, 16, 16)
+            == configs.default_config(kernel, 16, 16, 16, seqs=1)
     # a path that does not exist: the user asked for it, so one warning
     use_file(monkeypatch, tmp_path / "nope.yaml")
     with pytest.warns(RuntimeWarning, match="does not exist"):

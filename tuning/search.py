@@ -220,7 +220,8 @@ class ShapeSearch:
         return out
 
     def default_start(self, kernel: str, BT) -> dict:
-        d = configs.default_config(kernel, self.shape.K, self.shape.V, self.shape.M)
+        sh = self.shape
+        d = configs.default_config(kernel, sh.K, sh.V, sh.M, BT, seqs=sh.B * sh.H)
         if "BC" in d and BT is not None:
             d["BC"] = min(d["BC"], BT)
         return d
