@@ -633,3 +633,19 @@ def test_failed_opt_in_autotuning_warns_once_and_is_not_retried(monkeypatch):
     assert len(calls) == 1 and tuned.stats()["autotune_runs"] == 1
     assert {info["source"] for info in last_launches().values()} == {"default"}
     assert not tuned.user_cache_path().exists()
+
+
+def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
+    """tuned_configs/sm90.yaml, as committed: a complete GPU sweep (not a dry run) made for these
+    kernels, candidate lists and Triton version (a kernel edit makes it stale: re-run the sweep), with
+    an exact entry for every benchmark shape and common head dim in bf16 and fp16."""
+    from gsa_kernels._paths import tuned_configs_dir
+    doc = yaml.safe_load((tuned_configs_dir() / "sm90.yaml").read_text())
+    meta, entries = tuned.validate(doc, arch="sm90")      # raises FileProblem if stale or malformed
+    assert meta["complete"] and not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H100")
+    have = {e.key for e in entries}
+    for shape in shapes.parse_shapes("bench,common"):
+        for dtype in ("bfloat16", "float16"):
+            key = tuned.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
+                                    tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
+            assert key in have, (shape, dtype)
