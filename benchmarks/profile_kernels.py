@@ -30,12 +30,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--chunk-sizes", default="0", help="0: the default chunk size")
     ap.add_argument("--states", default="",
-                    help="state-walk configs to compare, TILE:WARPS:STAGES,... (both walks, BK = BV = TILE); "
-                         "empty: the default lookup")
+                    help="state-walk configs to compare, TILE:WARPS:STAGES[:SPLIT],... (both walks, BK = BV = "
+                         "TILE; SPLIT 0 paired, 1 one program per tile, default 0); empty: the default lookup")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
     from gsa_kernels.configs import override
-    variants = [None] + [tuple(map(int, v.split(":"))) for v in args.states.split(",") if v]
+    variants = [None] + [(tuple(map(int, v.split(":"))) + (0,))[:4] for v in args.states.split(",") if v]
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
         q, k, v, s, g = make_inputs(B, T, H, D, M, torch.bfloat16)
@@ -43,7 +43,8 @@ def main(argv=None):
             step = lambda: chunk_gsa(q, k, v, s, g, chunk_size=BT or None)[0].backward(torch.ones_like(v))   # noqa: E731
             # an empty override still pins chunk_gsa to the Triton kernels (no backend dispatch)
             walk = {} if variant is None else {
-                kern: {"BK": variant[0], "BV": variant[0], "num_warps": variant[1], "num_stages": variant[2]}
+                kern: {"BK": variant[0], "BV": variant[0], "SPLIT": variant[3], "num_warps": variant[1],
+                       "num_stages": variant[2]}
                 for kern in ("states_fwd", "states_bwd")}
             with override(walk):
                 step()
