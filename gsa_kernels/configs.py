@@ -71,7 +71,7 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
 
     Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
     SM hide each other's loads better than one large one. Register tiles scale down as the slot
-    dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks are one
+    dim grows (a [BK, BM] float32 state tile must stay near 8K elements). The state walks run several
     programs per sequence-head (kernels/states.py): with few sequence-heads (seqs = N*H) a program per
     tile of each memory (SPLIT) fills the GPU, with many a program per pair of tiles shares the loads.
     """

@@ -228,12 +228,11 @@ def test_state_walk_ownership(split, varlen):
     pick for a shape. K = 20 and V = 40 with 32-tiles: one Hk tile and two Hv tiles, so a paired
     program past K walks only its Hv tile, and the split grid has three programs per sequence-head."""
     walk = {"BK": 32, "BV": 32, "SPLIT": split, "num_warps": 4, "num_stages": 2}
-    lengths = [5, 40, 1] if varlen else None
     B, T = (1, 46) if varlen else (2, 37)
     q, k, v, s, g, hk0, hv0 = make_inputs(B, T, 2, 20, 40, 24, torch.float32, "mixed", seed=7 + split)
+    cu = torch.tensor([0, 5, 45, 46]) if varlen else None        # lengths 5, 40, 1
     if varlen:
         hk0, hv0 = hk0.expand(3, -1, -1, -1).contiguous(), hv0.expand(3, -1, -1, -1).contiguous()
-    cu = None if lengths is None else torch.tensor([0, 5, 45, 46])
     with override({"states_fwd": walk, "states_bwd": walk}):
         ours, ref = run_both(q, k, v, s, g, hk0, hv0, cu_seqlens=cu, chunk_size=16)
         assert last_configs()["states_fwd"]["SPLIT"] == split

@@ -275,8 +275,9 @@ def test_default_configs_always_fit_and_survive_pruning():
     for shape in grid:
         for dtype in ("bfloat16", "float16", "float32"):
             for kernel in KERNELS:
-                d = configs.default_config(kernel, shape.K, shape.V, shape.M)
                 BT = configs.default_config("chunk", shape.K, shape.V, shape.M)["BT"]
+                # as the sweep starts from them: at the shape's chunk size and sequence-heads
+                d = configs.default_config(kernel, shape.K, shape.V, shape.M, BT, seqs=shape.B * shape.H)
                 assert tuned.fits(d, K=shape.K, V=shape.V, M=shape.M, BT=BT, dtype=dtype, arch="sm90"), \
                     (shape, dtype, kernel, d)
                 kept, _ = search.prune(kernel, search.enumerate_space(kernel), shape=shape, dtype=dtype,
