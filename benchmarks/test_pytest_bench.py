@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks/test_pytest_bench.py --benchmark-only [-k "a and fwd"]
 
-GPU only (skipped without CUDA), outside the test suite's testpaths: timings are measured here, never
+The op entries need a GPU (skipped without CUDA); the config-lookup entry runs anywhere. Outside the test suite's testpaths: timings are measured here, never
 asserted. Each op is synchronized inside the timed call so that pytest-benchmark's wall clock sees the
 GPU time; bench_chunk.py (CUDA-event medians of do_bench) stays the reference table.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_chunk import SHAPES, make_inputs, sdpa_inputs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _ops():
@@ -26,6 +26,7 @@ def _ops():
     return ops
 
 
+@needs_cuda
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("provider", ["gsa_kernels", "fla", "sdpa_cudnn"])
@@ -57,3 +58,18 @@ def test_chunk_gsa_speed(benchmark, provider, shape, mode):
     step()                                   # compile (and, for fla, autotune) outside the timing
     benchmark.extra_info.update(shape=list(SHAPES[shape]), mode=mode, dtype="bf16")
     benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+
+
+def test_config_lookup_host_cost(benchmark):
+    """CPU time of the seven config lookups of one chunk_gsa forward + backward on an untuned shape
+    (the default path, taken on every launch). Runs without a GPU. Session 6, a plain loop on the
+    dev machine's CPU: 270 us before default_config was memoized and moved off Triton's constexpr
+    helpers, 55 us after (this entry's median: 30 us)."""
+    from gsa_kernels.configs import CANDIDATES, launch_config
+    sizes = dict(K=200, V=200, M=48, dtype=torch.bfloat16, tokens=8 * 1000 * 4, seqs=32)
+
+    def lookups():
+        for kernel in CANDIDATES:
+            launch_config(kernel, **sizes)
+
+    benchmark(lookups)
