@@ -2,8 +2,8 @@
 
     python -m pytest benchmarks/test_pytest_bench.py --benchmark-only [-k "a and fwd"]
 
-The op entries need a GPU (skipped without CUDA); the config-lookup entry runs anywhere. Outside the test suite's testpaths: timings are measured here, never
-asserted. Each op is synchronized inside the timed call so that pytest-benchmark's wall clock sees the
+The op entries need a GPU (skipped without CUDA); the config-lookup entry runs anywhere. Outside the
+test suite's testpaths: timings are measured here, never asserted. Each op is synchronized inside the timed call so that pytest-benchmark's wall clock sees the
 GPU time; bench_chunk.py (CUDA-event medians of do_bench) stays the reference table.
 """
 import pytest

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import threading
 
-
 from gsa_kernels import tuned
+from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
 from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the sweep's handle)
 
 # kernel -> parameter -> candidate values (the sweep's search space)
@@ -51,20 +51,6 @@ _lock = threading.Lock()
 _last_used: dict[str, dict] = {}
 
 
-# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton
-# 3.6, ~5 us a call from Python; the lookups run on every launch, so plain integer math here.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(x: int) -> int:
-    return 0 if x <= 0 else 1 << (int(x) - 1).bit_length()
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, _next_pow2(x))
-
-
 # Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
 # this many float32 elements (16 per thread at 4 warps would be 2048; 4096 keeps loads wide).
 _RECURRENT_TILE = 4096
@@ -72,7 +58,7 @@ _RECURRENT_TILE = 4096
 
 def _tile(whole: int, dim: int, lo: int = 2, hi: int = 64) -> int:
     """A power-of-two tile of `dim` such that tile * whole stays near _RECURRENT_TILE."""
-    return max(lo, min(hi, _next_pow2(dim), _RECURRENT_TILE // whole))
+    return max(lo, min(hi, next_pow2(dim), _RECURRENT_TILE // whole))
 
 
 def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None) -> dict:
@@ -93,18 +79,18 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     """
     if kernel.startswith("recurrent_") or kernel == "decode":
         return _recurrent_default(kernel, K, V, M)
-    BM = _pow2(M)
+    BM = pow2_at_least(M)
     BT = BT or 32
-    BK = min(128, _pow2(K), max(16, 8192 // BM))
-    BV = min(128, _pow2(V), max(16, 8192 // BM))
+    BK = min(128, pow2_at_least(K), max(16, 8192 // BM))
+    BV = min(128, pow2_at_least(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
     # The walks are latency-bound chains of one small dot per chunk (H100, perf-notes v6/v7). Paired
     # programs under one per SM: split them (c forward walk 0.64 -> 0.49 ms). Split programs under two
     # per SM: the backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages
     # hold [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
-    split = int(seqs is not None and max(_cdiv(K, SK), _cdiv(V, SV)) * seqs < _num_sms())
+    split = int(seqs is not None and max(cdiv(K, SK), cdiv(V, SV)) * seqs < _num_sms())
     DK, DV, bwd_stages = SK, SV, 2
-    if split and (_cdiv(K, SK) + _cdiv(V, SV)) * seqs < 2 * _num_sms():
+    if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * _num_sms():
         DK, DV, bwd_stages = min(32, SK), min(32, SV), 3 if BT * BM <= 4096 else 2
     cfg = {
         "chunk": {"BT": 32},
@@ -130,7 +116,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
 
 
 def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
-    BK, BV, BM = _next_pow2(K), _next_pow2(V), _next_pow2(M)
+    BK, BV, BM = next_pow2(K), next_pow2(V), next_pow2(M)
     cfg = {
         "recurrent_fwd_keys": {"BMS": _tile(BK, M), "num_warps": 4},
         "recurrent_fwd_values": {"BV": _tile(BM, V, lo=8), "num_warps": 4},
@@ -159,9 +145,9 @@ def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
     B * H * SPLIT programs at least two per SM (each program walks its tiles one after another, so
     the loads in flight come from programs side by side), and no more than there are K or V tiles to
     own. Every extra program per head re-reads that head's Hk from L2 (not HBM): the cost side."""
-    tiles = max(_cdiv(K, BK), _cdiv(V, BV))
-    want = _next_pow2(_cdiv(2 * _num_sms(), max(NH, 1)))
-    return max(1, min(want, _next_pow2(tiles)))
+    tiles = max(cdiv(K, BK), cdiv(V, BV))
+    want = next_pow2(cdiv(2 * _num_sms(), max(NH, 1)))
+    return max(1, min(want, next_pow2(tiles)))
 
 
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,

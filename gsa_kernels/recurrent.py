@@ -16,19 +16,15 @@ both are inference-only (the backward needs the initial state).
 from __future__ import annotations
 
 import torch
-import triton
 
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.chunk import final_state_grads
 from gsa_kernels.configs import launch_config
+from gsa_kernels.intmath import cdiv, next_pow2
 from gsa_kernels.kernels.decode import decode_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
                                            recurrent_bwd_keys_kernel, recurrent_bwd_values_kernel,
                                            recurrent_fwd_keys_kernel, recurrent_fwd_values_kernel)
-
-
-def _pow2(x: int) -> int:
-    return triton.next_power_of_2(x)
 
 
 def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N):
@@ -45,13 +41,13 @@ def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens
     flags = dict(USE_INITIAL_STATE=use_h0, STORE_FINAL_STATE=store, IS_VARLEN=cu_seqlens is not None)
 
     cfg = launch_config("recurrent_fwd_keys", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_fwd_keys_kernel[(triton.cdiv(M, cfg["BMS"]), N * H)](
+    recurrent_fwd_keys_kernel[(cdiv(M, cfg["BMS"]), N * H)](
         q, k, s, g, hk0 if use_h0 else dummy, scores, hk_final if store else dummy, cu, scale, T,
-        H=H, K=K, M=M, BK=_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
+        H=H, K=K, M=M, BK=next_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
     cfg = launch_config("recurrent_fwd_values", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_fwd_values_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](
+    recurrent_fwd_values_kernel[(cdiv(V, cfg["BV"]), N * H)](
         v, s, g, scores, hv0 if use_h0 else dummy, o, hv_final if store else dummy, cu, T,
-        H=H, V=V, M=M, BM=_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
+        H=H, V=V, M=M, BM=next_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
     return o, scores
 
 
@@ -69,8 +65,8 @@ def recurrent_bwd(q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do
 
     dp = torch.empty(B, T, H, M, **f32)
     cfg = launch_config("recurrent_bwd_dp", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_bwd_dp_kernel[(triton.cdiv(M, cfg["BMS"]), N * H)](
-        v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, V=V, M=M, BMS=cfg["BMS"], BV=_pow2(V),
+    recurrent_bwd_dp_kernel[(cdiv(M, cfg["BMS"]), N * H)](
+        v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, V=V, M=M, BMS=cfg["BMS"], BV=next_pow2(V),
         USE_INITIAL_STATE=use_h0, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -79,27 +75,27 @@ def recurrent_bwd(q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do
     dhv0 = torch.empty(N, H, M, V, **f32) if use_h0 else None
 
     cfg_k = launch_config("recurrent_bwd_keys", K=K, V=V, M=M, dtype=q.dtype)
-    NK = triton.cdiv(K, cfg_k["BKS"])
+    NK = cdiv(K, cfg_k["BKS"])
     dsk_parts = torch.empty(NK, B, T, H, M, **f32)
     recurrent_bwd_keys_kernel[(NK, N * H)](
         q, k, s, g, scores, dp, hk0 if use_h0 else dummy, dhk_final if use_dht else dummy,
         dq, dk, dsk_parts, dhk0 if use_h0 else dummy, cu, scale, T, part_stride,
-        H=H, K=K, M=M, BKS=cfg_k["BKS"], BM=_pow2(M), USE_INITIAL_STATE=use_h0,
+        H=H, K=K, M=M, BKS=cfg_k["BKS"], BM=next_pow2(M), USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_k["num_warps"])
 
     cfg_v = launch_config("recurrent_bwd_values", K=K, V=V, M=M, dtype=q.dtype)
-    NV = triton.cdiv(V, cfg_v["BVS"])
+    NV = cdiv(V, cfg_v["BVS"])
     dsv_parts = torch.empty(NV, B, T, H, M, **f32)
     recurrent_bwd_values_kernel[(NV, N * H)](
         v, s, g, scores, do, dhv_final if use_dht else dummy, dv, dsv_parts, dhv0 if use_h0 else dummy,
-        cu, T, part_stride, H=H, V=V, M=M, BM=_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
+        cu, T, part_stride, H=H, V=V, M=M, BM=next_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_v["num_warps"])
 
     cfg = launch_config("recurrent_bwd_gates", K=K, V=V, M=M, dtype=q.dtype)
     recurrent_bwd_gates_kernel[(N * H,)](
         s, scores, dp, dsk_parts, dsv_parts, hk_final if use_dht else dummy, hv_final if use_dht else dummy,
         dhk_final if use_dht else dummy, dhv_final if use_dht else dummy, ds, dg, cu, T, part_stride, NK, NV,
-        H=H, K=K, V=V, M=M, BM=_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
+        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
@@ -129,7 +125,7 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None):
     decode_kernel[(split, B * H)](
         q, k, v, s, g, hk0 if use_h0 else q, hv0 if use_h0 else q, o,
         hk_new if store else q, hv_new if store else q, scale,
-        H=H, K=K, V=V, M=M, BM=_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
+        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
         USE_INITIAL_STATE=use_h0, STORE_STATE=store, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o
 

@@ -52,6 +52,7 @@ import torch
 import triton
 
 from gsa_kernels._paths import tuned_configs_dir
+from gsa_kernels.intmath import pow2_at_least
 
 FORMAT = 1
 ENV_FILE = "GSA_TUNED_CONFIGS"
@@ -129,10 +130,6 @@ def candidates_hash(kernel: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
-
-
 def resource_estimate(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype) -> tuple[int, float]:
     """(shared memory bytes, live float32 values per thread) a kernel config is estimated to need.
 
@@ -149,7 +146,7 @@ def resource_estimate(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype) -> t
     compile time and rejected there.
     """
     item = 4 if dtype_name(dtype) == "float32" else 2
-    BM = _p2(M)
+    BM = pow2_at_least(M)
     BK, BV = cfg.get("BK", 0), cfg.get("BV", 0)
     stages, warps = cfg.get("num_stages", 1), cfg.get("num_warps", 4)
     tile = max(BK, BV)

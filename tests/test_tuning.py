@@ -650,3 +650,15 @@ def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
             key = tuned.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
                                     tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
             assert key in have, (shape, dtype)
+
+
+def test_host_integer_helpers_match_triton():
+    """gsa_kernels.intmath replaces triton.cdiv / next_power_of_2 on the launch path (they are slow
+    constexpr functions from Python); the sizes and grids must not move."""
+    from gsa_kernels import intmath
+    values = list(range(0, 1100)) + [4095, 4096, 4097, 65535, 65536, 65537, 10 ** 9 + 7]
+    for x in values:
+        assert intmath.next_pow2(x) == triton.next_power_of_2(x), x
+        assert intmath.pow2_at_least(x) == max(16, triton.next_power_of_2(x)), x
+        for b in (1, 2, 3, 16, 32, 64, 132):
+            assert intmath.cdiv(x, b) == triton.cdiv(x, b), (x, b)

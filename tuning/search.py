@@ -40,6 +40,7 @@ import torch
 import triton
 
 from gsa_kernels import configs, tuned
+from gsa_kernels.intmath import pow2_at_least
 from gsa_kernels.chunk import chunk_gsa
 from tuning import measure
 from tuning.shapes import Shape
@@ -99,7 +100,7 @@ def enumerate_space(kernel: str) -> list[dict]:
 
 
 def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
+    return pow2_at_least(int(x))
 
 
 def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | None,
