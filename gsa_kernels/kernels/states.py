@@ -38,6 +38,24 @@ def chunk_gates(G, t0, nvalid, h, H: tl.constexpr, M, BT: tl.constexpr, BM: tl.c
 
 
 @triton.jit
+def _prefetch_tile(x, t0, nvalid, h, cols, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Columns `cols` of the chunk's rows of x [*, H, D] in the input dtype (rows >= nvalid read 0: a
+    chunk past the sequence reads nothing). Loaded a chunk ahead and converted where used: a
+    conversion here would wait for the load at once."""
+    t = tl.arange(0, BT)
+    return tl.load(x + (t0 * H + h) * D + t[:, None] * (H * D) + cols[None, :],
+                   mask=(t < nvalid)[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _gate_end(G, t0, nvalid, h, H: tl.constexpr, M, BM: tl.constexpr, BT: tl.constexpr):
+    """Gend, the chunk's last valid row of G [BM] (zeros for a chunk with no valid rows)."""
+    m = tl.arange(0, BM)
+    last = tl.maximum(tl.minimum(nvalid, BT) - 1, 0)
+    return tl.load(G + ((t0 + last) * H + h) * M + m, mask=(m < M) & (nvalid > 0), other=0.0)
+
+
+@triton.jit
 def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final, cu_seqlens, chunk_offsets,
               T, key_tile, value_tile, nh,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
@@ -64,27 +82,40 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final
             hk += tl.load(hk0 + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
         if DO_VALUES:
             hv += tl.load(hv0 + nh.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
+    # Software prefetch (perf-notes v10): the walk's only serial dependence is the state, yet Triton's
+    # pipeliner issues the k / v tile at the end of the previous step and reloads Gend unpipelined,
+    # which left ~1 us of memory latency in each step. So the k / v tiles and Gend of chunk c + 1
+    # are loaded by hand at the top of step c; G and s go through the pipeliner's async copies
+    # (num_stages 3 keeps them two steps ahead).
+    if DO_KEYS:
+        kc = _prefetch_tile(k, bos, eos - bos, h, kk, H, K, BT)
+    if DO_VALUES:
+        vc = _prefetch_tile(v, bos, eos - bos, h, vv, H, V, BT)
+    Gend = _gate_end(G_all, bos, eos - bos, h, H, M, BM, BT)
     for c in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
+        nvalid = eos - t0
         slot = chunk0 + c
+        if DO_KEYS:
+            kc_next = _prefetch_tile(k, t0 + BT, nvalid - BT, h, kk, H, K, BT)
+        if DO_VALUES:
+            vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
+        Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
         if DO_KEYS:
             tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
         if DO_VALUES:
             tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
-        nvalid = eos - t0
-        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
+        G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
         decay = tl.exp(Gend)
-        row_mask = (t < nvalid)[:, None]
         if DO_KEYS:
-            kc = tl.load(k + (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :],
-                         mask=row_mask & (kk < K)[None, :], other=0.0).to(tl.float32)
-            hk = hk * decay[None, :] + tl.dot(tl.trans(kc), w, input_precision=PREC)
+            hk = hk * decay[None, :] + tl.dot(tl.trans(kc.to(tl.float32)), w, input_precision=PREC)
+            kc = kc_next
         if DO_VALUES:
-            vc = tl.load(v + (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :],
-                         mask=row_mask & (vv < V)[None, :], other=0.0).to(tl.float32)
-            hv = decay[:, None] * hv + tl.dot(tl.trans(w), vc, input_precision=PREC)
+            hv = decay[:, None] * hv + tl.dot(tl.trans(w), vc.to(tl.float32), input_precision=PREC)
+            vc = vc_next
+        Gend = Gend_next
     if STORE_FINAL_STATE:
         if DO_KEYS:
             tl.store(hk_final + nh.to(tl.int64) * K * M + hk_off, hk, mask=hk_mask)
@@ -143,29 +174,41 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             dhk += tl.load(dhk_final + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
         if DO_VALUES:
             dhv += tl.load(dhv_final + nh.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
+    # Software prefetch of the q / do tiles and Gend one chunk ahead, as in the forward walk.
+    t0 = bos + (num_chunks - 1) * BT
+    if DO_KEYS:
+        qc = _prefetch_tile(q, t0, eos - t0, h, kk, H, K, BT)
+    if DO_VALUES:
+        doc = _prefetch_tile(do, t0, eos - t0, h, vv, H, V, BT)
+    Gend = _gate_end(G_all, t0, eos - t0, h, H, M, BM, BT)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
         t0 = bos + c * BT
+        nvalid = eos - t0
         slot = chunk0 + c
+        # the chunk before this one; before the first chunk nothing (nvalid 0: all masked)
+        t0_prev = tl.maximum(t0 - BT, bos)
+        nvalid_prev = tl.where(c > 0, eos - t0_prev, 0)
+        if DO_KEYS:
+            qc_next = _prefetch_tile(q, t0_prev, nvalid_prev, h, kk, H, K, BT)
+        if DO_VALUES:
+            doc_next = _prefetch_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT)
+        Gend_next = _gate_end(G_all, t0_prev, nvalid_prev, h, H, M, BM, BT)
         if DO_KEYS:
             tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
         if DO_VALUES:
             tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
-        nvalid = eos - t0
-        G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
-        eG = tl.exp(G)
+        eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM))
         decay = tl.exp(Gend)
-        row_mask = (t < nvalid)[:, None]
         if DO_KEYS:
             dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-            qc = tl.load(q + (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :],
-                         mask=row_mask & (kk < K)[None, :], other=0.0).to(tl.float32)
-            dhk = dhk * decay[None, :] + tl.dot(tl.trans(qc), dzc * eG, input_precision=PREC)
+            dhk = dhk * decay[None, :] + tl.dot(tl.trans(qc.to(tl.float32)), dzc * eG, input_precision=PREC)
+            qc = qc_next
         if DO_VALUES:
             p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-            doc = tl.load(do + (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :],
-                          mask=row_mask & (vv < V)[None, :], other=0.0).to(tl.float32)
-            dhv = decay[:, None] * dhv + tl.dot(tl.trans(p * eG), doc, input_precision=PREC)
+            dhv = decay[:, None] * dhv + tl.dot(tl.trans(p * eG), doc.to(tl.float32), input_precision=PREC)
+            doc = doc_next
+        Gend = Gend_next
     if DO_KEYS:
         tl.store(dhk0 + nh.to(tl.int64) * K * M + hk_off, dhk, mask=hk_mask)
     if DO_VALUES:
