@@ -12,11 +12,11 @@ No host sync anywhere: varlen chunk tables are built on the device with a host-k
 from __future__ import annotations
 
 import torch
-import triton
 
 from gsa_kernels import tuned
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
+from gsa_kernels.intmath import cdiv, pow2_at_least
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
 from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
@@ -84,7 +84,7 @@ class ChunkLayout:
 def _grid_states(K, V, cfg, N, H):
     """The state walks: per sequence-head, one program per (Hk tile, Hv tile) pair, or with SPLIT one
     per Hk tile plus one per Hv tile (kernels/states.py)."""
-    nk, nv = triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"])
+    nk, nv = cdiv(K, cfg["BK"]), cdiv(V, cfg["BV"])
     return (nk + nv if cfg["SPLIT"] else max(nk, nv), N * H)
 
 
@@ -98,7 +98,7 @@ def chunk_gates(g, layout: ChunkLayout):
     G = torch.empty(B, T, H, M, dtype=torch.float32, device=g.device)
     cu, _, table = layout.ptrs(g)
     chunk_cumsum_kernel[(layout.num_slots, H)](
-        g, G, cu, table, T, H=H, M=M, BT=layout.BT, BM=max(16, triton.next_power_of_2(M)),
+        g, G, cu, table, T, H=H, M=M, BT=layout.BT, BM=pow2_at_least(M),
         IS_VARLEN=layout.is_varlen, num_warps=4)
     return G
 
@@ -106,7 +106,7 @@ def chunk_gates(g, layout: ChunkLayout):
 def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
-    N, BT, BM = layout.N, layout.BT, max(16, triton.next_power_of_2(M))
+    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -145,7 +145,7 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
                   layout: ChunkLayout, use_h0: bool):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
-    N, BT, BM = layout.N, layout.BT, max(16, triton.next_power_of_2(M))
+    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)

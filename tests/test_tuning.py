@@ -592,6 +592,49 @@ def test_correctness_gate_rejects_a_wrong_candidate(monkeypatch):
     assert e["candidates"][kernel] == {"timed": 1, "pruned": 0, "rejected": 1}
 
 
+def test_seeded_search_retunes_only_the_named_kernels(monkeypatch):
+    """sweep --seed: after a change to some kernels, only theirs are re-tuned; every other kernel
+    keeps the seed file's config and the chunk size stays the seed's (a seed at chunk 16, which the
+    defaults never pick)."""
+    kernel = forward_kernels()[0]
+    param = two_valued_param(kernel)
+    kept = "chunk_bwd_values"                 # not tuned: must keep the seed's non-default value
+    kept_param = two_valued_param(kept)
+    small = small_space({kernel: param, kept: kept_param})
+    small["chunk"] = {"BT": [16, 32]}
+    monkeypatch.setattr(configs, "CANDIDATES", small)
+    seed_cfgs = {name: {p: vals[0] for p, vals in space.items()} for name, space in small.items()}
+    seed_cfgs["chunk"] = {"BT": 16}
+    default = configs.default_config(kept, 16, 16, 16, 16, seqs=1)[kept_param]
+    seed_cfgs[kept][kept_param] = next(v for v in small[kept][kept_param] if v != default)
+    others = [k for k in small if k not in (kernel, "chunk")]
+    key = tuned.problem_key(K=16, V=16, M=16, dtype="float32", tokens=32, seqs=1)
+    st = search.Settings(kernels=(kernel,), compile_backend=False, seed={key: seed_cfgs}, seeded_from="abc")
+    res = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float32, device=DEVICE, settings=st)
+    e = res["entry"]
+    assert e["configs"]["chunk"] == {"BT": 16}
+    for name in others:
+        assert e["configs"][name] == seed_cfgs[name], name
+    assert e["candidates"][kernel]["timed"] == 2          # the named kernel was searched
+    assert st.as_meta()["seeded_from"] == "abc"
+    # without a seed the same search starts from the defaults (chunk 32 for this shape)
+    plain = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float32, device=DEVICE,
+                              settings=search.Settings(kernels=(kernel,), compile_backend=False))
+    assert plain["entry"]["configs"]["chunk"] == {"BT": 32}
+    assert plain["entry"]["configs"][kept][kept_param] == default
+
+
+def test_sweep_seed_must_match_the_run(tmp_path):
+    """A seed file from a GPU sweep cannot seed a dry run (nor the reverse), nor a file from another arch."""
+    seed = tmp_path / "seed.yaml"
+    for dry, arch, match in ((False, "sm90", "on a GPU"), (True, "sm80", "made for sm80")):
+        m = search.run_meta(arch=arch, dry_run=dry, device="cpu")
+        yamlio.atomic_write_yaml(seed, {"meta": m, "entries": []})
+        res = sweep("--arch", "sm90", "--dry-run", "--seed", str(seed), "--output", str(tmp_path / "o.yaml"),
+                    timeout=120)
+        assert res.returncode == 2 and "--seed" in res.stderr and match in res.stderr, res.stderr
+
+
 def test_atomic_write_leaves_the_old_file_on_failure(monkeypatch, tmp_path):
     path = tmp_path / "t.yaml"
     yamlio.atomic_write_yaml(path, {"meta": {"a": 1}, "entries": []})

@@ -60,13 +60,21 @@ class Settings:
     compile_timeout: float = 300.0
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    kernels: tuple | None = None         # kernels to tune; others stay at their defaults
+    kernels: tuple | None = None         # kernels to tune; others stay at their start configs
+    # start configs per problem key (tuned.problem_key) instead of the defaults, from an earlier
+    # tuned file (sweep --seed): with `kernels`, the kernels not tuned keep that file's configs (and
+    # its chunk size, unless "chunk" is tuned), so a change to some kernels re-tunes only theirs
+    seed: dict | None = None
+    seeded_from: str | None = None       # that file's source_hash, recorded in the meta
 
     def as_meta(self) -> dict:
-        return {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
+        meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
                 "tie": self.tie, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
                 "compile_backend": self.compile_backend, "compile_mode": tuned.COMPILE_MODE,
                 "kernels": list(self.kernels) if self.kernels else "all"}
+        if self.seed is not None:
+            meta["seeded_from"] = self.seeded_from
+        return meta
 
 
 def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = None) -> dict:
@@ -191,6 +199,9 @@ class ShapeSearch:
         self.ref = measure.Reference(self.inputs)
         self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
         self.tunable = [k for k in configs.CANDIDATES if settings.kernels is None or k in settings.kernels]
+        key = tuned.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
+                                seqs=shape.B * shape.H)
+        self.seed = (settings.seed or {}).get(key)    # this shape's configs in the seed file, if any
         self.checked: dict = {}              # (BT, kernel, cfg) -> None or reason
         self._graphs = None                  # (fwd-config key, [(o, xs)]) retained for backward timing
         # the parallel precompile only warms Triton's cache: a candidate failing there is still tried
@@ -233,6 +244,9 @@ class ShapeSearch:
                              BT=BT, arch=self.arch)
         start = self.default_start(kernel, BT) if kernel != CHUNK else {"BT": configs.default_config(
             CHUNK, self.shape.K, self.shape.V, self.shape.M)["BT"]}
+        if self.seed is not None and kernel in self.seed and (
+                kernel == CHUNK or BT == self.seed[CHUNK]["BT"]):
+            start = dict(self.seed[kernel])
         if start not in kept:
             start = kept[0] if kept else start
         if kernel not in self.tunable:

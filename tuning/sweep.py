@@ -82,6 +82,10 @@ def parse_args(argv):
                         "(default: bench,common; tiny with --dry-run)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (default: bf16,fp16; fp16 "
                                                   "with --dry-run, whose interpreter miscomputes bf16 dots)")
+    p.add_argument("--seed", default=None, metavar="FILE",
+                   help="start every kernel from FILE's entry for the shape (its configs and chunk size) instead "
+                        "of the defaults; with --kernels the others keep FILE's configs, so after a change to "
+                        "some kernels only theirs are re-tuned (FILE may be stale; it must be a GPU sweep)")
     p.add_argument("--kernels", default=None, help="comma-separated kernels to tune (default: all of "
                                                    "configs.CANDIDATES); the others keep their defaults")
     p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>.yaml; a temp "
@@ -153,6 +157,21 @@ def main(argv=None) -> int:
         if unknown:
             return fail(f"--kernels: unknown {unknown}; known: {sorted(configs.CANDIDATES)}")
 
+    seed = seeded_from = None
+    if args.seed:
+        try:
+            seed_doc = yamlio.read_yaml(Path(args.seed))
+            seed_meta = seed_doc["meta"]
+            seed = {tuned.problem_key(**e["key"]): e["configs"] for e in seed_doc["entries"]}
+        except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
+            return fail(f"--seed {args.seed}: not a tuned file ({type(e).__name__}: {e})")
+        if bool(seed_meta.get("dry_run")) != args.dry_run or seed_meta.get("arch") != args.arch:
+            return fail(f"--seed {args.seed}: made for {seed_meta.get('arch')}"
+                        f"{' in a dry run' if seed_meta.get('dry_run') else ' on a GPU'}; seed this "
+                        f"{'dry run' if args.dry_run else 'sweep'} from a {args.arch} "
+                        f"{'dry run' if args.dry_run else 'GPU sweep'}")
+        seeded_from = seed_meta.get("source_hash")
+
     shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
     if args.output:
         output = Path(args.output)
@@ -168,7 +187,8 @@ def main(argv=None) -> int:
         passes=args.passes, bt_top=args.bt_top, tie=args.tie,
         jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else min(8, (os.cpu_count() or 2) // 2)),
         compile_backend=(args.compile_backend or ("off" if args.dry_run else "on")) == "on",
-        compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels)
+        compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels,
+        seed=seed, seeded_from=seeded_from)
     meta = search.run_meta(arch=args.arch, dry_run=args.dry_run, device=device, settings=settings)
 
     entries, failed = [], []
