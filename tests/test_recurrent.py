@@ -32,7 +32,19 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
                                       cu_seqlens=cu_dev, **kw)
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
                                          cu_seqlens=cu_seqlens, **kw)
-    ours, ref, _ = backward_both((o, hk, hv), (ro, rhk, rhv), ours_in, ref_in, gen)
+    ours, ref, (do, dhk, dhv) = backward_both((o, hk, hv), (ro, rhk, rhv), ours_in, ref_in, gen)
+    if q.dtype == torch.float32:
+        def fp32_baseline():
+            """The same recurrence done by PyTorch in float32: the conditioning yardstick of
+            assert_close (test_chunk.py), computed only when an error is over the bound."""
+            base_in = [x.detach().clone().requires_grad_() for x in ins]
+            bo, (bhk, bhv) = naive_recurrent_gsa(*base_in[:5], initial_state=tuple(base_in[5:]) if has_h0 else None,
+                                                 cu_seqlens=cu_seqlens, **kw)
+            torch.autograd.backward([bo, bhk, bhv], [do.float(), dhk.float(), dhv.float()])
+            base = {"o": bo, "hk": bhk, "hv": bhv}
+            base.update({name: a.grad for name, a in zip(GRAD_NAMES, base_in)})
+            return {name: rel_err(base[name], ref[name]) for name in base}
+        ref["fp32_baseline"] = fp32_baseline
     return ours, ref
 
 
@@ -54,6 +66,17 @@ def test_fused_recurrent_matches_naive(B, T, H, K, V, M, dtype, gates, scale, in
     q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, gates, seed, initial_state)
     ours, ref = run_both(q, k, v, s, g, hk0, hv0, scale=scale, seed=seed + 1)
     assert_close(ours, ref, dtype, f"B{B}-T{T}-H{H}-K{K}-V{V}-M{M}-{dtype}-{gates}")
+
+
+def test_ill_conditioned_dq_is_judged_against_float32_pytorch():
+    """Found by Hypothesis on the H100 (session 7): T = 1, steep gates, scale 1, initial states. The
+    slot softmax is near one-hot, so dq cancels: PyTorch's own float32 recurrence gets dq 1.4e-4
+    against float64, over the 1e-5 bound, and so does any float32 implementation. assert_close then
+    allows twice that baseline error (as for chunk_gsa); the kernel must still stay within it."""
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 1, 2, 128, 128, 16, torch.float32, "steep", 26066, True)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, scale=1.0, seed=26067)
+    assert ref["fp32_baseline"]()["dq"] > 1e-5           # the input really is ill-conditioned
+    assert_close(ours, ref, torch.float32, "ill-conditioned dq")
 
 
 # ---------------------------------------------------------------------------------------------------
