@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import DEVICE, ON_GPU
 from gsa_kernels import fused_recurrent_gsa, last_configs
 from reference import naive_recurrent_gsa
-from test_chunk import DTYPES, GRAD_NAMES, assert_close, backward_both, make_inputs, rel_err
+from test_chunk import DTYPES, GRAD_NAMES, assert_close, backward_both, fp32_baseline, make_inputs, rel_err
 
 
 def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
@@ -33,18 +33,9 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, seed=1):
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
                                          cu_seqlens=cu_seqlens, **kw)
     ours, ref, (do, dhk, dhv) = backward_both((o, hk, hv), (ro, rhk, rhv), ours_in, ref_in, gen)
-    if q.dtype == torch.float32:
-        def fp32_baseline():
-            """The same recurrence done by PyTorch in float32: the conditioning yardstick of
-            assert_close (test_chunk.py), computed only when an error is over the bound."""
-            base_in = [x.detach().clone().requires_grad_() for x in ins]
-            bo, (bhk, bhv) = naive_recurrent_gsa(*base_in[:5], initial_state=tuple(base_in[5:]) if has_h0 else None,
-                                                 cu_seqlens=cu_seqlens, **kw)
-            torch.autograd.backward([bo, bhk, bhv], [do.float(), dhk.float(), dhv.float()])
-            base = {"o": bo, "hk": bhk, "hv": bhv}
-            base.update({name: a.grad for name, a in zip(GRAD_NAMES, base_in)})
-            return {name: rel_err(base[name], ref[name]) for name in base}
-        ref["fp32_baseline"] = fp32_baseline
+    if q.dtype == torch.float32:    # PyTorch's float32 recurrence: the yardstick of ill-conditioned inputs
+        ref["fp32_baseline"] = fp32_baseline(naive_recurrent_gsa, ins, ref, (do, dhk, dhv),
+                                             dict(kw, cu_seqlens=cu_seqlens))
     return ours, ref
 
 
