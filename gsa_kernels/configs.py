@@ -89,12 +89,13 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     # per SM: the backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages
     # hold [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
     split = int(seqs is not None and max(cdiv(K, SK), cdiv(V, SV)) * seqs < _num_sms())
+    deep = 3 if BT * BM <= 4096 else 2      # stages whose [BT, BM] float32 copies fit shared memory
     DK, DV, bwd_stages = SK, SV, 2
     if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * _num_sms():
-        DK, DV, bwd_stages = min(32, SK), min(32, SV), 3 if BT * BM <= 4096 else 2
+        DK, DV, bwd_stages = min(32, SK), min(32, SV), deep
     # v10 forward walk: 3 stages keep its G and s copies two chunks ahead (never slower on a-d), and
     # a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
-    fwd_stages = 3 if BT * BM <= 4096 else 2
+    fwd_stages = deep
     cfg = {
         "chunk": {"BT": 32},
         "states_fwd": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 8 if split else 4,

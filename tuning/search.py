@@ -107,10 +107,6 @@ def enumerate_space(kernel: str) -> list[dict]:
     return [dict(zip(params, values)) for values in itertools.product(*params.values())]
 
 
-def _p2(x: int) -> int:
-    return pow2_at_least(int(x))
-
-
 def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | None,
           arch: str | None) -> tuple[list[dict], list[str]]:
     """(kept, reasons pruned) by the rules of the module docstring."""
@@ -120,9 +116,9 @@ def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | 
     for cfg in cfgs:
         why = None
         for p, dim in TILE_DIMS.items():
-            if p in cfg and cfg[p] > _p2(dims[dim]) and cfg[p] != min(params[p]):
+            if p in cfg and cfg[p] > pow2_at_least(dims[dim]) and cfg[p] != min(params[p]):
                 why = f"{p}={cfg[p]} > pow2({dim}={dims[dim]})"
-        if kernel == CHUNK and cfg["BT"] > _p2(shape.T) and cfg["BT"] != min(params["BT"]):
+        if kernel == CHUNK and cfg["BT"] > pow2_at_least(shape.T) and cfg["BT"] != min(params["BT"]):
             why = f"BT={cfg['BT']} > pow2(T={shape.T})"
         if "BC" in cfg and BT is not None and cfg["BC"] > BT:
             why = f"BC={cfg['BC']} > BT={BT}"

@@ -87,7 +87,8 @@ def parse_args(argv):
                         "of the defaults; with --kernels the others keep FILE's configs, so after a change to "
                         "some kernels only theirs are re-tuned (FILE may be stale; it must be a GPU sweep)")
     p.add_argument("--kernels", default=None, help="comma-separated kernels to tune (default: all of "
-                                                   "configs.CANDIDATES); the others keep their defaults")
+                                                   "configs.CANDIDATES); the others keep their defaults, or "
+                                                   "--seed's configs")
     p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>.yaml; a temp "
                                                   "file with --dry-run)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
