@@ -1,8 +1,14 @@
 """chunk_gsa forward and forward+backward, side by side with flash-linear-attention and SDPA, on a GPU.
 
-    python -m benchmarks.bench_chunk [--shapes a,b,c,d] [--dtype bf16] [--no-fla] [--json PATH]
+    python -m benchmarks.bench_chunk [--shapes a,b,c,d] [--dtype bf16] [--no-fla] [--rounds 3] [--graph]
+                                     [--json PATH]
 
-Times are medians of triton.testing.do_bench after a warm-up call. The byte floor is the fewest bytes
+Times are medians of triton.testing.do_bench after a warm-up call. With --rounds R each op is timed R
+times, alternating between the implementations, and the median of the R medians is reported (FLA's
+time has moved by up to 2x between runs on the same GPU: rounds show how much of that is inside one
+run). --graph also times each op replayed from a CUDA graph (do_bench_cudagraph): device time alone,
+without the host's launch cost (FLA's eager forward at shape a is mostly host time: 1.37 ms eager,
+0.54 ms from a graph, session 8). The byte floor is the fewest bytes
 the op must move (read q, k, v, s, g once and write o once; the backward adds reading do and writing
 every gradient), timed at the copy bandwidth measured in the same run.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -72,11 +79,16 @@ def sdpa_inputs(B, T, H, D, dtype):
     return [torch.randn(B, heads, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
-def time_op(fn, inputs, backward):
+def time_op(fn, inputs, backward, graph=False):
+    """Median ms of one forward (no grad) or forward + backward, after a warm-up call; with graph,
+    of the same work captured once in a CUDA graph and replayed."""
     import triton
-    out = fn(*inputs)
-    do = torch.randn_like(out)
-    if backward:
+    with torch.no_grad():                   # keep no autograd graph alive: a capture would sync with it
+        do = torch.randn_like(fn(*inputs))
+    if backward and graph:                  # gradients returned, not accumulated: nothing outside the graph
+        def step():
+            torch.autograd.grad(fn(*inputs), inputs, do)
+    elif backward:
         def step():
             fn(*inputs).backward(do)
     else:
@@ -86,7 +98,42 @@ def time_op(fn, inputs, backward):
     step()                                  # warm-up: compilation and (for fla) autotuning
     torch.cuda.synchronize()
     with gpu_lock():                        # never timed while another process times (fla_cache.py)
+        if graph:
+            return triton.testing.do_bench(captured(step).replay, warmup=25, rep=200, return_mode="median")
         return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
+
+
+def captured(step):
+    """step recorded in a CUDA graph (warmed up on a side stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+    return graph
+
+
+def graph_times(rows, provs, dtype):
+    """Adds "<provider>_graph" times to rows. Run after every eager time: a failed capture can leave
+    the CUDA context unusable, so the first failure ends the graph timings (forwards first)."""
+    for row in sorted(rows, key=lambda r: r["mode"] != "fwd"):
+        for pname, fn in provs.items():
+            inputs = make_inputs(row["B"], row["T"], row["H"], row["D"], row["M"], dtype)
+            try:
+                row["ms"][f"{pname}_graph"] = time_op(fn, inputs, row["mode"] == "fwd+bwd", graph=True)
+            except Exception as e:
+                print(f"# {pname} {row['shape']} {row['mode']}: CUDA graph capture failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); no more graph times", file=sys.stderr)
+                return
+            del inputs
+        t = row["ms"]
+        print(f"{row['shape']} {row['mode']:8s} graph: " + " ".join(f"{k}={v:.3f}" for k, v in t.items()
+                                                                    if k.endswith("_graph")), flush=True)
 
 
 def main(argv=None):
@@ -95,8 +142,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--no-fla", action="store_true", help="leave out flash-linear-attention")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time each op this many times, alternating implementations; report the median")
+    ap.add_argument("--graph", action="store_true", help="also time each op replayed from a CUDA graph")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if not torch.cuda.is_available():
         sys.exit("bench_chunk needs a CUDA GPU")
     dtype = DTYPES[args.dtype]
@@ -110,11 +162,13 @@ def main(argv=None):
             mode = "fwd+bwd" if backward else "fwd"
             nbytes = floor_bytes(B, T, H, D, M, dtype, backward)
             floor_ms = nbytes / bw * 1e3
-            times = {}
-            for pname, fn in provs.items():
-                inputs = make_inputs(B, T, H, D, M, dtype)
-                times[pname] = time_op(fn, inputs, backward)
-                del inputs
+            rounds = {pname: [] for pname in provs}
+            for _ in range(args.rounds):    # alternate, so that a drift of the GPU hits both alike
+                for pname, fn in provs.items():
+                    inputs = make_inputs(B, T, H, D, M, dtype)
+                    rounds[pname].append(time_op(fn, inputs, backward))
+                    del inputs
+            times = {pname: statistics.median(ms) for pname, ms in rounds.items()}
             if not args.no_sdpa:
                 for backend, sdp in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
                                      ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
@@ -127,24 +181,30 @@ def main(argv=None):
                         print(f"# sdpa {backend} unavailable: {str(e).splitlines()[0]}", file=sys.stderr)
             ours = times["gsa_kernels"]
             row = {"shape": name, "B": B, "T": T, "H": H, "D": D, "M": M, "mode": mode,
-                   "floor_ms": floor_ms, "ms": times,
+                   "floor_ms": floor_ms, "ms": times, "rounds_ms": rounds,
                    "speedup_vs_fla": times["fla"] / ours if "fla" in times else None,
                    "ours_GBps": nbytes / (ours * 1e-3) / 1e9, "ours_x_floor": ours / floor_ms}
             rows.append(row)
             fla = f"{times['fla']:.3f}" if "fla" in times else "-"
             spd = f"{row['speedup_vs_fla']:.2f}x" if row["speedup_vs_fla"] else "-"
             sd = " ".join(f"{k}={v:.3f}" for k, v in times.items() if k.startswith("sdpa"))
+            if args.rounds > 1:
+                sd += " | rounds " + " ".join(f"{p}=" + ",".join(f"{x:.3f}" for x in ms) for p, ms in rounds.items())
             print(f"{name} {mode:8s} ours {ours:.3f} ms | fla {fla} ms | speed-up {spd} | "
                   f"{row['ours_GBps']:.0f} GB/s, {row['ours_x_floor']:.1f}x floor ({floor_ms:.3f} ms) | {sd}",
                   flush=True)
-    print("\n| shape | mode | gsa_kernels ms | fla ms | speed-up | GB/s | x floor | sdpa flash | sdpa cudnn |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.graph:
+        graph_times(rows, provs, dtype)
+    print("\n| shape | mode | gsa_kernels ms | fla ms | speed-up | GB/s | x floor | sdpa flash | sdpa cudnn |"
+          " graph: gsa_kernels / fla |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["ms"]
         f = lambda k: f"{t[k]:.3f}" if k in t else "-"   # noqa: E731
         spd = f"{r['speedup_vs_fla']:.2f}x" if r["speedup_vs_fla"] else "-"
         print(f"| {r['shape']} | {r['mode']} | {f('gsa_kernels')} | {f('fla')} | {spd} | {r['ours_GBps']:.0f} | "
-              f"{r['ours_x_floor']:.1f} | {f('sdpa_flash')} | {f('sdpa_cudnn')} |")
+              f"{r['ours_x_floor']:.1f} | {f('sdpa_flash')} | {f('sdpa_cudnn')} | "
+              f"{f('gsa_kernels_graph')} / {f('fla_graph')} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows}, fh, indent=1)
