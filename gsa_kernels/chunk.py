@@ -103,15 +103,21 @@ def chunk_gates(g, layout: ChunkLayout):
     return G
 
 
-def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout):
+def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
+    """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
+    float16, half the bytes of float32 at the same precision as the tf32 dots that read them
+    (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
-    hk_chunks = torch.empty(layout.num_slots, H, K, M, **f32)
-    hv_chunks = torch.empty(layout.num_slots, H, M, V, **f32)
+    states = dict(dtype=torch.float16 if compact else torch.float32, device=q.device)
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
+    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else q
+    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else q
     if layout.is_varlen:
         # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
         # every output of the op is defined (the custom op returns these states)
@@ -125,19 +131,20 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
                         tokens=B * T * H, seqs=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
-        hk_chunks, hv_chunks, hk_final if output_final_state else q, hv_final if output_final_state else q,
+        hk_chunks, hv_chunks, hk_scales, hv_scales,
+        hk_final if output_final_state else q, hv_final if output_final_state else q,
         cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         SPLIT=cfg["SPLIT"], USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    scores = torch.empty(B, T, H, M, **f32)
+    scores = None if compact else torch.empty(B, T, H, M, **f32)
     cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, G, hk_chunks, hv_chunks, o, scores, cu, table, scale, T,
-        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        q, k, v, s, G, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,
+        scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
@@ -266,5 +273,11 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
                                           chunk_size=chunk_size or 64)
     BT = chunk_size or launch_config("chunk", **sizes)["BT"]
     layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
+    if q.dtype != torch.float32 and not (torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, s, g, hk0, hv0))):
+        # forward only: nothing is saved for a backward, so the chunk states can be scaled float16
+        o, _, _, _, hk, hv = chunk_gsa_fwd(*tensors[:5], scale, tensors[5], tensors[6], bool(output_final_state),
+                                           layout, compact=True)
+        return o, (hk, hv)
     o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout)
     return o, (hk, hv)

@@ -279,6 +279,69 @@ def test_chunk_large_on_gpu(B, T, H, K, V, M, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Forward only (no input requires grad): half inputs take the scaled float16 chunk states
+
+HALF = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_seqlens=None):
+    """(o, hk, hv) of a no-grad chunk_gsa call and of the float64 naive recurrence; checks that the
+    call took the compact path (chunk.chunk_gsa_fwd with compact=True)."""
+    import gsa_kernels.chunk as chunk_mod
+    calls = []
+    real = chunk_mod.chunk_gsa_fwd
+    monkeypatch.setattr(chunk_mod, "chunk_gsa_fwd", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    h0 = None if hk0 is None else (hk0.to(DEVICE), hv0.to(DEVICE))
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    with torch.no_grad():
+        o, (hk, hv) = chunk_gsa(*dev, initial_state=h0, output_final_state=True, cu_seqlens=cu_dev, **extra)
+    assert calls and calls[0].get("compact") is True, "a no-grad half-precision call must use compact states"
+    ref_h0 = None if hk0 is None else (hk0.double(), hv0.double())
+    ro, (rhk, rhv) = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), initial_state=ref_h0,
+                                         output_final_state=True, cu_seqlens=cu_seqlens)
+    return {"o": o, "hk": hk, "hv": hv}, {"o": ro, "hk": rhk, "hv": rhv}
+
+
+@settings(max_examples=25 if ON_GPU else 6, report_multiple_bugs=False)
+@given(B=st.integers(1, 2), T=st.integers(1, T_MAX), H=st.integers(1, 2),
+       K=st.sampled_from(D_SIZES), V=st.sampled_from(D_SIZES), M=st.sampled_from(M_SIZES),
+       dtype=st.sampled_from(HALF), gates=st.sampled_from(["model", "zero", "steep", "mixed"]),
+       initial_state=st.booleans(), chunk_size=st.sampled_from(CHUNKS), seed=st.integers(0, 2**16))
+def test_forward_only_matches_naive(B, T, H, K, V, M, dtype, gates, initial_state, chunk_size, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, gates, seed, initial_state)
+        ours, ref = forward_only_both(q, k, v, s, g, hk0, hv0, mp, chunk_size=chunk_size)
+    assert_close(ours, ref, dtype, f"forward only B{B}-T{T}-H{H}-K{K}-V{V}-M{M}-{dtype}-{gates}")
+
+
+def test_forward_only_varlen_and_large_states(monkeypatch):
+    """Varlen with a length-1 sequence, no forgetting and states far from 1 (initial states x 1e4):
+    the per-row scales must absorb the magnitude (float16 alone tops out at 65504)."""
+    dtype = torch.float16
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 41, 2, 16, 24, 20, dtype, "zero", seed=7, initial_state=True)
+    cu = torch.tensor([0, 1, 18, 41])
+    hk0 = torch.randn(3, 2, 16, 20, generator=torch.Generator().manual_seed(1)) * 1e4
+    hv0 = torch.randn(3, 2, 20, 24, generator=torch.Generator().manual_seed(2)) * 1e4
+    ours, ref = forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=16, cu_seqlens=cu)
+    assert_close(ours, ref, dtype, "forward only, varlen, large states")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="paper-size shapes run on the GPU; CI runs the small ones")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gates", ["model", "zero"])
+def test_forward_only_large_on_gpu(dtype, gates, monkeypatch):
+    """The paper's layer over a long sequence, with and without forgetting (the states grow with T at
+    g = 0)."""
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 4096, 1, 512, 512, 64, dtype, gates, seed=4096)
+    ours, ref = forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch)
+    errors = assert_close(ours, ref, dtype, f"forward only large {gates}")
+    print(f"\n{dtype} {gates}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument
 
 def _good(dtype=torch.float32):

@@ -18,11 +18,14 @@ from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
-def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_seqlens, chunk_table,
-                     scale, T,
+def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scales, o, scores_out, cu_seqlens,
+                     chunk_table, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
+    """COMPACT: the states are scaled float16 (states.py `_store_scaled`); Hk's row scales fold into
+    q's columns and Hv's column scales into the output's, both exact (powers of two), and the scores
+    are not stored (the forward-only path has no backward to read them)."""
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
     if exists:
@@ -46,13 +49,17 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
             qc = tl.load(q + koff, mask=kmask, other=0.0)
             kc = tl.load(k + koff, mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
-                         mask=(kk < K)[:, None] & slot_mask, other=0.0)
-            qh += tl.dot(qc.to(tl.float32), hk, input_precision=PREC)
+                         mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
+            qf = qc.to(tl.float32)
+            if COMPACT:
+                qf = qf * tl.load(hk_scales + (slot * H + h) * K + kk, mask=kk < K, other=0.0)[None, :]
+            qh += tl.dot(qf, hk, input_precision=PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
                           + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))
-        tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
-                 mask=row_mask & slot_mask)
+        if not COMPACT:
+            tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
+                     mask=row_mask & slot_mask)
 
         # slot softmax, in float32 registers
         scores = tl.where(slot_mask, scores, float("-inf"))
@@ -68,6 +75,9 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, o, scores_out, cu_
             voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
             vc = tl.load(v + voff, mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
-                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
-            oc = tl.dot(pe, hv, input_precision=PREC) + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
+                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
+            inter = tl.dot(pe, hv, input_precision=PREC)
+            if COMPACT:
+                inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
+            oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
             tl.store(o + voff, oc.to(o.dtype.element_ty), mask=vmask)

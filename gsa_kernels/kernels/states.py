@@ -30,11 +30,8 @@ from gsa_kernels.kernels.intra import load_gates, load_rows
 @triton.jit
 def chunk_gates(G, t0, nvalid, h, H: tl.constexpr, M, BT: tl.constexpr, BM: tl.constexpr):
     """This chunk's G [BT, BM] (flat past the sequence end) and Gend, its last valid row [BM]."""
-    base = G + (t0 * H + h) * M
-    m = tl.arange(0, BM)
-    last = tl.minimum(nvalid, BT) - 1
-    Gend = tl.load(base + last * (H * M) + m, mask=m < M, other=0.0)
-    return load_gates(base, tl.arange(0, BT), H * M, nvalid, M, BM), Gend
+    G_chunk = load_gates(G + (t0 * H + h) * M, tl.arange(0, BT), H * M, nvalid, M, BM)
+    return G_chunk, _gate_end(G, t0, nvalid, h, H, M, BM, BT)
 
 
 @triton.jit
@@ -56,13 +53,33 @@ def _gate_end(G, t0, nvalid, h, H: tl.constexpr, M, BM: tl.constexpr, BT: tl.con
 
 
 @triton.jit
-def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final, cu_seqlens, chunk_offsets,
-              T, key_tile, value_tile, nh,
+def _store_scaled(x, values, scales, off, mask, scale_off, scale_mask):
+    """x [R, C] float32 stored as float16 x / scale, one power-of-two scale per row (the exponent of
+    the row's largest magnitude, so values lie in (-2, 2)). float16 keeps 11 significant bits of every element
+    within 2^-14 of its row's largest: as many as the tf32 dots that read the states keep of float32,
+    at half the bytes. The scale only bounds the row, so slots of any magnitude may share it."""
+    # the scale is amax's exponent alone (a power of two in (amax / 2, amax]), and its inverse the
+    # negated exponent: bit operations instead of log2 / exp2 / a division, which the walk's
+    # serial step would wait on; |x / scale| < 2
+    amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) & 0x7F800000
+    normal = amax_bits != 0
+    scale = tl.where(normal, amax_bits, 127 << 23).to(tl.float32, bitcast=True)
+    inverse = tl.where(normal, (254 << 23) - amax_bits, 127 << 23).to(tl.float32, bitcast=True)
+    tl.store(values + off, (x * inverse[:, None]).to(tl.float16), mask=mask)
+    tl.store(scales + scale_off, scale, mask=scale_mask)
+
+
+@triton.jit
+def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+              cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
               DO_VALUES: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-              IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """Walk Hk row tile `key_tile` (if DO_KEYS) and Hv column tile `value_tile` (if DO_VALUES)."""
+              IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
+    """Walk Hk row tile `key_tile` (if DO_KEYS) and Hv column tile `value_tile` (if DO_VALUES).
+    COMPACT: the chunk states go out as scaled float16 (`_store_scaled`), Hk with one scale per row
+    k, Hv with one per column v; the values walk then carries Hv transposed, [BV, BM], so that its
+    scale is a reduction within a row like Hk's."""
     n, h = nh // H, nh % H
     bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, n, T, BT, IS_VARLEN)
     m = tl.arange(0, BM)
@@ -73,10 +90,16 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final
     hv_mask = (m < M)[:, None] & (vv < V)[None, :]
     hk_off = kk[:, None] * M + m[None, :]
     hv_off = m[:, None] * V + vv[None, :]
+    if COMPACT:     # Hv carried transposed: [BV, BM]
+        hv_mask = (vv < V)[:, None] & (m < M)[None, :]
+        hv_off = m[None, :] * V + vv[:, None]
     # hk, hv hold the states at the start of chunk c (a memory this program does not own stays
     # unused and is compiled away)
     hk = tl.zeros((BK, BM), dtype=tl.float32)
-    hv = tl.zeros((BM, BV), dtype=tl.float32)
+    if COMPACT:
+        hv = tl.zeros((BV, BM), dtype=tl.float32)
+    else:
+        hv = tl.zeros((BM, BV), dtype=tl.float32)
     if USE_INITIAL_STATE:
         if DO_KEYS:
             hk += tl.load(hk0 + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
@@ -101,10 +124,18 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final
         if DO_VALUES:
             vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
-        if DO_KEYS:
-            tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
-        if DO_VALUES:
-            tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
+        if COMPACT:
+            if DO_KEYS:
+                _store_scaled(hk, hk_chunks, hk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
+                              (slot * H + h) * K + kk, kk < K)
+            if DO_VALUES:
+                _store_scaled(hv, hv_chunks, hv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
+                              (slot * H + h) * V + vv, vv < V)
+        else:
+            if DO_KEYS:
+                tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
+            if DO_VALUES:
+                tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
         G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
@@ -113,7 +144,10 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final
             hk = hk * decay[None, :] + tl.dot(tl.trans(kc.to(tl.float32)), w, input_precision=PREC)
             kc = kc_next
         if DO_VALUES:
-            hv = decay[:, None] * hv + tl.dot(tl.trans(w), vc.to(tl.float32), input_precision=PREC)
+            if COMPACT:
+                hv = hv * decay[None, :] + tl.dot(tl.trans(vc.to(tl.float32)), w, input_precision=PREC)
+            else:
+                hv = decay[:, None] * hv + tl.dot(tl.trans(w), vc.to(tl.float32), input_precision=PREC)
             vc = vc_next
         Gend = Gend_next
     if STORE_FINAL_STATE:
@@ -124,27 +158,29 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final
 
 
 @triton.jit
-def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final,
+def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                       cu_seqlens, chunk_offsets, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       SPLIT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (walk_programs(K, V, BK, BV, SPLIT), N * H)."""
+                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
+    """Grid (NK + NV if SPLIT else max(NK, NV), N * H): tile programs x sequence-heads. COMPACT: the
+    chunk states as scaled float16 (values in hk_chunks / hv_chunks, float32 scales per row of Hk and
+    per column of Hv in hk_scales [slots, H, K] / hv_scales [slots, H, V]); the forward-only path."""
     tile, nh = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     if not SPLIT:
-        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final, cu_seqlens,
-                  chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC)
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+                  cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
+                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
     elif tile < NK:
-        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final, cu_seqlens,
-                  chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC)
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+                  cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
+                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
     else:
-        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final, cu_seqlens,
-                  chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC)
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+                  cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
+                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
 
 
 @triton.jit
@@ -222,7 +258,7 @@ def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       SPLIT: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
                       PREC: tl.constexpr):
-    """Grid (walk_programs(K, V, BK, BV, SPLIT), N * H), owned tiles as in states_fwd_kernel."""
+    """Grid and owned tiles as in states_fwd_kernel."""
     tile, nh = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     if not SPLIT:
