@@ -127,7 +127,8 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     G = chunk_gates(g, layout)
 
-    cfg = launch_config("states_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+    suffix = "_compact" if compact else ""
+    cfg = launch_config("states_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
         k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
@@ -139,7 +140,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     scores = None if compact else torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_fwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+    cfg = launch_config("chunk_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
         q, k, v, s, G, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,

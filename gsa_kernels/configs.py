@@ -22,6 +22,12 @@ CANDIDATES: dict[str, dict[str, list[int]]] = {
     # 2 warps and 1 stage (no prefetch) were never close on the H100 (perf-notes v6)
     "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    # the forward-only path (no input requires grad, half inputs): the same kernels with scaled float16
+    # chunk states (kernels/states.py `_store_scaled`), tuned on their own: the walk's row maxima add
+    # a step to its serial path, so it may want other warps than the training walk (perf-notes v12)
+    "states_fwd_compact": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8],
+                           "num_stages": [2, 3]},
+    "chunk_fwd_compact": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
@@ -29,6 +35,8 @@ CANDIDATES: dict[str, dict[str, list[int]]] = {
 }
 
 KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
+# launched only by the forward-only path of half inputs (a call where no input requires grad)
+FORWARD_ONLY = ("states_fwd_compact", "chunk_fwd_compact")
 
 # The token-by-token and decode kernels: their search space, for `benchmarks/bench_decode.py --sweep`.
 # The tuning sweep does not cover them yet, so they launch with `default_config` (no tuned lookup).
@@ -102,6 +110,10 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
                        "num_stages": fwd_stages},
         "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
+        # v12 (H100, c): the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
+        # against 0.417 at 8); a, d keep their paired 4-warp walk
+        "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": fwd_stages},
+        "chunk_fwd_compact": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_values": {"BV": min(64, BV), "num_warps": 4, "num_stages": 3},

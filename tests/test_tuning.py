@@ -183,11 +183,12 @@ def test_tuned_shape_launches_its_configs_with_zero_autotune_benchmarks(monkeypa
     assert counter.total() == 0
     assert tuned.stats()["autotune_runs"] == 0
     launched = last_launches()
-    assert set(launched) == set(configs.CANDIDATES)
+    training = {k: c for k, c in cfgs.items() if k not in configs.FORWARD_ONLY}
+    assert set(launched) == set(training)       # float32: no forward-only kernels
     for kernel, info in launched.items():
         assert info["source"] == "tuned", kernel
         assert info["config"] == cfgs[kernel], kernel
-    assert configs.last_configs() == cfgs
+    assert configs.last_configs() == training
 
 
 def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tmp_path):
@@ -212,7 +213,8 @@ def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tm
     run_and_check(inputs(*SMALL, seed=1))
     assert counter.total() == 0
     assert {info["source"] for info in last_launches().values()} == {"user-cache"}
-    assert configs.last_configs() == doc["entries"][0]["configs"]
+    assert configs.last_configs() == {k: c for k, c in doc["entries"][0]["configs"].items()
+                                      if k not in configs.FORWARD_ONLY}   # float32: none launched
 
 
 def test_without_opt_in_an_untuned_shape_never_autotunes(monkeypatch):
@@ -705,3 +707,17 @@ def test_host_integer_helpers_match_triton():
         assert intmath.pow2_at_least(x) == max(16, triton.next_power_of_2(x)), x
         for b in (1, 2, 3, 16, 32, 64, 132):
             assert intmath.cdiv(x, b) == triton.cdiv(x, b), (x, b)
+
+
+def test_forward_only_kernels_are_tuned_on_a_no_grad_forward(monkeypatch):
+    """The compact kernels launch only when no input requires grad (half inputs): the search finds
+    them with a no-grad forward and times them on one ("infer"), gated on o."""
+    kernel = "states_fwd_compact"
+    param = two_valued_param(kernel)
+    monkeypatch.setattr(configs, "CANDIDATES", small_space({kernel: param}))
+    st = search.Settings(kernels=(kernel,), compile_backend=False)
+    res = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float16, device=DEVICE, settings=st)
+    e = res["entry"]
+    assert e["times_ms"][kernel]["op"] == "infer"
+    assert e["candidates"][kernel] == {"timed": 2, "pruned": 0, "rejected": 0}
+    assert e["configs"][kernel][param] in configs.CANDIDATES[kernel][param]

@@ -180,7 +180,7 @@ class _Failure:
 @dataclass
 class _Kernel:
     name: str
-    phase: str                              # "fwd", "bwd" or "fwd+bwd"
+    phase: str                              # "fwd", "bwd", "fwd+bwd" or "infer" (a forward under no_grad)
     timed: int = 0
     pruned: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
@@ -208,6 +208,10 @@ class ShapeSearch:
     # -- ops under a full override ---------------------------------------------------------
     def _fwd(self, xs):
         return chunk_gsa(*xs)[0]
+
+    def _infer(self, xs):
+        with torch.no_grad():      # the forward-only path (its own kernels for half inputs)
+            return chunk_gsa(*xs)[0]
 
     def _run(self, cfgs: dict, fn):
         try:
@@ -262,11 +266,17 @@ class ShapeSearch:
         configs.clear_last_configs()
         self._run(cfgs, lambda: torch.autograd.grad(o, xs, do))
         bwd = list(configs.last_configs())
+        configs.clear_last_configs()
+        self._run(cfgs, lambda: self._infer(xs))
+        infer = [name for name in configs.last_configs() if name not in fwd]
         self.kernels = []
-        for name in dict.fromkeys(fwd + bwd):
+        for name in dict.fromkeys(fwd + bwd + infer):
             if name == CHUNK:
                 continue
-            phase = "fwd+bwd" if (name in fwd and name in bwd) else ("fwd" if name in fwd else "bwd")
+            if name in infer:
+                phase = "infer"
+            else:
+                phase = "fwd+bwd" if (name in fwd and name in bwd) else ("fwd" if name in fwd else "bwd")
             self.kernels.append(_Kernel(name, phase))
         launched = {k.name for k in self.kernels} | {CHUNK}
         for name in configs.CANDIDATES:
@@ -300,8 +310,9 @@ class ShapeSearch:
                 return None, f"forward failed: {graphs.reason}"
             fns = [lambda o=o, xs=xs: torch.autograd.grad(o, xs, do, retain_graph=True) for o, xs in graphs]
             first = lambda: (graphs[0][0], fns[0]())                           # noqa: E731
-        elif phase == "fwd":
-            fns = [lambda xs=xs: self._fwd(xs) for xs in self.inputs.sets]
+        elif phase in ("fwd", "infer"):
+            op = self._fwd if phase == "fwd" else self._infer
+            fns = [lambda xs=xs, op=op: op(xs) for xs in self.inputs.sets]
             first = lambda: (fns[0](), None)                                   # noqa: E731
         else:
             def fwd_bwd(xs):
