@@ -99,22 +99,22 @@ def time_op(fn, inputs, backward, graph=False):
     torch.cuda.synchronize()
     with gpu_lock():                        # never timed while another process times (fla_cache.py)
         if graph:
-            return triton.testing.do_bench(captured(step).replay, warmup=25, rep=200, return_mode="median")
+            return triton.testing.do_bench(cuda_graph(step).replay, warmup=25, rep=200, return_mode="median")
         return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
 
 
-def captured(step):
-    """step recorded in a CUDA graph (warmed up on a side stream first, as capture requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+def cuda_graph(fn):
+    """fn captured in a CUDA graph (after warm-up calls on a side stream, as capture requires: they
+    also compile the kernels). bench_decode.py uses it too."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    torch.cuda.synchronize()
+        fn()
     return graph
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_chunk import copy_bandwidth
+from benchmarks.bench_chunk import copy_bandwidth, cuda_graph
 
 H, K, V, M = 4, 512, 512, 64
 
@@ -34,20 +34,6 @@ def make_step_inputs(B, dtype=torch.bfloat16, seed=0):
     hk = torch.randn(B, H, K, M, device="cuda", generator=gen)
     hv = torch.randn(B, H, M, V, device="cuda", generator=gen)
     return [q, k, v, s.to(dtype), g.to(dtype)], (hk, hv)
-
-
-def cuda_graph(fn):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream, which compile the kernels)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def bench(fn, rep=300):
