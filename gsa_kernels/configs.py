@@ -101,13 +101,12 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     DK, DV, bwd_stages = SK, SV, 2
     if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * _num_sms():
         DK, DV, bwd_stages = min(32, SK), min(32, SV), deep
-    # v10 forward walk: 3 stages keep its G and s copies two chunks ahead (never slower on a-d), and
-    # a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
-    fwd_stages = deep
+    # v10 forward walk: `deep` stages keep its G and s copies two chunks ahead (never slower on a-d),
+    # and a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
     cfg = {
         "chunk": {"BT": 32},
         "states_fwd": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 8 if split else 4,
-                       "num_stages": fwd_stages},
+                       "num_stages": deep},
         "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         # v12 (H100, c): the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
