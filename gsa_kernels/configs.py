@@ -111,7 +111,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         # v12 (H100, c): the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
         # against 0.417 at 8); a, d keep their paired 4-warp walk
-        "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": fwd_stages},
+        "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": deep},
         "chunk_fwd_compact": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
