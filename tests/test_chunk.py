@@ -295,6 +295,38 @@ def test_half_state_walk_keeps_float32_precision(dtype):
     assert max(errors.values()) < 2e-5, errors
 
 
+def test_float16_backward_walk_takes_gradients_beyond_float16_range(monkeypatch):
+    """Under float16 loss scaling the slot-score gradient dz, which the backward state walk reads in
+    float32, can pass float16's 65504 while the op's own inputs and float32 state gradients are fine.
+    The walk must not round it to float16 (`_dot_acc`'s split would give inf). Large v and do take dz e^G
+    past it here (float16 halves gave NaN); the float32 gradients of the initial states must match float64."""
+    import gsa_kernels.chunk as chunk_mod
+    dtype = torch.float16
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 40, 1, 16, 16, 16, dtype, "model", seed=5)
+    v = (v.float() * 300).to(dtype)
+    seen = []
+    real = chunk_mod.states_bwd_kernel
+
+    class Spy:           # records the largest |dz e^G| the backward walk multiplies
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((args[2] * args[4].exp()).abs().max().item())   # dz e^G
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(chunk_mod, "states_bwd_kernel", Spy())
+    ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g, hk0, hv0)]
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v, s, g, hk0, hv0)]
+    o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=16)
+    ro, _ = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]))
+    do = (torch.randn(ro.shape, generator=torch.Generator().manual_seed(3)).clamp(-2, 2) * 3e4).to(dtype)
+    o.backward(do.to(DEVICE))
+    ro.backward(do.double())
+    assert seen and max(seen) > 65504, f"dz e^G reached only {seen}: the case does not test the range"
+    errors = {"dhk0": rel_err(ins[5].grad, ref_in[5].grad), "dhv0": rel_err(ins[6].grad, ref_in[6].grad)}
+    assert max(errors.values()) < BOUNDS[dtype][1], errors
+
+
 # ---------------------------------------------------------------------------------------------------
 # Forward only (no input requires grad): half inputs take the scaled float16 chunk states
 

@@ -260,7 +260,12 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         decay = tl.exp(Gend)
         if DO_KEYS:
             dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-            dhk = _dot_acc(tl.trans(qc), dzc * eG, dhk * decay[None, :], PREC)
+            # dz e^G is a gradient, unbounded under float16 loss scaling: float16 halves of it could
+            # overflow, so for float16 inputs this dot keeps float32 operands (bf16 has float32's range)
+            qk = qc
+            if qc.dtype == tl.float16:
+                qk = qc.to(tl.float32)
+            dhk = _dot_acc(tl.trans(qk), dzc * eG, dhk * decay[None, :], PREC)
             qc = qc_next
         if DO_VALUES:
             p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
