@@ -82,13 +82,18 @@ def _dot_acc(a, b, acc, PREC: tl.constexpr):
     if a.dtype == tl.float32 and b.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PREC)
     elif a.dtype == tl.float32:
-        a_hi = a.to(b.dtype)
-        acc = tl.dot(a_hi, b, acc)
-        return tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b, acc)
+        a_hi, a_lo = _halves(a, b.dtype)
+        return tl.dot(a_lo, b, tl.dot(a_hi, b, acc))
     else:
-        b_hi = b.to(a.dtype)
-        acc = tl.dot(a, b_hi, acc)
-        return tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), acc)
+        b_hi, b_lo = _halves(b, a.dtype)
+        return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
+
+
+@triton.jit
+def _halves(x, dtype: tl.constexpr):
+    """float32 x as hi + lo in a 16-bit dtype (hi = x rounded, lo = what that rounding left)."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(tl.float32)).to(dtype)
 
 
 @triton.jit
