@@ -11,8 +11,39 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+
+def _truncate_tf32_in_interpreter():
+    """The interpreter multiplies a tl.dot's float32 operands exactly (numpy). The GPU, told
+    input_precision="tf32", keeps 10 stored mantissa bits of each and drops the rest (truncation, not
+    rounding: tests/test_intra.py `test_tf32_dots_truncate` checks this on the GPU and here). Doing the
+    same here lets the interpreter's tests see the half-input paths' tf32 error; without it they would
+    pass precision cases that fail on the GPU (perf-notes v14). float32 inputs use "ieee": untouched.
+    Written against Triton 3.6's InterpreterBuilder.create_dot (pinned): fails loudly if it moves."""
+    import triton.runtime.interpreter as interpreter
+    from triton._C.libtriton import ir
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+
+    def truncate(handle):
+        if handle.data.dtype != np.float32:
+            return handle
+        bits = handle.data.view(np.uint32) & np.uint32(0xFFFFE000)
+        return interpreter.TensorHandle(bits.view(np.float32), handle.dtype)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = truncate(a), truncate(b)
+        return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if not ON_GPU:
+    _truncate_tf32_in_interpreter()
 
 # Kernel tests run their tensors here: "cuda" on a GPU, "cpu" under the interpreter.
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -12,6 +12,7 @@ The scores are saved (float32) for the backward, which rebuilds p from them.
 import triton
 import triton.language as tl
 
+from gsa_kernels.kernels.dots import dot_acc_scaled
 from gsa_kernels.kernels.indexing import chunk_coords
 from gsa_kernels.kernels.intra import apply_causal, load_rows, matrix_causal
 from gsa_kernels.kernels.states import chunk_gates
@@ -50,10 +51,13 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
             kc = tl.load(k + koff, mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
                          mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
-            qf = qc.to(tl.float32)
             if COMPACT:
-                qf = qf * tl.load(hk_scales + (slot * H + h) * K + kk, mask=kk < K, other=0.0)[None, :]
-            qh += tl.dot(qf, hk, input_precision=PREC)
+                # float16 Hk and q times a power of two: both exact in tf32
+                qf = qc.to(tl.float32) * tl.load(hk_scales + (slot * H + h) * K + kk, mask=kk < K, other=0.0)[None, :]
+                qh += tl.dot(qf, hk, input_precision=PREC)
+            else:
+                # Hk as 16-bit halves: tf32 would truncate it to 11 bits, and the softmax amplifies that
+                qh = dot_acc_scaled(qc, hk, qh, PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
                           + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))

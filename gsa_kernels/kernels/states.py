@@ -19,12 +19,13 @@ scores, p the slot softmax, do the output gradient):
 
 States are float32 throughout: the slot scores feed a softmax, which turns any relative error of
 Hk into an absolute error of the probabilities. For half inputs the walks' dots take the 16-bit
-tile as it is and split the float32 one into two 16-bit halves (`_dot_acc`, perf-notes v13): the
+tile as it is and split the float32 one into two 16-bit halves (dots.py `dot_acc`, perf-notes v13): the
 states come out ~2e-6 from float64 where tf32 dots left them ~4e-4 off, and the step is shorter.
 """
 import triton
 import triton.language as tl
 
+from gsa_kernels.kernels.dots import dot_acc, pow2_scale
 from gsa_kernels.kernels.indexing import sequence_span
 from gsa_kernels.kernels.intra import load_gates, load_rows
 
@@ -60,40 +61,9 @@ def _store_scaled(x, values, scales, off, mask, scale_off, scale_mask):
     the row's largest magnitude, so values lie in (-2, 2)). float16 keeps 11 significant bits of every element
     within 2^-14 of its row's largest: as many as the tf32 dots that read the states keep of float32,
     at half the bytes. The scale only bounds the row, so slots of any magnitude may share it."""
-    # the scale is amax's exponent alone (a power of two in (amax / 2, amax]), and its inverse the
-    # negated exponent: bit operations instead of log2 / exp2 / a division, which the walk's
-    # serial step would wait on; |x / scale| < 2
-    amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) & 0x7F800000
-    normal = amax_bits != 0
-    scale = tl.where(normal, amax_bits, 127 << 23).to(tl.float32, bitcast=True)
-    inverse = tl.where(normal, (254 << 23) - amax_bits, 127 << 23).to(tl.float32, bitcast=True)
+    scale, inverse = pow2_scale(tl.max(tl.abs(x), axis=1))
     tl.store(values + off, (x * inverse[:, None]).to(tl.float16), mask=mask)
     tl.store(scales + scale_off, scale, mask=scale_mask)
-
-
-@triton.jit
-def _dot_acc(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b, where one operand is float32 (w, or the backward's dz e^G / p e^G) and the other is
-    float32 too or in the half input dtype (k, v, q, do). Half inputs: the float32 operand is split
-    into hi + lo halves of the other's dtype and the product is two 16-bit dots. That keeps 16
-    significant bits of it (tf32 keeps 11: states off by ~4e-4 relative, against ~2e-6 now) and is
-    faster: 16-bit operands reach the tensor cores from shared memory in either major order, so the
-    transposed k / v tiles need no float32 conversion and transpose in registers."""
-    if a.dtype == tl.float32 and b.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PREC)
-    elif a.dtype == tl.float32:
-        a_hi, a_lo = _halves(a, b.dtype)
-        return tl.dot(a_lo, b, tl.dot(a_hi, b, acc))
-    else:
-        b_hi, b_lo = _halves(b, a.dtype)
-        return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
-
-
-@triton.jit
-def _halves(x, dtype: tl.constexpr):
-    """float32 x as hi + lo in a 16-bit dtype (hi = x rounded, lo = what that rounding left)."""
-    hi = x.to(dtype)
-    return hi, (x - hi.to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -168,13 +138,13 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
         w = sc * tl.exp(Gend[None, :] - G)
         decay = tl.exp(Gend)
         if DO_KEYS:
-            hk = _dot_acc(tl.trans(kc), w, hk * decay[None, :], PREC)
+            hk = dot_acc(tl.trans(kc), w, hk * decay[None, :], PREC)
             kc = kc_next
         if DO_VALUES:
             if COMPACT:
-                hv = _dot_acc(tl.trans(vc), w, hv * decay[None, :], PREC)
+                hv = dot_acc(tl.trans(vc), w, hv * decay[None, :], PREC)
             else:
-                hv = _dot_acc(tl.trans(w), vc, decay[:, None] * hv, PREC)
+                hv = dot_acc(tl.trans(w), vc, decay[:, None] * hv, PREC)
             vc = vc_next
         Gend = Gend_next
     if STORE_FINAL_STATE:
@@ -270,11 +240,11 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             qk = qc
             if qc.dtype == tl.float16:
                 qk = qc.to(tl.float32)
-            dhk = _dot_acc(tl.trans(qk), dzc * eG, dhk * decay[None, :], PREC)
+            dhk = dot_acc(tl.trans(qk), dzc * eG, dhk * decay[None, :], PREC)
             qc = qc_next
         if DO_VALUES:
             p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-            dhv = _dot_acc(tl.trans(p * eG), doc, decay[:, None] * dhv, PREC)
+            dhv = dot_acc(tl.trans(p * eG), doc, decay[:, None] * dhv, PREC)
             doc = doc_next
         Gend = Gend_next
     if DO_KEYS:
