@@ -69,6 +69,23 @@ def _tile(whole: int, dim: int, lo: int = 2, hi: int = 64) -> int:
     return max(lo, min(hi, next_pow2(dim), _RECURRENT_TILE // whole))
 
 
+# Triton 3.6 miscompiles the forward chunk kernels at chunk 64 with 8 warps on the H100 (session 10,
+# perf-notes "8 warps at chunk 64"): outputs off by up to 0.5 in rows that change from run to run, or
+# illegal memory accesses, at M from 5 to 100. 4 warps of the same tiles, and chunk 32 at either
+# warp count, were right in every config tried. No config with this combination is launched.
+_MISCOMPILED_AT_CHUNK_64 = ("chunk_fwd", "chunk_fwd_compact")
+
+
+def miscompiled(kernel: str, cfg: dict, BT: int | None) -> bool:
+    """Whether `cfg` is a known Triton 3.6 miscompile of `kernel` at chunk size BT (see above)."""
+    return kernel in _MISCOMPILED_AT_CHUNK_64 and (BT or 32) > 32 and cfg.get("num_warps") == 8
+
+
+def _safe(kernel: str, cfg: dict, BT: int | None) -> dict:
+    """cfg, with 4 warps where 8 would be a known miscompile (the tiles and stages are kept)."""
+    return dict(cfg, num_warps=4) if miscompiled(kernel, cfg, BT) else cfg
+
+
 def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, seqs: int | None = None) -> dict:
     """`_default_config`, memoized (a pure function of its arguments and the GPU's SM count): an
     untuned shape looks its configs up on every launch. A fresh dict each call, for callers to edit."""
@@ -128,7 +145,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
         for key in ("BK", "BV"):
             if key in cfg:
                 cfg[key] = min(cfg[key], cap)
-    return dict(cfg)
+    return _safe(kernel, cfg, BT)
 
 
 def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
@@ -173,7 +190,8 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
     (gsa_kernels/tuned.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
     No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles; for the
-    decode step seqs = B*H sets SPLIT, its programs per (batch, head)).
+    decode step seqs = B*H sets SPLIT, its programs per (batch, head)). From any source, a known
+    miscompile (`miscompiled`) launches with 4 warps instead of 8.
     """
     if kernel in RECURRENT_CANDIDATES:
         cfg, source, entry = None, "default", None
@@ -183,6 +201,9 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES) + sorted(RECURRENT_CANDIDATES)}")
     if cfg is None:
         cfg = default_config(kernel, K, V, M, BT, seqs)
+    # a tuned entry is keyed by shape, not chunk size: its configs may come from a chunk-32 sweep
+    # and meet a call's chunk_size=64
+    cfg = _safe(kernel, cfg, BT)
     if kernel == "decode" and cfg["SPLIT"] == 0:
         cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
     with _lock:

@@ -316,6 +316,30 @@ def test_tie_break_is_deterministic():
     assert search.tie_break([(a, 1.10), (b, 1.00)], order, a, 0.02) == (b, 1.00, 1.10)
 
 
+def test_known_miscompile_is_never_launched(monkeypatch, tmp_path):
+    """configs.miscompiled (8 warps at chunk 64 for the forward chunk kernels, Triton 3.6 on the H100):
+    the defaults avoid it, the sweep prunes it, and a tuned config that has it (tuned at chunk 32,
+    called with chunk_size=64) launches with 4 warps and its other parameters."""
+    shape = shapes.Shape(8, 2048, 4, 512, 512, 64)
+    for kernel in ("chunk_fwd", "chunk_fwd_compact"):
+        d = configs.default_config(kernel, 512, 512, 64, 64, seqs=32)
+        assert d["num_warps"] == 4 and not configs.miscompiled(kernel, d, 64), d
+        for BT, pruned in ((64, True), (32, False)):
+            kept, why = search.prune(kernel, search.enumerate_space(kernel), shape=shape, dtype="bfloat16",
+                                     BT=BT, arch="sm90")
+            assert any(c["num_warps"] == 8 for c in kept) != pruned, (kernel, BT)
+            assert any("miscompile" in w for w in why) == pruned, (kernel, BT)
+    assert configs.default_config("chunk_bwd_keys", 512, 512, 64, 64, seqs=32)["num_warps"] == 8  # not in the list
+    cfgs = non_default_configs(16, 16, 16)
+    cfgs["chunk_fwd"] = {"BK": 32, "BV": 64, "num_warps": 8, "num_stages": 2}
+    key = shape_key(*SMALL, "float32")
+    use_file(monkeypatch, write(tmp_path / "w8.yaml", {"meta": meta(), "entries": [entry(key, cfgs)]}))
+    at = dict(K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
+    assert configs.launch_config("chunk_fwd", BT=32, **at) == cfgs["chunk_fwd"]
+    assert configs.launch_config("chunk_fwd", BT=64, **at) == dict(cfgs["chunk_fwd"], num_warps=4)
+    assert configs.last_configs()["chunk_fwd"]["num_warps"] == 4
+
+
 def test_env_override_and_missing_files(monkeypatch, tmp_path):
     cfgs = non_default_configs(16, 16, 16)
     key = shape_key(*SMALL, "float32")

@@ -18,10 +18,12 @@ is the real op, `chunk_gsa`, with `configs.override` fixing every kernel's confi
 4. The kept BT whose tuned configs give the fastest forward+backward wins.
 
 Pruning, before anything is compiled (rules by the naming grammar BT/BC/BK/BV/BM; other parameters
-are never pruned): a tile (BK, BV, BM) larger than the padded dim (pow2, at least 16) unless it is the
-smallest candidate; a chunk BT longer than the padded T unless it is the smallest candidate; a
-sub-chunk BC larger than BT; a config over `gsa_kernels.tuned.fits`'s shared memory or register
-estimate. A candidate that then fails to compile or to launch is rejected with the error.
+are pruned only as a known miscompile): a tile (BK, BV, BM) larger than the padded dim (pow2, at least
+16) unless it is the smallest candidate; a chunk BT longer than the padded T unless it is the smallest
+candidate; a sub-chunk BC larger than BT; a known Triton miscompile (`configs.miscompiled`: it can
+give wrong results without an error, which no timing would notice); a config over
+`gsa_kernels.tuned.fits`'s shared memory or register estimate. A candidate that then fails to
+compile or to launch is rejected with the error.
 
 Near-ties: among the candidates within `tie` (default 2%) of the fastest, the default config wins if
 it is one of them (a stable answer), else the earliest in enumeration order (CANDIDATES order:
@@ -122,6 +124,8 @@ def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | 
             why = f"BT={cfg['BT']} > pow2(T={shape.T})"
         if "BC" in cfg and BT is not None and cfg["BC"] > BT:
             why = f"BC={cfg['BC']} > BT={BT}"
+        if why is None and configs.miscompiled(kernel, cfg, BT):
+            why = f"num_warps=8 at BT={BT}: a Triton 3.6 miscompile (configs.miscompiled)"
         if why is None and kernel != CHUNK:
             bt = BT if BT is not None else 64
             if not tuned.fits(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype, arch=arch):
