@@ -200,10 +200,11 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     else:
         raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES) + sorted(RECURRENT_CANDIDATES)}")
     if cfg is None:
-        cfg = default_config(kernel, K, V, M, BT, seqs)
-    # a tuned entry is keyed by shape, not chunk size: its configs may come from a chunk-32 sweep
-    # and meet a call's chunk_size=64
-    cfg = _safe(kernel, cfg, BT)
+        cfg = default_config(kernel, K, V, M, BT, seqs)        # safe already
+    else:
+        # a tuned entry is keyed by shape, not chunk size: its configs may come from a chunk-32
+        # sweep and meet a call's chunk_size=64
+        cfg = _safe(kernel, cfg, BT)
     if kernel == "decode" and cfg["SPLIT"] == 0:
         cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
     with _lock:

@@ -349,16 +349,13 @@ def test_every_forward_candidate_config_agrees(kernel, BT):
     off at this steep-gate draw, not the same rows twice, or hit illegal memory accesses: a Triton
     miscompile (configs.miscompiled), which the sweep prunes and launch_config never launches.
     Warps and stages do nothing in the interpreter, so there each tile pair runs once."""
-    import itertools
-
     from gsa_kernels import tuned
-    from gsa_kernels.configs import CANDIDATES, default_config, miscompiled
+    from gsa_kernels.configs import default_config, miscompiled
+    from tuning.search import enumerate_space
     B, T, H, K, V, M = (2, 242, 1, 128, 64, 5) if ON_GPU else (1, 70, 1, 40, 24, 5)
     dtype = torch.float16
     q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, "steep", seed=699, initial_state=True)
-    params = CANDIDATES[kernel]
-    space = [dict(zip(params, values)) for values in itertools.product(*params.values())]
-    space = [c for c in space if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
+    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
     if not ON_GPU:
         space = list({(c["BK"], c["BV"]): dict(c, num_warps=4, num_stages=1) for c in space}.values())
     space.append(default_config(kernel, K, V, M, BT, B * H))
