@@ -26,7 +26,7 @@ from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get IEEE float32 dots (the contract is 1e-5); half inputs get tf32 for the dots
     whose operands are float32 intermediates (states, probabilities), which bf16 would round (the
-    state walks do better: states.py `_dot_acc`)."""
+    state walks and chunk_fwd's q Hk do better: kernels/dots.py)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

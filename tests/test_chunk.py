@@ -312,7 +312,7 @@ def test_half_slot_scores_keep_hk_beyond_tf32(dtype):
 def test_float16_backward_walk_takes_gradients_beyond_float16_range(monkeypatch):
     """Under float16 loss scaling the slot-score gradient dz, which the backward state walk reads in
     float32, can pass float16's 65504 while the op's own inputs and float32 state gradients are fine.
-    The walk must not round it to float16 (`_dot_acc`'s split would give inf). Large v and do take dz e^G
+    The walk must not round it to float16 (dots.py `dot_acc`'s split would give inf). Large v and do take dz e^G
     past it here (float16 halves gave NaN); the float32 gradients of the initial states must match float64."""
     import gsa_kernels.chunk as chunk_mod
     dtype = torch.float16
