@@ -375,6 +375,57 @@ def test_every_forward_candidate_config_agrees(kernel, BT):
     assert not bad, f"{kernel} chunk {BT}: {len(bad)} of {len(space)} configs off: {bad}"
 
 
+_CANDIDATE_BWD_SHAPE = (2, 242, 1, 128, 64, 16) if ON_GPU else (1, 70, 1, 40, 24, 16)
+_candidate_bwd_reference = {}
+
+
+def candidate_bwd_case():
+    """The inputs, the upstream gradient and the float64 gradients of the backward candidate test,
+    built once: the float64 autograd of the recurrence is the slow part, and every config of every
+    kernel checks against the same numbers."""
+    if not _candidate_bwd_reference:
+        B, T, H, K, V, M = _CANDIDATE_BWD_SHAPE
+        leaves = make_inputs(B, T, H, K, V, M, torch.float16, "model", seed=812)
+        do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(813)).to(torch.float16)
+        ref = [x.double().requires_grad_() for x in leaves]
+        ro, _ = naive_recurrent_gsa(*ref[:5], initial_state=tuple(ref[5:]))
+        ro.backward(do.double())
+        _candidate_bwd_reference.update(leaves=leaves, do=do, grads=[x.grad for x in ref])
+    return _candidate_bwd_reference
+
+
+@pytest.mark.parametrize("BT", [32, 64])
+@pytest.mark.parametrize("kernel", ["chunk_bwd_dscores", "chunk_bwd_keys", "chunk_bwd_values"])
+def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
+    """The backward twin of the test above: every config the sweep may pick for a backward chunk
+    kernel, and the default, gives every gradient within the bound. Their default at chunk 64 is
+    8 warps, the warp count that Triton 3.6 miscompiles in the forward chunk kernels on the H100."""
+    from gsa_kernels import tuned
+    from gsa_kernels.configs import default_config, miscompiled
+    from tuning.search import enumerate_space
+    B, T, H, K, V, M = _CANDIDATE_BWD_SHAPE
+    dtype = torch.float16
+    case = candidate_bwd_case()
+    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
+    if not ON_GPU:
+        space = list({tuple(v for n, v in c.items() if n not in ("num_warps", "num_stages")): dict(c, num_warps=4, num_stages=1)
+                      for c in space}.values())
+    space.append(default_config(kernel, K, V, M, BT, B * H))
+    names = ("dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0")
+    bad = {}
+    for cfg in space:
+        ins = [x.detach().clone().to(DEVICE).requires_grad_() for x in case["leaves"]]   # fresh .grad per config
+        with override({kernel: cfg}):
+            o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=BT)
+            o.backward(case["do"].to(DEVICE))
+        assert last_configs()[kernel] == cfg, f"{kernel} did not launch: {last_configs()}"
+        errors = {n: rel_err(x.grad, r) for n, x, r in zip(names, ins, case["grads"])}
+        worst = max(errors, key=errors.get)
+        if errors[worst] > BOUNDS[dtype][1]:
+            bad[",".join(f"{n}={x}" for n, x in cfg.items())] = f"{worst} {errors[worst]:.1e}"
+    assert not bad, f"{kernel} chunk {BT}: {len(bad)} of {len(space)} configs off: {bad}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Forward only (no input requires grad): half inputs take the scaled float16 chunk states
 
