@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 def _truncate_tf32_in_interpreter():
     """The interpreter multiplies a tl.dot's float32 operands exactly (numpy). The GPU, told
     input_precision="tf32", keeps 10 stored mantissa bits of each and drops the rest (truncation, not
-    rounding: tests/test_intra.py `test_tf32_dots_truncate` checks this on the GPU and here). Doing the
+    rounding: tests/test_dots.py `test_tf32_dots_truncate` checks this on the GPU and here). Doing the
     same here lets the interpreter's tests see the half-input paths' tf32 error; without it they would
     pass precision cases that fail on the GPU (perf-notes v14). float32 inputs use "ieee": untouched.
     Written against Triton 3.6's InterpreterBuilder.create_dot (pinned): fails loudly if it moves."""

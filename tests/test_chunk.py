@@ -341,26 +341,36 @@ def test_float16_backward_walk_takes_gradients_beyond_float16_range(monkeypatch)
     assert max(errors.values()) < BOUNDS[dtype][1], errors
 
 
+def candidate_configs(kernel, K, V, M, BT, dtype, seqs):
+    """Every config the sweep may pick for `kernel` at this shape and chunk size (its candidates that
+    fit and are not a known miscompile), then the default. Warps and stages do nothing in the
+    interpreter, so there each tile choice runs once."""
+    from gsa_kernels import tuned
+    from gsa_kernels.configs import default_config, miscompiled
+    from tuning.search import enumerate_space
+    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
+    if not ON_GPU:
+        tiles = {tuple(x for n, x in c.items() if n not in ("num_warps", "num_stages")): c for c in space}
+        space = [dict(c, num_warps=4, num_stages=1) for c in tiles.values()]
+    return space + [default_config(kernel, K, V, M, BT, seqs)]
+
+
+def config_label(cfg):
+    return ",".join(f"{n}={x}" for n, x in cfg.items())
+
+
 @pytest.mark.parametrize("BT", [32, 64])
 @pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_fwd_compact"])
 def test_every_forward_candidate_config_agrees(kernel, BT):
     """Every config the sweep may pick for a forward chunk kernel gives the right forward, and so does
     the default. On the H100 (session 10) both kernels at chunk 64 with 8 warps put rows up to 0.5
     off at this steep-gate draw, not the same rows twice, or hit illegal memory accesses: a Triton
-    miscompile (configs.miscompiled), which the sweep prunes and launch_config never launches.
-    Warps and stages do nothing in the interpreter, so there each tile pair runs once."""
-    from gsa_kernels import tuned
-    from gsa_kernels.configs import default_config, miscompiled
-    from tuning.search import enumerate_space
+    miscompile (configs.miscompiled), which the sweep prunes and launch_config never launches."""
     B, T, H, K, V, M = (2, 242, 1, 128, 64, 5) if ON_GPU else (1, 70, 1, 40, 24, 5)
     dtype = torch.float16
     q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, "steep", seed=699, initial_state=True)
-    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
-    if not ON_GPU:
-        space = list({(c["BK"], c["BV"]): dict(c, num_warps=4, num_stages=1) for c in space}.values())
-    space.append(default_config(kernel, K, V, M, BT, B * H))
-    ro, (rhk, rhv) = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), output_final_state=True,
-                                         initial_state=(hk0.double(), hv0.double()))
+    space = candidate_configs(kernel, K, V, M, BT, dtype, seqs=B * H)
+    ro, _ = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), initial_state=(hk0.double(), hv0.double()))
     bad = {}
     for cfg in space:
         ins = [x.to(DEVICE) for x in (q, k, v, s, g)]
@@ -371,7 +381,7 @@ def test_every_forward_candidate_config_agrees(kernel, BT):
         assert last_configs()[kernel] == cfg, f"{kernel} did not launch: {last_configs()}"
         err = rel_err(o, ro)
         if err > BOUNDS[dtype][0]:
-            bad[",".join(f"{n}={x}" for n, x in cfg.items())] = f"{err:.1e}"
+            bad[config_label(cfg)] = f"{err:.1e}"
     assert not bad, f"{kernel} chunk {BT}: {len(bad)} of {len(space)} configs off: {bad}"
 
 
@@ -400,18 +410,10 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
     """The backward twin of the test above: every config the sweep may pick for a backward chunk
     kernel, and the default, gives every gradient within the bound. Their default at chunk 64 is
     8 warps, the warp count that Triton 3.6 miscompiles in the forward chunk kernels on the H100."""
-    from gsa_kernels import tuned
-    from gsa_kernels.configs import default_config, miscompiled
-    from tuning.search import enumerate_space
     B, T, H, K, V, M = _CANDIDATE_BWD_SHAPE
     dtype = torch.float16
     case = candidate_bwd_case()
-    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
-    if not ON_GPU:
-        space = list({tuple(v for n, v in c.items() if n not in ("num_warps", "num_stages")): dict(c, num_warps=4, num_stages=1)
-                      for c in space}.values())
-    space.append(default_config(kernel, K, V, M, BT, B * H))
-    names = ("dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0")
+    space = candidate_configs(kernel, K, V, M, BT, dtype, seqs=B * H)
     bad = {}
     for cfg in space:
         ins = [x.detach().clone().to(DEVICE).requires_grad_() for x in case["leaves"]]   # fresh .grad per config
@@ -419,10 +421,10 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
             o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=BT)
             o.backward(case["do"].to(DEVICE))
         assert last_configs()[kernel] == cfg, f"{kernel} did not launch: {last_configs()}"
-        errors = {n: rel_err(x.grad, r) for n, x, r in zip(names, ins, case["grads"])}
+        errors = {n: rel_err(x.grad, r) for n, x, r in zip(GRAD_NAMES, ins, case["grads"])}
         worst = max(errors, key=errors.get)
         if errors[worst] > BOUNDS[dtype][1]:
-            bad[",".join(f"{n}={x}" for n, x in cfg.items())] = f"{worst} {errors[worst]:.1e}"
+            bad[config_label(cfg)] = f"{worst} {errors[worst]:.1e}"
     assert not bad, f"{kernel} chunk {BT}: {len(bad)} of {len(space)} configs off: {bad}"
 
 
