@@ -9,7 +9,6 @@ the defaults below apply: they were chosen for the H100 and checked on it (docs/
 from __future__ import annotations
 
 import functools
-import threading
 
 from gsa_kernels import tuned
 from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
@@ -54,10 +53,6 @@ RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
     "decode": {"BK": [32, 64, 128], "BV": [32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
                "num_warps": [2, 4, 8], "num_stages": [1]},
 }
-
-_lock = threading.Lock()
-_last_used: dict[str, dict] = {}
-
 
 # Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
 # this many float32 elements (16 per thread at 4 warps would be 2048; 4096 keeps loads wide).
@@ -185,7 +180,7 @@ def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
 
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
                   tokens: int | None = None, seqs: int | None = None) -> dict:
-    """The config `kernel` launches with for this shape; recorded for `last_configs()`.
+    """The config `kernel` launches with for this shape; recorded for this thread's `last_launches()`.
 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
     (gsa_kernels/tuned.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
@@ -207,20 +202,16 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         cfg = _safe(kernel, cfg, BT)
     if kernel == "decode" and cfg["SPLIT"] == 0:
         cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
-    with _lock:
-        _last_used[kernel] = dict(cfg)
-    if kernel in CANDIDATES:
-        tuned.record_launch(kernel, cfg, source, entry)
+    tuned.record_launch(kernel, cfg, source, entry)
     return cfg
 
 
 def last_configs() -> dict[str, dict]:
-    """The config each kernel used at its most recent launch in this process (for tests and debugging)."""
-    with _lock:
-        return {k: dict(v) for k, v in _last_used.items()}
+    """{kernel: config} of this thread's most recent launches: `tuned.last_launches()` without the
+    sources (for tests and debugging)."""
+    return {k: v["config"] for k, v in tuned.last_launches().items()}
 
 
 def clear_last_configs():
-    """Forget the recorded launches (the sweep uses it to see which kernels an op launches)."""
-    with _lock:
-        _last_used.clear()
+    """Forget this thread's recorded launches (the sweep uses it to see which kernels an op launches)."""
+    tuned.clear_launches()

@@ -27,10 +27,13 @@ M weighs double because BM = pow2(M) sizes every tile of every kernel; the work-
 half because they move the best config least. A nearest entry is only taken if every kernel's config
 passes `fits` at the problem's dims, so a config tuned for a small M never overflows at a large one.
 
-A file is used only when it is well-formed (`validate`), made for this arch (when a GPU is present),
-by this Triton version, for these kernel sources (`source_fingerprint`) and these candidate lists
-(`candidates_hash`). Anything else gives one `warnings.warn` per file and the fallback (user cache,
-nearest, default): never an exception at launch and never a silently used stale config. The
+A file is used only when it is well-formed (`validate`: any break of the schema, anywhere, and a
+file over MAX_FILE_BYTES count as malformed), made for this arch (when a GPU is present) and by this
+Triton version. Staleness is per kernel: a kernel's configs are used only when the file was measured
+on the same source of that kernel and the helpers it calls (`kernel_hashes`) and with the same
+candidate list (`candidates_hash`); the other kernels of the same entries stay in use. Anything
+unusable gives one `warnings.warn` per file and the fallback (user cache, nearest, default): never an
+exception at launch and never a silently used stale config. The
 torch.compile backend (an entry with `backend: torch_compile`) is honoured only for an exact key
 from a file made with the same torch major.minor; everywhere else the Triton kernels run.
 
@@ -53,8 +56,14 @@ import triton
 
 from gsa_kernels._paths import tuned_configs_dir
 from gsa_kernels.intmath import pow2_at_least
+from gsa_kernels.kernel_hashes import kernel_hashes
 
-FORMAT = 1
+FORMAT = 2             # 2: per-kernel source hashes (meta.kernel_hashes) instead of one for all files
+# A tuned file holds some kilobytes per entry; past this it is not a file the sweep wrote, and parsing
+# it would hold the lookup lock for minutes
+MAX_FILE_BYTES = 4 << 20
+# Largest dim or work size a key may name (2^40 token-heads); beyond it, log-space distances overflow
+MAX_KEY_VALUE = 1 << 40
 ENV_FILE = "GSA_TUNED_CONFIGS"
 ENV_AUTOTUNE = "GSA_KERNELS_AUTOTUNE"
 ENV_CACHE_DIR = "GSA_KERNELS_CACHE_DIR"
@@ -103,27 +112,6 @@ def problem_key(*, K, V, M, dtype, tokens=None, seqs=None) -> tuple:
             None if tokens is None else bucket(tokens), None if seqs is None else bucket(seqs))
 
 
-def source_files() -> list[Path]:
-    """The files whose text decides what a config does and how fast: every Triton kernel file and the
-    launcher. One hash covers them all because the kernels share helpers (kernels/intra.py), so a
-    change anywhere can move any kernel's time."""
-    return sorted((_PACKAGE_DIR / "kernels").glob("*.py")) + [_PACKAGE_DIR / "chunk.py"]
-
-
-_fingerprint: str | None = None
-
-
-def source_fingerprint() -> str:
-    global _fingerprint
-    if _fingerprint is None:
-        h = hashlib.sha256()
-        for path in source_files():
-            h.update(path.name.encode() + b"\0")
-            h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
-        _fingerprint = h.hexdigest()[:16]
-    return _fingerprint
-
-
 def candidates_hash(kernel: str) -> str:
     from gsa_kernels.configs import CANDIDATES
     text = json.dumps(CANDIDATES[kernel], sort_keys=True)
@@ -166,17 +154,27 @@ def fits(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype, arch: str | None 
 # overrides (the sweep's and the autotuner's handle on every launch), counters, last launches
 # ---------------------------------------------------------------------------------------------
 
-_override: dict[str, dict] | None = None
 _stats = {"autotune_benchmarks": 0, "autotune_runs": 0, "files_read": 0}
-_last: dict[str, dict] = {}
+
+
+class _PerThread(threading.local):
+    """What one thread has asked for and done: its active override and its launch records. Per
+    thread, so that a sweep or autotune in one thread never steers another thread's launches, and
+    `last_launches()` answers for the thread that asks."""
+
+    def __init__(self):
+        self.override: dict[str, dict] | None = None
+        self.launches: dict[str, dict] = {}
+
+
+_thread = _PerThread()
 
 
 @contextlib.contextmanager
 def override(configs: dict[str, dict]):
-    """Within the block, every kernel named in `configs` launches with that config, and chunk_gsa
-    runs the Triton kernels (no backend dispatch, no opt-in autotuning). Process-wide, not nested
-    across threads: the sweep is single-threaded. Kernels not named keep their normal lookup."""
-    global _override
+    """Within the block, in this thread, every kernel named in `configs` launches with that config,
+    and chunk_gsa runs the Triton kernels (no backend dispatch, no opt-in autotuning). Nested blocks
+    add to the outer one. Kernels not named keep their normal lookup; other threads are unaffected."""
     from gsa_kernels.configs import CANDIDATES
     for kernel, cfg in configs.items():
         if kernel not in CANDIDATES:
@@ -184,18 +182,21 @@ def override(configs: dict[str, dict]):
         if set(cfg) != set(CANDIDATES[kernel]):
             raise ValueError(f"override: config of {kernel!r} must set {sorted(CANDIDATES[kernel])}, "
                              f"got {sorted(cfg)}")
-    with _lock:
-        previous = _override
-        _override = {**(previous or {}), **{k: dict(v) for k, v in configs.items()}}
+    previous = _thread.override
+    _thread.override = {**(previous or {}), **{k: dict(v) for k, v in configs.items()}}
     try:
         yield
     finally:
-        with _lock:
-            _override = previous
+        _thread.override = previous
+
+
+def current_override() -> dict[str, dict] | None:
+    """This thread's active override ({kernel: config}), or None."""
+    return _thread.override
 
 
 def overriding() -> bool:
-    return _override is not None
+    return _thread.override is not None
 
 
 def count_benchmark(n: int = 1):
@@ -212,15 +213,19 @@ def stats() -> dict:
 
 
 def last_launches() -> dict[str, dict]:
-    """Per kernel, its most recent launch: {"config", "source", "entry"}; source is one of
-    override / tuned / user-cache / nearest / default, entry the key of the entry used (or None)."""
-    with _lock:
-        return {k: {**v, "config": dict(v["config"])} for k, v in _last.items()}
+    """Per kernel, this thread's most recent launch of it, in first-launch order: {"config", "source",
+    "entry"}; source is one of override / tuned / user-cache / autotuned / nearest / default, entry the
+    key of the entry used (or None). Covers every kernel, the recurrent and decode ones included."""
+    return {k: {**v, "config": dict(v["config"])} for k, v in _thread.launches.items()}
 
 
 def record_launch(kernel: str, cfg: dict, source: str, entry):
-    with _lock:
-        _last[kernel] = {"config": dict(cfg), "source": source, "entry": entry}
+    _thread.launches[kernel] = {"config": dict(cfg), "source": source, "entry": entry}
+
+
+def clear_launches():
+    """Forget this thread's launch records (the sweep uses it to see which kernels an op launches)."""
+    _thread.launches.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +246,7 @@ class Table:
     meta: dict
     entries: list = field(default_factory=list)
     exact: dict = field(default_factory=dict)
+    stale: tuple = ()        # kernels whose configs this file holds but may not use (dropped from entries)
 
 
 class FileProblem(Exception):
@@ -264,7 +270,7 @@ def user_cache_path(arch: str | None = None) -> Path:
 def expected_meta() -> dict:
     """What a file must say about the software to be used here."""
     from gsa_kernels.configs import CANDIDATES
-    return {"format": FORMAT, "triton": triton.__version__, "source_hash": source_fingerprint(),
+    return {"format": FORMAT, "triton": triton.__version__, "kernel_hashes": dict(kernel_hashes()),
             "candidates": {k: candidates_hash(k) for k in CANDIDATES}}
 
 
@@ -279,7 +285,11 @@ def _int(x) -> bool:
 
 
 def _positive_int(x) -> bool:
-    return _int(x) and x > 0
+    return _int(x) and 0 < x <= MAX_KEY_VALUE
+
+
+def _string(x) -> bool:
+    return isinstance(x, str)
 
 
 def parse_entry(raw, index: int) -> Entry:
@@ -290,10 +300,12 @@ def parse_entry(raw, index: int) -> Entry:
     key = raw.get("key")
     _require(isinstance(key, dict) and set(KEY_FIELDS) <= set(key), f"{where}.key must have {KEY_FIELDS}")
     for name in ("K", "V", "M", "tokens", "seqs"):
-        _require(_positive_int(key[name]), f"{where}.key.{name} must be a positive int, got {key[name]!r}")
-    _require(key["dtype"] in DTYPES, f"{where}.key.dtype must be one of {sorted(DTYPES)}")
+        _require(_positive_int(key[name]),
+                 f"{where}.key.{name} must be a positive int (at most 2^40), got {str(key[name])[:40]!r}")
+    _require(_string(key["dtype"]) and key["dtype"] in DTYPES,
+             f"{where}.key.dtype must be one of {sorted(DTYPES)}")
     backend = raw.get("backend", "triton")
-    _require(backend in BACKENDS, f"{where}.backend must be one of {BACKENDS}, got {backend!r}")
+    _require(_string(backend) and backend in BACKENDS, f"{where}.backend must be one of {BACKENDS}")
     configs = raw.get("configs")
     _require(isinstance(configs, dict) and set(configs) == set(CANDIDATES),
              f"{where}.configs must name exactly the kernels {sorted(CANDIDATES)}")
@@ -302,60 +314,85 @@ def parse_entry(raw, index: int) -> Entry:
                  f"{where}.configs.{kernel} must set {sorted(CANDIDATES[kernel])}")
         for param, value in cfg.items():
             _require(_int(value) and value in CANDIDATES[kernel][param],
-                     f"{where}.configs.{kernel}.{param} = {value!r} is not a candidate "
+                     f"{where}.configs.{kernel}.{param} = {str(value)[:40]!r} is not a candidate "
                      f"{CANDIDATES[kernel][param]}")
     k = problem_key(K=key["K"], V=key["V"], M=key["M"], dtype=key["dtype"],
                     tokens=key["tokens"], seqs=key["seqs"])
     return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index)
 
 
-def validate(doc, *, arch: str | None) -> tuple[dict, list]:
-    """(meta, entries) of a parsed YAML document, or FileProblem saying why it cannot be used."""
+def _hash_map(meta, name) -> dict:
+    """meta[name] as {kernel: hash string}; anything else is malformed."""
+    value = meta.get(name)
+    _require(isinstance(value, dict) and all(_string(k) and _string(v) for k, v in value.items()),
+             f"meta.{name} must map kernel names to hash strings")
+    return value
+
+
+def validate(doc, *, arch: str | None) -> tuple[dict, list, tuple]:
+    """(meta, entries, stale kernels) of a parsed YAML document, or FileProblem saying why it cannot be
+    used at all. The stale kernels' configs are dropped from the entries (their launches take the
+    nearest fresh entry's config or the default); every other kernel keeps its tuned configs."""
+    from gsa_kernels.configs import CANDIDATES
     _require(isinstance(doc, dict), "the top level is not a mapping")
     meta, raw_entries = doc.get("meta"), doc.get("entries")
     _require(isinstance(meta, dict), "no `meta` mapping")
     _require(isinstance(raw_entries, list), "no `entries` list")
-    for name in ("arch", "triton", "source_hash"):
-        _require(isinstance(meta.get(name), str), f"meta.{name} must be a string")
-    _require(meta.get("format") == FORMAT, f"meta.format must be {FORMAT}, got {meta.get('format')!r}")
-    _require(isinstance(meta.get("candidates"), dict), "meta.candidates must be a mapping")
+    _require(_int(meta.get("format")) and meta.get("format") == FORMAT,
+             f"meta.format must be {FORMAT}, got {str(meta.get('format'))[:40]!r} (re-run the sweep)")
+    for name in ("arch", "triton"):
+        _require(_string(meta.get(name)), f"meta.{name} must be a string")
+    file_hashes, file_candidates = _hash_map(meta, "kernel_hashes"), _hash_map(meta, "candidates")
     if arch is not None and meta["arch"] != arch:
         raise FileProblem(f"tuned for {meta['arch']}, but this GPU is {arch}")
     if arch is not None and meta.get("dry_run"):
         raise FileProblem("written by a --dry-run in Triton's interpreter; its times mean nothing on a GPU")
     want = expected_meta()
-    stale = []
     if meta["triton"] != want["triton"]:
-        stale.append(f"Triton {meta['triton']} (this is {want['triton']})")
-    if meta["source_hash"] != want["source_hash"]:
-        stale.append(f"kernel source hash {meta['source_hash']} (these kernels: {want['source_hash']})")
-    if meta["candidates"] != want["candidates"]:
-        changed = sorted(set(meta["candidates"].items()) ^ set(want["candidates"].items()))
-        stale.append(f"other candidate lists (kernels {sorted({k for k, _ in changed})})")
-    if stale:
-        raise FileProblem("stale: made for " + "; ".join(stale) + "; re-run the sweep")
-    return meta, [parse_entry(raw, i) for i, raw in enumerate(raw_entries)]
+        raise FileProblem(f"stale: made for Triton {meta['triton']} (this is {want['triton']}); re-run the sweep")
+    entries = [parse_entry(raw, i) for i, raw in enumerate(raw_entries)]
+    stale = tuple(k for k in CANDIDATES if file_hashes.get(k) != want["kernel_hashes"][k]
+                  or file_candidates.get(k) != want["candidates"][k])
+    if len(stale) == len(CANDIDATES):
+        raise FileProblem("stale: made for other sources or candidate lists of every kernel; re-run the sweep")
+    for entry in entries:
+        for kernel in stale:
+            entry.configs.pop(kernel)
+    return meta, entries, stale
+
+
+def _load_yaml(text: str):
+    import yaml
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def read_table(path: Path, *, arch: str | None, missing_ok: bool) -> Table | None:
-    """Parse and validate one file; None (after one warning, unless merely absent) if unusable."""
-    import yaml
-    if not path.is_file():
-        if not missing_ok:
-            _warn_once(path, f"{ENV_FILE}={path} does not exist")
-        return None
+    """Parse and validate one file; None (after one warning, unless merely absent) if unusable. No
+    content of the file can make this raise: a tuned file is a cache, and a broken cache must never
+    stop a model from running."""
     try:
+        if not path.is_file():
+            if not missing_ok:
+                _file_warning(path, f"{ENV_FILE}={path} does not exist")
+            return None
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            _file_warning(path, f"malformed: {size} bytes, over the {MAX_FILE_BYTES}-byte limit of a tuned file")
+            return None
         with _lock:
             _stats["files_read"] += 1
-        doc = yaml.safe_load(path.read_text())
-        meta, entries = validate(doc, arch=arch)
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        _warn_once(path, f"malformed: not readable YAML ({type(e).__name__}: {str(e).splitlines()[0]})")
-        return None
+        meta, entries, stale = validate(_load_yaml(path.read_text()), arch=arch)
     except FileProblem as e:
-        _warn_once(path, str(e))
+        _file_warning(path, str(e))
         return None
-    table = Table(path, meta, entries)
+    except (Exception, RecursionError) as e:     # yaml errors, decoding, OSError, anything nested too deep
+        _file_warning(path, f"malformed: not readable YAML ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        return None
+    if stale:
+        _file_warning(path, f"stale for kernels {list(stale)} (made for another source of them, or other "
+                         f"candidate lists): those launch with defaults; re-run the sweep with "
+                         f"--kernels {','.join(stale)}", whole=False)
+    table = Table(path, meta, entries, stale=stale)
     for entry in entries:
         table.exact.setdefault(entry.key, entry)
     return table
@@ -364,14 +401,19 @@ def read_table(path: Path, *, arch: str | None, missing_ok: bool) -> Table | Non
 _warned: set = set()
 
 
-def _warn_once(path, why):
+def _warn_once(tag: str, message: str):
+    """One RuntimeWarning per tag (a file, a failed write) until `reset`."""
     with _lock:
-        if str(path) in _warned:
+        if tag in _warned:
             return
-        _warned.add(str(path))
-    warnings.warn(f"gsa_kernels: ignoring tuned configs {path}: {why}. Falling back to the nearest "
-                  f"usable entry or the default configs (correct, maybe slower).", RuntimeWarning,
-                  stacklevel=3)
+        _warned.add(tag)
+    warnings.warn(f"gsa_kernels: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _file_warning(path, why, whole=True):
+    what = "ignoring tuned configs" if whole else "using part of tuned configs"
+    _warn_once(str(path), f"{what} {path}: {why}. Falling back to the nearest usable entry or the "
+                          f"default configs (correct, maybe slower).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,13 +440,14 @@ def _load_tables() -> dict:
 
 def reset():
     """Forget the files read, the selections, the warnings given, the counters and last launches."""
-    global _tables, _fingerprint
+    global _tables
     with _lock:
-        _tables, _fingerprint = None, None
+        _tables = None
         _selected.clear()
         _warned.clear()
-        _last.clear()
+        _thread.launches.clear()
         _autotune_failed.clear()
+        _unsaved.clear()
         for k in _stats:
             _stats[k] = 0
 
@@ -442,9 +485,11 @@ def select_entry(key: tuple) -> tuple[Entry | None, str]:
             if exact_possible and table is not None and key in table.exact:
                 found = (table.exact[key], source)
                 break
+        if found is None and key in _unsaved:
+            found = (_unsaved[key], "autotuned")
         if found is None:
             candidates = [e for name in ("tuned", "cache") if tables[name] is not None
-                          for e in tables[name].entries]
+                          for e in tables[name].entries] + list(_unsaved.values())
             ranked = sorted(enumerate(candidates), key=lambda ie: (_distance(key, ie[1].key), ie[0]))
             found = next(((e, "nearest") for _, e in ranked if _entry_fits(e, key)), (None, "default"))
         _selected[key] = found
@@ -453,26 +498,27 @@ def select_entry(key: tuple) -> tuple[Entry | None, str]:
 
 def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict | None, str, tuple | None]:
     """(config or None, source, entry key) for one launch; None means "use the default config"."""
-    if _override is not None and kernel in _override:
-        return dict(_override[kernel]), "override", None
+    forced = _thread.override
+    if forced is not None and kernel in forced:
+        return dict(forced[kernel]), "override", None
     key = problem_key(K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
     entry, source = select_entry(key)
-    if entry is None:
+    if entry is None or kernel not in entry.configs:        # no entry, or this kernel's configs are stale
         return None, "default", None
     return dict(entry.configs[kernel]), source, entry.key
 
 
 def has_exact(key: tuple) -> bool:
-    return select_entry(key)[1] in ("tuned", "user-cache")
+    return select_entry(key)[1] in ("tuned", "user-cache", "autotuned")
 
 
 def backend_for(key: tuple) -> str:
     """"torch_compile" only for an exact entry that says so, from a file of this torch major.minor."""
-    if _override is not None:
+    if _thread.override is not None:
         return "triton"
     entry, source = select_entry(key)
     if entry is None or source not in ("tuned", "user-cache") or entry.backend != "torch_compile":
-        return "triton"
+        return "triton"       # an autotuned entry the cache could not keep has no torch version: Triton
     table = _load_tables()["tuned" if source == "tuned" else "cache"]
     file_torch = str(table.meta.get("torch", ""))
     if file_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
@@ -502,6 +548,9 @@ def compiled_reference():
 # ---------------------------------------------------------------------------------------------
 
 _autotune_failed: set = set()
+# entries tuned in this process that the user cache could not store (unwritable location): kept here,
+# so that the process uses what it measured and does not tune the same key again
+_unsaved: dict = {}
 
 
 def autotune_enabled() -> bool:
@@ -511,7 +560,7 @@ def autotune_enabled() -> bool:
 def maybe_autotune(*, B, T, H, K, V, M, N, dtype, device) -> bool:
     """With GSA_KERNELS_AUTOTUNE=1 and no exact entry for this problem: tune it now, persist the
     winner to the user cache and use it. Returns whether it tuned. Never inside an override."""
-    if not autotune_enabled() or _override is not None:
+    if not autotune_enabled() or _thread.override is not None:
         return False
     key = problem_key(K=K, V=V, M=M, dtype=dtype, tokens=B * T * H, seqs=N * H)
     if key in _autotune_failed or has_exact(key):
@@ -530,8 +579,16 @@ def maybe_autotune(*, B, T, H, K, V, M, N, dtype, device) -> bool:
     else:
         entry["key"].update(tokens=key[4], seqs=key[5])
         arch = current_arch()
-        yamlio.merge_entry(user_cache_path(arch), entry, meta=search.run_meta(
-            arch=arch or "interpreter", dry_run=arch is None, device=device))
+        path = user_cache_path(arch)
+        try:
+            yamlio.merge_entry(path, entry, meta=search.run_meta(
+                arch=arch or "interpreter", dry_run=arch is None, device=device))
+        except Exception as e:        # a file where the folder should be, read-only, a folder as the file
+            with _lock:
+                _unsaved[key] = parse_entry(entry, 0)
+            _warn_once(f"{path} (write)", f"could not save an autotuned entry to the user cache {path} "
+                       f"({type(e).__name__}: {e}); it is used for this process only. Set {ENV_CACHE_DIR} "
+                       f"to a writable folder to keep it")
     global _tables
     with _lock:
         _tables = None        # re-read: the cache has the new entry

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -407,14 +409,77 @@ def _expect_one_warning_and_defaults(match):
 
 @pytest.mark.parametrize("change,match", [
     ({"triton": "0.0.1"}, "stale: made for Triton 0.0.1"),
-    ({"source_hash": "0123456789abcdef"}, "kernel source hash 0123456789abcdef"),
-    ({"candidates": {"chunk": "x"}}, "other candidate lists"),
-], ids=["triton-version", "kernel-source", "candidate-lists"])
+    ({"kernel_hashes": {k: "0123456789abcdef" for k in configs.CANDIDATES}}, "other sources or candidate lists of every kernel"),
+    ({"candidates": {k: "x" for k in configs.CANDIDATES}}, "other sources or candidate lists of every kernel"),
+    ({"format": 1}, "meta.format must be 2"),
+], ids=["triton-version", "every-kernel-source", "every-candidate-list", "old-format"])
 def test_stale_file_warns_once_and_falls_back(monkeypatch, tmp_path, change, match):
     key = shape_key(*SMALL, "float32")
     doc = {"meta": meta(**change), "entries": [entry(key, non_default_configs(16, 16, 16))]}
     use_file(monkeypatch, write(tmp_path / "stale.yaml", doc))
     _expect_one_warning_and_defaults(match)
+
+
+@pytest.mark.parametrize("what", ["kernel_hashes", "candidates"])
+def test_stale_kernel_falls_back_alone(monkeypatch, tmp_path, what):
+    """A file measured on another source (or candidate list) of chunk_fwd only: chunk_fwd launches
+    with its default after one warning naming it; every other kernel keeps its tuned config."""
+    key = shape_key(*SMALL, "float32")
+    m = meta()
+    m[what] = dict(m[what], chunk_fwd="0123456789abcdef")
+    tuned_configs = non_default_configs(16, 16, 16)
+    use_file(monkeypatch, write(tmp_path / "part.yaml", {"meta": m, "entries": [entry(key, tuned_configs)]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _launch_all_twice()
+    ours = [str(w.message) for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and "stale for kernels ['chunk_fwd']" in ours[0], ours
+    for kernel, info in last_launches().items():
+        if kernel == "chunk_fwd":
+            assert info["source"] == "default"
+            assert info["config"] == configs.default_config(kernel, 16, 16, 16, seqs=1)
+        else:
+            assert (info["source"], info["config"]) == ("tuned", tuned_configs[kernel]), kernel
+
+
+def _edited_kernel_hashes(tmp_path, file, old, new):
+    """kernel_hashes of a copy of gsa_kernels/kernels/ with one edit (old -> new) in `file`."""
+    from gsa_kernels import kernel_hashes
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernel_hashes.KERNELS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (copy / file).read_text()
+    assert text.count(old) == 1, f"{old!r} must occur once in {file}"
+    (copy / file).write_text(text.replace(old, new))
+    return kernel_hashes.hashes_of(copy)
+
+
+def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
+    """Per-kernel staleness: an edit to the decode kernel leaves every chunk kernel's hash as it was;
+    a code edit to an intra-chunk helper changes exactly the kernels that call it (the state walks do
+    not); a comment or docstring edit changes nothing."""
+    from gsa_kernels.kernel_hashes import kernel_hashes
+    now = kernel_hashes()
+    assert set(now) == set(configs.CANDIDATES)
+
+    decode = _edited_kernel_hashes(tmp_path / "a", "decode.py", "z = tl.where(mask_m, z * scale",
+                                   "z = tl.where(mask_m, z * scale * 1.0")
+    assert decode == now
+
+    intra = _edited_kernel_hashes(tmp_path / "b", "intra.py", "E = tl.exp(tl.minimum(", "E = tl.exp(-0.0 + tl.minimum(")
+    changed = {k for k in now if intra[k] != now[k]}
+    assert changed == {"chunk", "chunk_fwd", "chunk_fwd_compact", "chunk_bwd_dscores", "chunk_bwd_keys",
+                       "chunk_bwd_values"}
+
+    walk = _edited_kernel_hashes(tmp_path / "c", "states.py", "decay = tl.exp(Gend)\n        if DO_KEYS:\n            hk",
+                                 "decay = tl.exp(Gend + 0.0)\n        if DO_KEYS:\n            hk")
+    assert {k for k in now if walk[k] != now[k]} == {"chunk", "states_fwd", "states_fwd_compact"}
+
+    comment = _edited_kernel_hashes(tmp_path / "d", "states.py", "# hk, hv hold the states at the start",
+                                    "# hk and hv hold the states at the start")
+    assert comment == now
+    docstring = _edited_kernel_hashes(tmp_path / "e", "intra.py", "The clamp only absorbs rounding",
+                                      "The clamp absorbs only the rounding")
+    assert docstring == now
 
 
 def test_foreign_arch_file_warns_once_and_falls_back(monkeypatch, tmp_path):
@@ -467,6 +532,136 @@ def test_malformed_file_warns_once_and_falls_back(monkeypatch, tmp_path, content
         content = {"meta": meta(), "entries": [e]}
     use_file(monkeypatch, write(tmp_path / "bad.yaml", content))
     _expect_one_warning_and_defaults(match)
+
+
+def _schema_breaks():
+    """(id, document) pairs that parse as YAML but break the schema where a careless reader would
+    raise: unhashable values where hashable ones belong, ints beyond float range, deep nesting."""
+    def doc_with(edit):
+        d = {"meta": meta(), "entries": [entry(shape_key(*SMALL, "float32"), non_default_configs(16, 16, 16))]}
+        edit(d)
+        return d
+    kernel = KERNELS[0]
+    param = two_valued_param(kernel)
+    cases = [
+        ("dtype-list", doc_with(lambda d: d["entries"][0]["key"].update(dtype=["float32"]))),
+        ("dtype-dict", doc_with(lambda d: d["entries"][0]["key"].update(dtype={"a": 1}))),
+        ("key-huge-int", doc_with(lambda d: d["entries"][0]["key"].update(K=10 ** 400))),
+        ("key-list", doc_with(lambda d: d["entries"][0]["key"].update(M=[16]))),
+        ("param-list", doc_with(lambda d: d["entries"][0]["configs"][kernel].update({param: [1]}))),
+        ("candidate-hash-list", doc_with(lambda d: d["meta"]["candidates"].update({kernel: ["x"]}))),
+        ("kernel-hash-dict", doc_with(lambda d: d["meta"]["kernel_hashes"].update({kernel: {"x": 1}}))),
+        ("backend-list", doc_with(lambda d: d["entries"][0].update(backend=["triton"]))),
+        ("format-list", doc_with(lambda d: d["meta"].update(format=[2]))),
+        ("arch-list", doc_with(lambda d: d["meta"].update(arch=["sm90"]))),
+        ("entries-scalar", doc_with(lambda d: d.update(entries=7))),
+    ]
+    return cases
+
+
+SCHEMA_BREAKS = _schema_breaks()
+
+
+@pytest.mark.parametrize("content", [c for _, c in SCHEMA_BREAKS], ids=[i for i, _ in SCHEMA_BREAKS])
+@pytest.mark.parametrize("where", ["tuned-file", "user-cache"])
+def test_schema_break_anywhere_warns_once_and_falls_back(monkeypatch, tmp_path, content, where):
+    """A file that parses but breaks the schema, as the tuned file or as the user cache (read even
+    with GSA_TUNED_CONFIGS=none): one RuntimeWarning, the defaults, never an exception."""
+    if where == "tuned-file":
+        use_file(monkeypatch, write(tmp_path / "bad.yaml", content))
+    else:
+        tuned.user_cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write(tuned.user_cache_path(), content)
+        tuned.reset()
+    _expect_one_warning_and_defaults("malformed")
+    run_and_check(inputs(*SMALL))          # and chunk_gsa itself runs
+
+
+def test_deeply_nested_or_oversized_file_warns_once_and_falls_back(monkeypatch, tmp_path):
+    use_file(monkeypatch, write(tmp_path / "deep.yaml", "[" * 20000 + "]" * 20000))
+    _expect_one_warning_and_defaults("malformed")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (tuned.MAX_FILE_BYTES // 10 + 1))
+    use_file(monkeypatch, big)
+    _expect_one_warning_and_defaults("byte limit")
+    assert tuned.stats()["files_read"] == 0          # refused by its size, never parsed
+
+
+@pytest.mark.parametrize("broken", ["file-as-folder", "read-only-folder", "cache-file-is-a-folder"])
+def test_unusable_user_cache_location_keeps_the_autotuned_config(monkeypatch, tmp_path, broken):
+    """GSA_KERNELS_AUTOTUNE=1 with a cache location that cannot be written: one warning, the tuned
+    config used for the rest of the process, no exception, no second tune."""
+    tuned_entry = entry(shape_key(*SMALL, "float32"), non_default_configs(16, 16, 16))
+    calls = []
+
+    def fake_tune(**kw):
+        calls.append(kw)
+        return {"entry": copy.deepcopy(tuned_entry)}
+    monkeypatch.setattr(search, "tune_shape", fake_tune)
+    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    if broken == "file-as-folder":
+        (tmp_path / "blocker").write_text("a file where the cache folder should be")
+        monkeypatch.setenv(tuned.ENV_CACHE_DIR, str(tmp_path / "blocker" / "cache"))
+    elif broken == "read-only-folder":
+        monkeypatch.setattr(yamlio, "atomic_write_yaml", _raise(PermissionError(13, "Permission denied")))
+    else:
+        tuned.user_cache_path().mkdir(parents=True)
+    tuned.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            run_and_check(inputs(*SMALL, seed=seed))
+    ours = [str(w.message) for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and "could not save an autotuned entry" in ours[0], ours
+    assert len(calls) == 1
+    launched = last_launches()
+    assert {info["source"] for info in launched.values()} == {"autotuned"}
+    for kernel, info in launched.items():
+        assert info["config"] == tuned_entry["configs"][kernel], kernel
+
+
+def _raise(error):
+    def fail(*a, **k):
+        raise error
+    return fail
+
+
+def test_overrides_and_launch_records_are_per_thread(monkeypatch, tmp_path):
+    """An override active in one thread never steers another thread's launches, and survives
+    nothing after its block; last_launches() answers for the calling thread."""
+    import threading
+    kernel = KERNELS[0]
+    forced = non_default_configs(16, 16, 16)[kernel]
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def tuner():
+        with configs.override({kernel: forced}):
+            configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
+            seen["tuner"] = last_launches()[kernel]
+            inside.set()
+            release.wait(10)
+        seen["tuner_after"] = tuned.current_override()
+
+    t = threading.Thread(target=tuner)
+    t.start()
+    assert inside.wait(10)
+    try:
+        cfg = configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
+        assert cfg == configs.default_config(kernel, 16, 16, 16, seqs=1)
+        assert tuned.current_override() is None
+        assert last_launches()[kernel]["source"] == "default"
+    finally:
+        release.set()
+        t.join(10)
+    assert seen["tuner"]["source"] == "override" and seen["tuner"]["config"] == forced
+    assert seen["tuner_after"] is None
+    assert last_launches()[kernel]["source"] == "default"      # this thread's record, not the tuner's
+    other = {}
+    reader = threading.Thread(target=lambda: other.update(last_launches()))
+    reader.start()
+    reader.join(10)
+    assert other == {}                                          # a fresh thread has launched nothing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +801,7 @@ def test_correctness_gate_rejects_a_wrong_candidate(monkeypatch):
 
     def faulty(*a, **k):
         o, states = real(*a, **k)
-        if tuned._override and tuned._override[kernel][param] == bad:
+        if tuned.current_override() and tuned.current_override()[kernel][param] == bad:
             o = o * 1.01                                # 1% off: over the 1e-5 bound
         return o, states
     monkeypatch.setattr(search, "chunk_gsa", faulty)
@@ -707,11 +902,13 @@ def test_failed_opt_in_autotuning_warns_once_and_is_not_retried(monkeypatch):
 
 def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
     """tuned_configs/sm90.yaml, as committed: a complete GPU sweep (not a dry run) made for these
-    kernels, candidate lists and Triton version (a kernel edit makes it stale: re-run the sweep), with
-    an exact entry for every benchmark shape and common head dim in bf16 and fp16."""
+    kernels, candidate lists and Triton version (an edit to a kernel or a helper it calls makes that
+    kernel's configs stale: re-run the sweep with --kernels for it), with an exact entry for every
+    benchmark shape and common head dim in bf16 and fp16."""
     from gsa_kernels._paths import tuned_configs_dir
     doc = yaml.safe_load((tuned_configs_dir() / "sm90.yaml").read_text())
-    meta, entries = tuned.validate(doc, arch="sm90")      # raises FileProblem if stale or malformed
+    meta, entries, stale = tuned.validate(doc, arch="sm90")      # raises FileProblem if malformed
+    assert stale == (), f"stale configs for {stale}: re-run the sweep for them"
     assert meta["complete"] and not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H100")
     have = {e.key for e in entries}
     for shape in shapes.parse_shapes("bench,common"):

@@ -43,6 +43,7 @@ import triton
 
 from gsa_kernels import configs, tuned
 from gsa_kernels.intmath import pow2_at_least
+from gsa_kernels.kernel_hashes import kernel_hashes
 from gsa_kernels.chunk import chunk_gsa
 from tuning import measure
 from tuning.shapes import Shape
@@ -67,7 +68,7 @@ class Settings:
     # tuned file (sweep --seed): with `kernels`, the kernels not tuned keep that file's configs (and
     # its chunk size, unless "chunk" is tuned), so a change to some kernels re-tunes only theirs
     seed: dict | None = None
-    seeded_from: str | None = None       # that file's source_hash, recorded in the meta
+    seeded_from: str | None = None       # that file's date, recorded in the meta
 
     def as_meta(self) -> dict:
         meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
@@ -90,10 +91,7 @@ def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = No
     meta = {"format": tuned.FORMAT, "arch": arch, "gpu": gpu, "sm_count": sm_count,
             "device": device.type, "triton": str(triton.__version__), "torch": str(torch.__version__),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "dry_run": bool(dry_run), "complete": False, "source_hash": tuned.source_fingerprint(),
-            "source_files": [f"gsa_kernels/{p.relative_to(p.parents[1]).as_posix()}"
-                             if p.parent.name == "kernels" else f"gsa_kernels/{p.name}"
-                             for p in tuned.source_files()],
+            "dry_run": bool(dry_run), "complete": False, "kernel_hashes": dict(kernel_hashes()),
             "candidates": {k: tuned.candidates_hash(k) for k in configs.CANDIDATES}}
     if settings is not None:
         meta["search"] = settings.as_meta()
