@@ -289,3 +289,108 @@ def test_bad_call_arguments():
         layer(x[:1], cu_seqlens=torch.tensor([0, 4]), attention_mask=torch.ones(1, 4, device=DEVICE))
     with pytest.raises(ValueError, match="hk0"):
         layer(x, state=(torch.zeros(2, 2, 16, 11, device=DEVICE), torch.zeros(2, 2, 12, 16, device=DEVICE)))
+
+
+# Every bad size or scalar is a ValueError naming the caller's argument, raised by the constructor
+# that took it, before any parameter is built (not a ZeroDivisionError, a negative-dimension error
+# from nn.Linear, or a layer that builds and then computes NaN or zeros).
+BAD_SIZES = {
+    "num_heads=0": (GatedSlotAttention, dict(hidden_size=32, num_heads=0), "num_heads"),
+    "num_heads<0": (GatedSlotAttention, dict(hidden_size=32, num_heads=-2), "num_heads"),
+    "num_kv_heads=0": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, num_kv_heads=0), "num_kv_heads"),
+    "num_kv_heads<0": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, num_kv_heads=-1), "num_kv_heads"),
+    "hidden_size=0": (GatedSlotAttention, dict(hidden_size=0, num_heads=2), "hidden_size"),
+    "expand_k=0": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, expand_k=0), "expand_k"),
+    "expand_v<0": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, expand_v=-1.0), "expand_v"),
+    # hidden_size * expand_k rounds down to 0 key channels, which 0 % num_heads alone would let through
+    "no_key_channel": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, expand_k=0.01), "expand_k"),
+    "num_heads=2.0": (GatedSlotAttention, dict(hidden_size=32, num_heads=2.0), "num_heads"),
+    "scale=nan": (GatedSlotAttention, dict(hidden_size=32, num_heads=2, scale=float("nan")), "scale"),
+    "block_intermediate_size=0": (GSABlock, dict(hidden_size=32, num_heads=2, intermediate_size=0),
+                                  "intermediate_size"),
+    "block_hidden_ratio=0": (GSABlock, dict(hidden_size=32, num_heads=2, hidden_ratio=0), "hidden_ratio"),
+    "model_num_heads=0": (GSAModel, dict(vocab_size=50, hidden_size=32, num_heads=0), "num_heads"),
+    "model_num_kv_heads=0": (GSAModel, dict(vocab_size=50, hidden_size=32, num_heads=2, num_kv_heads=0),
+                             "num_kv_heads"),
+    "model_hidden_size<0": (GSAModel, dict(vocab_size=50, hidden_size=-32, num_heads=2), "hidden_size"),
+    "model_vocab_size=0": (GSAModel, dict(vocab_size=0, hidden_size=32, num_heads=2), "vocab_size"),
+    "model_num_layers=0": (GSAModel, dict(vocab_size=50, hidden_size=32, num_heads=2, num_layers=0), "num_layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SIZES))
+def test_constructor_rejects_bad_sizes_naming_the_argument(case):
+    cls, kwargs, argument = BAD_SIZES[case]
+    with pytest.raises(ValueError, match=argument):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("normalizer", [0.0, -8.0, float("nan"), float("inf")], ids=str)
+def test_gate_logit_normalizer_must_be_finite_and_positive(normalizer):
+    """g = logsigmoid(x W_f) / gate_logit_normalizer must be <= 0 (decays exp(g) in (0, 1]): 0 gives
+    NaN / -inf gates, a negative one gates above 0, inf gates of exactly 0 for every input."""
+    with pytest.raises(ValueError, match="gate_logit_normalizer"):
+        GatedSlotAttention(32, num_heads=2, gate_logit_normalizer=normalizer)
+    with pytest.raises(ValueError, match="gate_logit_normalizer"):
+        GSAModel(vocab_size=50, hidden_size=32, num_heads=2, gate_logit_normalizer=normalizer)
+
+
+def test_generate_rejects_an_empty_prompt():
+    model = small_model()
+    ids = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(ids, max_new_tokens=2, attention_mask=torch.ones(2, 0, dtype=torch.long, device=DEVICE))
+
+
+def test_generate_rejects_an_all_padding_mask():
+    model = small_model()
+    ids = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"attention_mask rows \[0, 1\] \(every row\)"):
+        model.generate(ids, max_new_tokens=2, attention_mask=torch.zeros(2, 4, dtype=torch.long, device=DEVICE))
+
+
+def test_generate_rejects_a_row_without_real_tokens_naming_it():
+    """Rows may be padded differently, but a row of zeros in the mask has no prompt: an error naming
+    that row, not a continuation of nothing (the old behaviour: row 1 sampled from position 0's output)."""
+    model = small_model()
+    ids = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    mask = torch.ones(3, 4, dtype=torch.long, device=DEVICE)
+    mask[0, :2] = 0     # left-padded: fine
+    mask[1] = 0         # nothing to condition on
+    with pytest.raises(ValueError, match=r"attention_mask rows \[1\] are all padding"):
+        model.generate(ids, max_new_tokens=2, attention_mask=mask)
+
+
+BAD_GENERATE_ARGUMENTS = {
+    "temperature<0": (dict(temperature=-1.0), "temperature"),
+    "temperature=nan": (dict(temperature=float("nan")), "temperature"),
+    "temperature=inf": (dict(temperature=float("inf")), "temperature"),
+    "max_new_tokens<0": (dict(max_new_tokens=-1), "max_new_tokens"),
+    "max_new_tokens=1.5": (dict(max_new_tokens=1.5), "max_new_tokens"),
+    "eos_token_id>=vocab": (dict(eos_token_id=50), "eos_token_id"),
+    "eos_token_id<0": (dict(eos_token_id=-1), "eos_token_id"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE_ARGUMENTS))
+def test_generate_rejects_bad_sampling_arguments(case):
+    """Checked before the prefill pass: a negative or non-finite temperature is an error (0 is greedy),
+    not silently greedy or NaN probabilities; an eos_token_id outside the vocabulary could never stop
+    a row."""
+    kwargs, argument = BAD_GENERATE_ARGUMENTS[case]
+    model = small_model()
+    ids = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(17)).to(DEVICE)
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        model.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([[1, 50]]), torch.tensor([[-1, 3]]), torch.tensor([1, 2]),
+                                 torch.tensor([[1.0, 2.0]])], ids=["id>=vocab", "id<0", "1-D", "float"])
+def test_generate_rejects_bad_input_ids(ids):
+    """Out-of-range ids are an IndexError inside the embedding on the CPU and a device-side assert on
+    the GPU; a 1-D prompt an error about the layer's internal x."""
+    with pytest.raises(ValueError, match="input_ids"):
+        small_model().generate(ids.to(DEVICE), max_new_tokens=2)

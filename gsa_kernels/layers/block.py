@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from gsa_kernels.layers import _args
 from gsa_kernels.layers.gsa import GatedSlotAttention
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -15,9 +16,16 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, hidden_ratio: float = 4, intermediate_size: int | None = None):
         super().__init__()
+        hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
         if intermediate_size is None:
+            hidden_ratio = _args.real("hidden_ratio", hidden_ratio, above=0)
             intermediate_size = int(hidden_size * hidden_ratio * 2 / 3)
+            if intermediate_size < 1:   # the rounding below would keep a 0: an MLP that outputs 0
+                raise ValueError(f"hidden_ratio ({hidden_ratio}) gives no intermediate channel at hidden_size "
+                                 f"{hidden_size}: int(hidden_size * hidden_ratio * 2 / 3) must be >= 1")
             intermediate_size = 256 * ((intermediate_size + 255) // 256)
+        else:
+            intermediate_size = _args.integer("intermediate_size", intermediate_size, minimum=1)
         self.intermediate_size = intermediate_size
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)

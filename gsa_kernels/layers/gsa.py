@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.layers import _args
 from gsa_kernels.layers.norms import RMSNorm
 from gsa_kernels.recurrent import fused_recurrent_gsa
 
@@ -46,19 +47,30 @@ class GatedSlotAttention(nn.Module):
                  norm_eps: float = 1e-5, scale: float = 1.0, mode: str = "chunk",
                  recurrent_threshold: int = 64, layer_idx: int | None = None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
+        num_heads = _args.integer("num_heads", num_heads, minimum=1)
+        num_kv_heads = num_heads if num_kv_heads is None else _args.integer("num_kv_heads", num_kv_heads, minimum=1)
+        num_slots = _args.integer("num_slots", num_slots, minimum=1)
+        expand_k = _args.real("expand_k", expand_k, above=0)
+        expand_v = _args.real("expand_v", expand_v, above=0)
+        # g = logsigmoid(.) / normalizer must stay <= 0, so that each slot's decay exp(g) lies in (0, 1]:
+        # 0 would divide by zero (NaN / -inf gates) and a negative one would make every decay exceed 1
+        gate_logit_normalizer = _args.real("gate_logit_normalizer", gate_logit_normalizer, above=0,
+                                           note="the gate is logsigmoid(x W_f) / gate_logit_normalizer, "
+                                                "which must be <= 0")
+        if scale is not None:   # None: the kernels' default, K ** -0.5
+            scale = _args.real("scale", scale)
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-        if key_dim % num_heads or value_dim % num_heads:
+        if key_dim < num_heads or value_dim < num_heads or key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"hidden_size * expand_k ({key_dim}) and hidden_size * expand_v ({value_dim}) "
-                             f"must be divisible by num_heads ({num_heads})")
+                             f"must be divisible by num_heads ({num_heads}), with at least one key and one "
+                             f"value channel per head")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(str(k) for k in FEATURE_MAPS)}, got {feature_map!r}")
         if mode not in ("chunk", "fused_recurrent"):
             raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.num_kv_groups = num_heads // num_kv_heads
         self.num_slots, self.key_dim, self.value_dim = num_slots, key_dim, value_dim

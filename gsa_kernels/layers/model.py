@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gsa_kernels.layers import _args
 from gsa_kernels.layers.block import GSABlock
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -20,6 +21,10 @@ class GSAModel(nn.Module):
                  num_slots: int = 64, norm_eps: float = 1e-6, tie_word_embeddings: bool = False,
                  **block_kwargs):
         super().__init__()
+        # the embedding table is built before any block, which checks the other sizes
+        vocab_size = _args.integer("vocab_size", vocab_size, minimum=1)
+        hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
+        num_layers = _args.integer("num_layers", num_layers, minimum=1)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.embeddings = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(
@@ -49,15 +54,29 @@ class GSAModel(nn.Module):
                  temperature: float = 0.0, generator: torch.Generator | None = None,
                  eos_token_id: int | None = None) -> torch.Tensor:
         """Prompt [B, T] -> [B, T + n] tokens: one prefill pass over the prompt, then one decode step
-        per new token on the cached states. Greedy when temperature == 0, else sampled from
-        softmax(logits / temperature). attention_mask marks prompt padding (any side); a row that
-        emits eos_token_id keeps emitting it. Stops early once every row has."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        per new token on the cached states. The prompt is returned as given (padding included) with
+        the n new tokens appended, n <= max_new_tokens.
+
+        input_ids: int64 or int32 token ids [B, T], T >= 1, each in [0, vocab_size).
+        max_new_tokens: an integer >= 0 (0 returns the prompt unchanged, after the prefill pass).
+        attention_mask: None (every token is real) or [B, T], nonzero for a real token and 0 for
+            padding, on any side of a row. Rows may have different numbers of real tokens, but each
+            row needs at least one: a row of zeros has nothing to condition on, so it is an error
+            naming that row rather than a sample from an empty prompt. Drop such rows (or give them a
+            token, e.g. BOS) before the call.
+        temperature: a finite number >= 0. 0 (the default) means greedy decoding (argmax); above 0,
+            tokens are sampled from softmax(logits / temperature), with `generator` if given.
+        eos_token_id: None, or a token id in [0, vocab_size). A row that emits it keeps emitting it;
+            generation stops early once every row has.
+
+        Every argument is checked before the prefill pass; a bad one raises a ValueError naming it.
+        """
+        self._check_generate_args(input_ids, max_new_tokens, attention_mask, temperature, eos_token_id)
+        temperature = float(temperature)
         logits, state = self(input_ids, use_cache=True, attention_mask=attention_mask)
         if attention_mask is not None:
-            # each row's last kept token (the prompt may be right-padded)
-            last = attention_mask.long().cumsum(1).argmax(1)
+            # each row's last kept token (the prompt may be right-padded); nonzero means kept, as in the layers
+            last = attention_mask.bool().long().cumsum(1).argmax(1)
             next_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         else:
             next_logits = logits[:, -1]
@@ -78,3 +97,42 @@ class GSAModel(nn.Module):
             logits, state = self(nxt, state=state, use_cache=True)
             next_logits = logits[:, -1]
         return torch.cat(tokens, 1)
+
+    def _check_generate_args(self, input_ids, max_new_tokens, attention_mask, temperature, eos_token_id):
+        """generate's argument checks (see its docstring). Reads the ids and the mask on the host, one
+        sync each, before a prefill pass that syncs anyway: an out-of-range id would otherwise be an
+        IndexError from the embedding on the CPU, a device-side assert that poisons the context on the
+        GPU, and an empty row a kernel error about tensors the caller never saw."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold int64 or int32 token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids (shape {tuple(input_ids.shape)}) must be 2-D, [batch, tokens]")
+        B, T = input_ids.shape
+        if T < 1:
+            raise ValueError(f"input_ids (shape {tuple(input_ids.shape)}) has no prompt tokens: each row "
+                             f"needs at least one token to condition on")
+        if B:
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids must be token ids in [0, vocab_size={self.vocab_size}), "
+                                 f"got values in [{lo}, {hi}]")
+        _args.integer("max_new_tokens", max_new_tokens, minimum=0)
+        _args.real("temperature", temperature, at_least=0, note="0 means greedy")
+        if eos_token_id is not None:
+            eos = _args.integer("eos_token_id", eos_token_id, minimum=0)
+            if eos >= self.vocab_size:
+                raise ValueError(f"eos_token_id must be a token id in [0, vocab_size={self.vocab_size}), "
+                                 f"got {eos}: no row could ever emit it")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise ValueError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(f"attention_mask (shape {tuple(attention_mask.shape)}) must have input_ids' "
+                                 f"shape {(B, T)}")
+            empty = (~attention_mask.bool().any(1)).nonzero().flatten().tolist()
+            if empty:
+                every = " (every row)" if len(empty) == B else ""
+                raise ValueError(f"attention_mask rows {empty}{every} are all padding: each prompt row needs "
+                                 f"at least one real token to condition on; drop those rows or give them one")
