@@ -26,6 +26,7 @@ if "--dry-run" in sys.argv[1:]:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -73,9 +74,16 @@ class Progress:
             self.stream.write("\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the sweep's one error line (no usage block), exit status 2 as usual."""
+
+    def error(self, message):
+        sys.exit(fail(message))
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m tuning.sweep", description=__doc__.split("\n\n")[1],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True, help="the GPU arch to tune for, e.g. sm90 (must be the GPU present)")
     p.add_argument("--shapes", default=None,
                    help="presets bench,common,common-full,tiny (comma-separated) or a YAML/JSON FILE "
@@ -112,28 +120,99 @@ def parse_args(argv):
 
 
 def fail(msg: str) -> int:
-    print(f"tuning.sweep: error: {msg}", file=sys.stderr)
+    # one line, whatever the message quotes (a YAML error spans several), so a log grep finds it whole
+    line = re.sub(r"\s*[\r\n]+\s*", " ", str(msg).strip())
+    print(f"tuning.sweep: error: {line}", file=sys.stderr)
     return 2
+
+
+# What a string option must hold; an empty one would otherwise fall back to the default silently
+# (an empty --output to the shipped tuned file).
+STRING_OPTIONS = {"shapes": "presets or a FILE", "dtypes": "dtype names", "kernels": "kernel names",
+                  "seed": "a tuned FILE", "output": "a file path", "resume": "a tuned FILE (or no value)"}
+
+
+def check_args(args) -> str | None:
+    """The first argument that makes no sense on its own, as an error message; None if all are fine.
+    Needs no GPU, no Triton and no file, so a typo is reported at once, before the GPU is looked at
+    or anything is tuned.
+
+    Ranges: --max-candidates, --passes and --bt-top count things to try (>= 1); --jobs may be 0 (no
+    parallel compile); --time-budget, --compile-timeout and --rep-ms are lengths of time that must be
+    positive and finite; --warmup-ms may be 0 (do_bench still warms up once); --tie is a fraction in
+    [0, 1): at 1 or more the torch.compile backend, which must beat Triton by more than it, never could."""
+    if not re.fullmatch(r"sm\d{2,3}", args.arch):
+        return f"--arch must look like sm90 (sm<major><minor>), got {args.arch!r}"
+    for name, what in STRING_OPTIONS.items():
+        value = getattr(args, name)
+        if isinstance(value, str) and not value.strip():
+            return f"--{name}: expected {what}, got an empty value"
+    for name in ("max_candidates", "passes", "bt_top", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "jobs" else 1):
+            return f"--{name.replace('_', '-')} must be >= {0 if name == 'jobs' else 1}, got {value}"
+    positive = {"time_budget": "seconds", "compile_timeout": "seconds", "rep_ms": "milliseconds"}
+    for name, unit in positive.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"--{name.replace('_', '-')} must be a positive number of {unit}, got {value}"
+    if not (math.isfinite(args.warmup_ms) and args.warmup_ms >= 0):
+        return f"--warmup-ms must be a number of milliseconds >= 0, got {args.warmup_ms}"
+    if not (math.isfinite(args.tie) and 0 <= args.tie < 1):
+        return f"--tie must be a fraction >= 0 and < 1 (the near-tie window), got {args.tie}"
+    return None
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = check_args(args)
+    if problem:
+        return fail(problem)
+    import json
+
+    import yaml
+
+    from tuning import shapes
+    try:
+        dtypes = shapes.parse_dtypes(args.dtypes if args.dtypes is not None else
+                                     ("float16" if args.dry_run else "bf16,fp16"))
+    except ValueError as e:
+        return fail(str(e))
+    try:
+        grid_shapes = shapes.parse_shapes(args.shapes if args.shapes is not None else
+                                          ("tiny" if args.dry_run else "bench,common"))
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        return fail(f"--shapes {args.shapes}: cannot read it ({type(e).__name__}: {e})")
+    except ValueError as e:
+        return fail(str(e))
     if args.dry_run and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return fail("--dry-run needs TRITON_INTERPRET=1 before Triton is imported: run it as "
                     "`python -m tuning.sweep --dry-run ...`")
-    if not re.fullmatch(r"sm\d{2,3}", args.arch):
-        return fail(f"--arch must look like sm90 (sm<major><minor>), got {args.arch!r}")
-    for name in ("max_candidates", "passes", "bt_top", "jobs"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "jobs" else 1):
-            return fail(f"--{name.replace('_', '-')} must be >= {0 if name == 'jobs' else 1}, got {value}")
-    if args.time_budget is not None and args.time_budget <= 0:
-        return fail(f"--time-budget must be positive seconds, got {args.time_budget}")
 
     import torch
     from gsa_kernels import configs, tuned
     from gsa_kernels._paths import tuned_configs_dir
-    from tuning import search, shapes, yamlio
+    from tuning import search, yamlio
+
+    kernels = None
+    if args.kernels:
+        kernels = tuple(k.strip() for k in args.kernels.split(","))
+        unknown = [k for k in kernels if k not in configs.CANDIDATES]
+        if unknown:
+            return fail(f"--kernels: unknown {unknown}; known: {sorted(configs.CANDIDATES)}")
+
+    shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
+    if args.output:
+        output = Path(args.output)
+    elif args.dry_run:
+        output = Path(tempfile.gettempdir()) / f"gsa_kernels_dry_run_{args.arch}.yaml"
+    else:
+        output = tuned_configs_dir() / f"{args.arch}.yaml"
+    if args.dry_run and output.resolve() == shipped:
+        return fail(f"--output {output}: a dry run never overwrites the shipped tuned configs")
+    unwritable = yamlio.unwritable_reason(output)
+    if unwritable:
+        return fail(f"--output {output}{'' if args.output else ' (the default)'}: {unwritable}")
 
     present = tuned.current_arch()
     if not args.dry_run:
@@ -146,23 +225,13 @@ def main(argv=None) -> int:
                         f"tune on a {args.arch} GPU, or pass --arch {present}")
     device = "cpu" if args.dry_run else "cuda"
 
-    try:
-        grid_shapes = shapes.parse_shapes(args.shapes or ("tiny" if args.dry_run else "bench,common"))
-        dtypes = shapes.parse_dtypes(args.dtypes or ("float16" if args.dry_run else "bf16,fp16"))
-    except ValueError as e:
-        return fail(str(e))
-    kernels = None
-    if args.kernels:
-        kernels = tuple(k.strip() for k in args.kernels.split(","))
-        unknown = [k for k in kernels if k not in configs.CANDIDATES]
-        if unknown:
-            return fail(f"--kernels: unknown {unknown}; known: {sorted(configs.CANDIDATES)}")
-
     seed = seeded_from = None
     if args.seed:
         try:
             seed_doc = yamlio.read_yaml(Path(args.seed))
             seed_meta = seed_doc["meta"]
+            if not isinstance(seed_meta, dict):
+                raise TypeError(f"meta must be a mapping, got {type(seed_meta).__name__}")
             seed = {tuned.problem_key(**e["key"]): e["configs"] for e in seed_doc["entries"]}
         except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
             return fail(f"--seed {args.seed}: not a tuned file ({type(e).__name__}: {e})")
@@ -171,17 +240,7 @@ def main(argv=None) -> int:
                         f"{' in a dry run' if seed_meta.get('dry_run') else ' on a GPU'}; seed this "
                         f"{'dry run' if args.dry_run else 'sweep'} from a {args.arch} "
                         f"{'dry run' if args.dry_run else 'GPU sweep'}")
-        seeded_from = seed_meta.get("source_hash")
-
-    shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
-    if args.output:
-        output = Path(args.output)
-    elif args.dry_run:
-        output = Path(tempfile.gettempdir()) / f"gsa_kernels_dry_run_{args.arch}.yaml"
-    else:
-        output = tuned_configs_dir() / f"{args.arch}.yaml"
-    if args.dry_run and output.resolve() == shipped:
-        return fail(f"--output {output}: a dry run never overwrites the shipped tuned configs")
+        seeded_from = str(seed_meta.get("date"))
 
     settings = search.Settings(
         max_candidates=args.max_candidates if args.max_candidates is not None else (2 if args.dry_run else None),
@@ -191,21 +250,38 @@ def main(argv=None) -> int:
         compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels,
         seed=seed, seeded_from=seeded_from)
     meta = search.run_meta(arch=args.arch, dry_run=args.dry_run, device=device, settings=settings)
+    if seed is not None and kernels is not None:
+        # the kernels this run does not tune keep the seed's configs, measured on the seed's source of
+        # them: carry its hashes, so that they count as stale wherever that source has changed since
+        seed_hashes = seed_meta.get("kernel_hashes") if isinstance(seed_meta.get("kernel_hashes"), dict) else {}
+        for kernel in configs.CANDIDATES:
+            if kernel not in kernels:
+                meta["kernel_hashes"][kernel] = str(seed_hashes.get(kernel, "unknown"))
 
     entries, failed = [], []
     if args.resume is not None:
         source = output if args.resume is True else Path(args.resume)
+        if source.is_dir():
+            return fail(f"--resume {source}: is a directory; expected a tuned file")
         if source.is_file():
             try:
                 old = yamlio.read_yaml(source)
-                old_meta, old_entries = old["meta"], list(old["entries"])
-                old_failed = list(old.get("failed") or [])
             except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
                 return fail(f"--resume {source}: not a tuned file ({type(e).__name__}: {e})")
+            # every kept entry and failed shape is written back: one the schema does not allow would
+            # end up in the new file (or crash the sweep after its first shapes), so refuse it here
+            try:
+                old_meta, old_entries, old_failed = yamlio.resume_parts(old)
+            except ValueError as e:
+                return fail(f"--resume {source}: not a tuned file: {e}")
             differs = yamlio.software_mismatch(old_meta, meta)
             if differs:
                 return fail(f"--resume {source} was made with other hardware or software ({'; '.join(differs)}); "
                             f"its times would not compare: drop --resume or remove the file")
+            try:
+                yamlio.check_resume_items(old_entries, old_failed)
+            except ValueError as e:
+                return fail(f"--resume {source}: malformed: {e}; fix or remove that item, or drop --resume")
             entries, failed = old_entries, old_failed
             print(f"resuming from {source}: {len(entries)} entries, {len(failed)} failed shapes kept", file=sys.stderr)
         elif args.resume is not True:
@@ -234,6 +310,12 @@ def main(argv=None) -> int:
     print(f"tuning {len(jobs)} shapes x dtypes on {meta['gpu']} ({args.arch}{', dry run' if args.dry_run else ''}) "
           f"-> {output}", file=sys.stderr)
     t0, shape_times, stopped = time.monotonic(), [], None
+    # temp files of an earlier run killed mid-write: nothing else writes them (two sweeps to one
+    # file at once would clobber each other's results anyway), so they are garbage by now
+    removed = yamlio.remove_stale_temp_files(output)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) an interrupted write of {output} left: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
     save(complete=not jobs)
     for i, (shape, dtype, key) in enumerate(jobs):
         elapsed = time.monotonic() - t0

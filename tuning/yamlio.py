@@ -1,9 +1,9 @@
 """The tuned file on disk: atomic writes, reading for --resume, merging one entry (the user cache).
 
-Schema (format 1), written by the sweep and by the opt-in autotuner, read by gsa_kernels/tuned.py:
+Schema (format 2), written by the sweep and by the opt-in autotuner, read by gsa_kernels/tuned.py:
 
     meta:     format, arch, gpu, sm_count, device, triton, torch, date, dry_run, complete,
-              source_hash, source_files, candidates {kernel: hash}, search {settings of the run}
+              kernel_hashes {kernel: hash}, candidates {kernel: hash}, search {settings of the run}
     entries:  - key:      {K, V, M, dtype, tokens, seqs}       (tokens = B*T*H, seqs = N*H, bucketed)
                 shape:    [B, T, H, K, V, M]                  (the shape measured)
                 backend:  triton | torch_compile
@@ -18,6 +18,7 @@ Schema (format 1), written by the sweep and by the opt-in autotuner, read by gsa
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def sort_entries(entries: list) -> list:
 
 def software_mismatch(old_meta: dict, new_meta: dict) -> list[str]:
     """What differs between two runs' meta that makes their entries incomparable."""
-    fields = ("format", "arch", "gpu", "dry_run", "triton", "torch", "source_hash", "candidates")
+    fields = ("format", "arch", "gpu", "dry_run", "triton", "torch", "kernel_hashes", "candidates")
     return [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in fields
             if old_meta.get(f) != new_meta.get(f)]
 
@@ -82,3 +83,108 @@ def merge_entry(path, entry: dict, *, meta: dict):
         entries = []
     atomic_write_yaml(path, {"meta": {**meta, "complete": True}, "entries": sort_entries(entries + [entry]),
                              "failed": []})
+
+
+def stale_temp_files(path) -> list[Path]:
+    """The temp files that killed atomic_write_yaml(path) calls left next to path: exactly the names
+    its mkstemp gives, `.<name>.` + 8 of [a-z0-9_] + `.tmp`, and only regular files, so nothing of
+    another output or of the user's can match."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:         # no folder yet: nothing left over
+        return []
+    found = []
+    for name in names:
+        candidate = path.parent / name
+        if pattern.fullmatch(name) and candidate.is_file() and not candidate.is_symlink():
+            found.append(candidate)
+    return found
+
+
+def remove_stale_temp_files(path) -> list[Path]:
+    """Remove stale_temp_files(path); returns those removed. One that cannot be removed is left: it
+    costs disk space, never correctness (no reader looks at these names)."""
+    removed = []
+    for tmp in stale_temp_files(path):
+        try:
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+    return removed
+
+
+def unwritable_reason(path) -> str | None:
+    """Why atomic_write_yaml(path) would fail, or None. Checked by creating (and removing) a file where
+    the write would, since permission bits do not tell (root ignores them; read-only mounts and
+    pseudo file systems refuse anyway)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory; expected the path of a file"
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent       # atomic_write_yaml creates the missing folders below this one
+    if not folder.is_dir():
+        return f"{folder} is not a directory; expected a folder to write the file in"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        return f"cannot create a file in {folder} ({e.strerror or e}); expected a writable folder"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def resume_parts(doc) -> tuple[dict, list, list]:
+    """(meta, entries, failed) of a tuned file read for --resume, or ValueError naming the part that
+    breaks the schema. Only the outline: the entries are checked by check_resume_items once the file
+    is known to come from the same software (whose candidate lists they are checked against)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"the top level must be a mapping, got {_kind(doc)}")
+    meta, entries, failed = doc.get("meta"), doc.get("entries"), doc.get("failed")
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a mapping, got {_kind(meta)}")
+    if not isinstance(entries, list):
+        raise ValueError(f"entries must be a list, got {_kind(entries)}")
+    if failed is None:       # absent, or `failed:` with nothing after it: no failed shapes
+        failed = []
+    if not isinstance(failed, list):
+        # list() of a string would be its letters, and the sweep would write them back
+        raise ValueError(f"failed must be a list, got {_kind(failed)}")
+    return meta, list(entries), list(failed)
+
+
+def check_resume_items(entries: list, failed: list):
+    """ValueError naming the first entry or failed shape that the sweep could not keep: entries as the
+    run-time loader reads them (gsa_kernels.tuned.parse_entry), failed shapes as mappings whose key,
+    where present, is a problem key (the sweep skips shapes by it)."""
+    from gsa_kernels import tuned
+
+    for i, entry in enumerate(entries):
+        try:
+            tuned.parse_entry(entry, i)
+        except tuned.FileProblem as e:
+            raise ValueError(str(e).removeprefix("malformed: ")) from None
+        except (TypeError, ValueError, KeyError) as e:     # a shape the loader's checks did not foresee
+            raise ValueError(f"entries[{i}] cannot be read ({type(e).__name__}: {e})") from None
+    for i, item in enumerate(failed):
+        where = f"failed[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be a mapping, got {_kind(item)}")
+        if "key" not in item:
+            continue
+        key = item["key"]
+        if not isinstance(key, dict) or not set(tuned.KEY_FIELDS) <= set(key):
+            raise ValueError(f"{where}.key must be a mapping with {', '.join(tuned.KEY_FIELDS)}, got {_kind(key)}")
+        for name in ("K", "V", "M", "tokens", "seqs"):
+            value = key[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}.key.{name} must be a positive int, got {_kind(value)}")
+        if not isinstance(key["dtype"], str) or key["dtype"] not in tuned.DTYPES:
+            raise ValueError(f"{where}.key.dtype must be one of {sorted(tuned.DTYPES)}, got {_kind(key['dtype'])}")
