@@ -1,14 +1,30 @@
 """Input validation for the public ops: every bad input gets an error naming the argument and what was expected.
 
-All checks here read shapes, dtypes and devices only, except the cu_seqlens value checks, which read
-the data: they run when cu_seqlens is on the CPU (free) or when GSA_KERNELS_VALIDATE=1 (one device
-sync), never silently on the fast path, and not inside torch.compile (a graph break).
+All checks here read shapes, dtypes and devices only, except the value checks, which read the data:
+cu_seqlens when it is on the CPU (free) or with GSA_KERNELS_VALIDATE=1 (one device sync), and g <= 0
+with GSA_KERNELS_VALIDATE=1 only; never silently on the fast path, and not inside torch.compile (a
+graph break).
+
+Under TRITON_INTERPRET=1 (CPU tensors), `check_interpreter` also refuses two set-ups in which
+Triton's interpreter (3.6) runs the kernels wrongly or not at all, before any launch:
+  * bfloat16 inputs to an op whose kernels take tl.dot on bfloat16 operands (chunk_gsa): the
+    interpreter keeps bfloat16 as raw uint16 bits and its dot multiplies those bit patterns as
+    integers, so o and the states come out orders of magnitude off (relative errors from ~1 to ~1e10,
+    growing with T) with no warning. TypeError, like the other dtype errors. fused_recurrent_gsa and
+    its decode step upcast every bfloat16 load to float32 and take no dots: they run bfloat16
+    correctly in the interpreter and are not refused.
+  * numpy >= 2.4: the interpreter takes int() of one-element arrays (tensor.__index__), which numpy
+    2.4 rejects, so every launch fails inside Triton with "only 0-dimensional arrays can be converted
+    to Python scalars". RuntimeError (the environment, not an argument) naming the fix.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,7 +51,44 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens) -> Problem:
+@functools.lru_cache(maxsize=None)
+def _numpy_version_breaks_interpreter(version: str) -> bool:
+    """numpy 2.4 and later (pre-releases included) turned int() of an array with ndim > 0 from a
+    warning into a TypeError. Keyed by the version string, so the parse runs once per process."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m[1]), int(m[2])) >= (2, 4)
+
+
+@torch.compiler.assume_constant_result
+def _numpy_breaks_interpreter() -> bool:
+    # torch.compile runs this eagerly and keeps the result as a constant: the installed numpy does
+    # not change under a compiled graph, and Dynamo need not trace the cache or the parse
+    return _numpy_version_breaks_interpreter(np.__version__)
+
+
+def check_interpreter(dtype, *, bf16_dots=True):
+    """Errors for the set-ups Triton's interpreter cannot run (module docstring); nothing when the
+    interpreter is off. `bf16_dots`: the op's kernels take tl.dot on bfloat16 operands. Reads an
+    environment variable, a dtype and numpy's version string (its comparison cached): no tensor data."""
+    if not _interpreter_on():
+        return
+    if _numpy_breaks_interpreter():
+        raise RuntimeError(
+            f"numpy {np.__version__} under TRITON_INTERPRET=1: Triton's interpreter converts one-element "
+            f"arrays with int(), which numpy >= 2.4 rejects (\"only 0-dimensional arrays can be converted "
+            f"to Python scalars\"), so every kernel launch would fail; install numpy<2.4: "
+            f"pip install \"numpy<2.4\" (the test extra pins it), or run on a GPU")
+    if bf16_dots and dtype == torch.bfloat16:
+        raise TypeError(
+            "bfloat16 inputs under TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 dots wrongly "
+            "(it multiplies the raw bfloat16 bits as integers: results orders of magnitude off); use "
+            "float16/float32 on CPU, or a GPU")
+
+
+def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=True) -> Problem:
+    """Validates one call's arguments and returns its sizes. `bf16_dots`: the op's kernels take tl.dot
+    on bfloat16 operands (chunk_gsa's do; fused_recurrent_gsa's do not), which Triton's interpreter
+    gets wrong: see check_interpreter."""
     names = ("q", "k", "v", "s", "g")
     for name, x in zip(names, (q, k, v, s, g)):
         if not isinstance(x, torch.Tensor):
@@ -61,14 +114,35 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens) -> Problem:
     if q.device.type != "cuda" and not _interpreter_on():
         raise ValueError(f"{_describe('q', q)}: the Triton kernels need CUDA tensors "
                          f"(or TRITON_INTERPRET=1 set before triton is imported, for CPU tensors)")
+    check_interpreter(q.dtype, bf16_dots=bf16_dots)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
 
+    if validating():
+        check_gate_values(g)
     N = B
     if cu_seqlens is not None:
         N = check_cu_seqlens(cu_seqlens, B, T, q.device)
     check_initial_state(initial_state, N, H, K, M, V, q.device)
     return Problem(B, T, H, K, V, M, N, q.dtype)
+
+
+def validating() -> bool:
+    """GSA_KERNELS_VALIDATE=1: the checks that read tensor data (one device sync each) run, outside
+    torch.compile (a graph break there)."""
+    return os.environ.get("GSA_KERNELS_VALIDATE") == "1" and not torch.compiler.is_compiling()
+
+
+def check_gate_values(g):
+    """g must lie in GSA's domain [-inf, 0]: exp(g) is a forget gate, at most 1. A positive g makes a
+    memory grow at every step, which the chunk kernels' factored decays do not follow (they assume no
+    decay above 1), so the result is undefined there; this says where instead."""
+    positive = g > 0
+    if bool(positive.any()):
+        first = [int(i) for i in positive.nonzero()[0]]
+        raise ValueError(f"{_describe('g', g)}: {int(positive.sum())} values > 0 (the largest "
+                         f"{float(g.max())}, the first at index {first}); the log forget gate must lie in "
+                         f"[-inf, 0] (exp(g) <= 1; -inf resets a slot)")
 
 
 def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
@@ -83,8 +157,7 @@ def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
     if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"{_describe('cu_seqlens', cu_seqlens)}: expected the CPU or q's device {device}")
     # reading the offsets inside torch.compile would be a graph break: a compiled graph checks shapes only
-    if not torch.compiler.is_compiling() and (
-            cu_seqlens.device.type == "cpu" or os.environ.get("GSA_KERNELS_VALIDATE") == "1"):
+    if not torch.compiler.is_compiling() and (cu_seqlens.device.type == "cpu" or validating()):
         c = cu_seqlens.cpu()
         if c[0].item() != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {c[0].item()}")

@@ -11,12 +11,16 @@ output_final_state) the final states; no per-step states.
 
 The caller's initial state is never written unless asked: `inplace=True` writes the new states into
 initial_state (for serving loops that keep one state buffer), `out=(hk, hv)` into given buffers;
-both are inference-only (the backward needs the initial state).
+both are inference-only (the backward needs the initial state). The kernels read the inputs and the
+initial state while they write the new states, so an out buffer may share memory with nothing else:
+not the other out buffer, not q, k, v, s, g or cu_seqlens, not the other state; out[i] may only be
+exactly initial_state[i] (the in-place update). `_check_out_aliasing` rejects the rest.
 """
 from __future__ import annotations
 
 import torch
 
+from gsa_kernels import tuned
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.chunk import final_state_grads
 from gsa_kernels.configs import launch_config
@@ -141,6 +145,7 @@ class FusedRecurrentGSAFunction(torch.autograd.Function):
         o, scores = recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N)
         ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens)
         ctx.scale, ctx.N = scale, N
+        ctx.launch_scope = tuned.launch_scope()
         return o, hk_final, hv_final
 
     @staticmethod
@@ -149,9 +154,10 @@ class FusedRecurrentGSAFunction(torch.autograd.Function):
         do = torch.zeros_like(v, dtype=q.dtype) if do is None else do.contiguous()
         dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
             dhk_final, dhv_final, hk_final.shape, hv_final.shape, q.device)
-        dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
-            q, k, v, s, g, ctx.scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
-            cu_seqlens, ctx.N)
+        with tuned.in_launch_scope(ctx.launch_scope):
+            dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
+                q, k, v, s, g, ctx.scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
+                cu_seqlens, ctx.N)
         return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None, None
 
 
@@ -166,11 +172,74 @@ def _check_state_buffers(out, N, H, K, M, V, device):
             raise ValueError(f"{desc}: expected a contiguous float32 tensor of shape {shape} on {device}")
 
 
+def _byte_range(x):
+    """(first, last) byte addresses, last exclusive, that x can reach: its storage's address plus its
+    offset (data_ptr), and its strided extent; None when x is empty. A strided tensor gets its whole
+    span, so two views that interleave without sharing an element count as overlapping (conservative:
+    an overlap is never missed). Contiguous tensors, the usual case, skip the Python loop over strides."""
+    if x.is_contiguous():
+        size = x.nbytes
+        if size == 0:
+            return None
+        first = x.data_ptr()
+        return first, first + size
+    if x.numel() == 0:
+        return None
+    first = x.data_ptr()
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+    return first, first + span * x.element_size()
+
+
+def _overlap(a, b) -> bool:
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+
+
+def _check_out_aliasing(out, initial_state, inputs, inplace):
+    """ValueError when a new-state buffer shares memory with anything the kernels read, or with the
+    other buffer. Host metadata only (addresses, sizes, strides): no device sync, microseconds.
+    out[i] that is exactly initial_state[i] (same address, dtype and strides) is the in-place update:
+    every program reads each tile of the old state before it writes the same tile of the new one.
+    `inputs`: (name, tensor or None) pairs, on out's device."""
+    if inplace:
+        labels = ("initial_state[0] (hk0, updated in place)", "initial_state[1] (hv0, updated in place)")
+    else:
+        labels = ("out[0] (hk)", "out[1] (hv)")
+    ranges = (_byte_range(out[0]), _byte_range(out[1]))
+    if _overlap(*ranges):
+        raise ValueError(f"{labels[0]} and {labels[1]} share memory: the two new states would overwrite "
+                         f"each other; give two separate buffers")
+    states = (None, None) if initial_state is None else initial_state
+    state_ranges = [None if x is None else _byte_range(x) for x in states]
+    for i, buf in enumerate(out):
+        for j, name in enumerate(("initial_state[0] (hk0)", "initial_state[1] (hv0)")):
+            if not _overlap(ranges[i], state_ranges[j]):
+                continue
+            x = states[j]
+            if j == i and (x.data_ptr(), x.dtype, x.stride()) == (buf.data_ptr(), buf.dtype, buf.stride()):
+                continue   # the in-place update
+            if j != i:
+                raise ValueError(f"{labels[i]} shares memory with {name}, the other state: the new state "
+                                 f"would overwrite it before the kernels read it (out=(hk0, hv0), in this "
+                                 f"order, is the in-place update)")
+            raise ValueError(f"{labels[i]} overlaps {name} without being the very same buffer (same "
+                             f"address, dtype and strides: the in-place update): the new state would "
+                             f"overwrite parts of the initial state before the kernels read them")
+    for name, x in inputs:
+        if x is None:
+            continue
+        r = _byte_range(x)
+        for i in (0, 1):
+            if _overlap(ranges[i], r):
+                raise ValueError(f"{labels[i]} shares memory with {name}: the new state would overwrite "
+                                 f"{name} while the kernels read it; give a buffer apart from the inputs")
+
+
 def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None, *, inplace=False, out=None, **kwargs):
     """Gated Slot Attention token by token (SPEC section 2): same arguments and results as chunk_gsa.
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Returns o [B, T, H, V] in q's dtype and
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
+    GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError). Returns o [B, T, H, V] in q's dtype and
     (hk [N, H, K, M], hv [N, H, M, V]) float32 when output_final_state, else (None, None). For
     T == 1 without gradients this is the single-launch decode step. The initial state is only read.
 
@@ -186,7 +255,9 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
         raise TypeError(f"fused_recurrent_gsa got unexpected keyword arguments {sorted(kwargs)}")
-    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
+    # bf16_dots=False: these kernels upcast bfloat16 loads to float32 and take no tl.dot, so
+    # Triton's interpreter runs them correctly in bfloat16 (checks.check_interpreter)
+    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False)
     B, T, H, K, V, M, N = problem.B, problem.T, problem.H, problem.K, problem.V, problem.M, problem.N
     scale = K ** -0.5 if scale is None else float(scale)
 
@@ -210,6 +281,13 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
             raise ValueError("inplace=True / out= are for inference: an input requires a gradient "
                              "(run under torch.no_grad(), or drop inplace/out)")
         _check_state_buffers(out, N, H, K, M, V, q.device)
+        if not torch.compiler.is_compiling():
+            # traced tensors have no addresses to compare. The compiled path below computes the new
+            # states functionally and then copies them into `out`, so sharing memory with the inputs
+            # or the initial state is harmless there; two overlapping out buffers go unchecked
+            cu_here = cu_seqlens if cu_seqlens is not None and cu_seqlens.device == q.device else None
+            _check_out_aliasing(out, initial_state, (("q", q), ("k", k), ("v", v), ("s", s), ("g", g),
+                                                     ("cu_seqlens", cu_here)), inplace)
         output_final_state = True
     cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.int32)
 

@@ -158,3 +158,114 @@ def test_decode_large_on_gpu(B, H, K, V, M, dtype):
     errors = check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0, scale=1.0), dtype)
     assert torch.equal(hk0_d.cpu(), hk0) and torch.equal(hv0_d.cpu(), hv0)
     print(f"\n{dtype} B{B}-H{H}-K{K}-V{V}-M{M}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# out= sharing memory: the kernels read the inputs and the initial state while they write the new
+# states, so a buffer that overlaps something still to be read corrupts the step (or the two new
+# states overwrite each other). Only out=(hk0, hv0), in this order, is the in-place update.
+
+ALIAS_SIZES = dict(B=2, H=2, K=16, V=16, M=16)   # K = V = M: hk and hv have the same shape
+
+
+def _in(storage, x):
+    """x's values placed at the start of `storage` (a flat float32 tensor), as a view of x's shape."""
+    view = storage[:x.numel()].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def aliasing_case(case, T=1):
+    """(inputs, initial_state, out, reference) for one way of sharing memory; the reference is the
+    float64 recurrence on copies of the values taken before the call."""
+    B, H, K, V, M = ALIAS_SIZES.values()
+    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, torch.float32, "mixed", seed=9)
+    ref = reference_step(q, k, v, s, g, hk0, hv0)
+    ins = {name: x.to(DEVICE) for name, x in zip("qkvsg", (q, k, v, s, g))}
+    hk0, hv0 = hk0.to(DEVICE), hv0.to(DEVICE)
+    n = hk0.numel()
+    out = (torch.empty_like(hk0), torch.empty_like(hv0))
+    if case == "crosswise":                # the states swapped: the new hk lands on hv0 before it is read
+        out = (hv0, hk0)
+    elif case == "one_buffer_twice":
+        out = (out[0], out[0])
+    elif case == "out_pair_overlap":       # two views of one storage, 64 floats in common
+        big = torch.empty(2 * n - 64, device=DEVICE)
+        out = (big[:n].view(hk0.shape), big[n - 64:].view(hv0.shape))
+    elif case == "hk0_shifted":            # out[0] on hk0's storage, one row of slots further on
+        big = torch.empty(n + M, device=DEVICE)
+        hk0 = _in(big, hk0)
+        out = (big[M:].view(hk0.shape), out[1])
+    elif case == "hv0_in_out0":            # the other state, partly: hv0 starts 64 floats into out[0]
+        big = torch.empty(n + 64, device=DEVICE)
+        hv0 = _in(big[64:], hv0)
+        out = (big[:n].view(hk0.shape), out[1])
+    elif case in ("q", "k", "s", "g"):     # an input in the first bytes of out[0]
+        big = torch.empty(n, device=DEVICE)
+        ins[case] = _in(big, ins[case])
+        out = (big.view(hk0.shape), out[1])
+    elif case == "v":                      # v in the first bytes of out[1]
+        big = torch.empty(n, device=DEVICE)
+        ins["v"] = _in(big, ins["v"])
+        out = (out[0], big.view(hv0.shape))
+    elif case == "inplace":                # allowed: the same buffers, in the same order
+        out = (hk0, hv0)
+    elif case == "inplace_hk_only":        # allowed: hk in place, hv into a new buffer
+        out = (hk0, out[1])
+    elif case == "disjoint_views":         # allowed: every tensor a separate part of one storage
+        big = torch.empty(2 * n + sum(x.numel() for x in ins.values()), device=DEVICE)
+        out = (big[:n].view(hk0.shape), big[n:2 * n].view(hv0.shape))
+        at = 2 * n
+        for name, x in ins.items():
+            ins[name] = _in(big[at:], x)
+            at += x.numel()
+    else:
+        raise AssertionError(case)
+    return [ins[name] for name in "qkvsg"], (hk0, hv0), out, ref
+
+
+REJECTED = [  # (case, the error's words: the argument and what it conflicts with)
+    ("crosswise", r"out\[0\] \(hk\) shares memory with initial_state\[1\] \(hv0\), the other state"),
+    ("one_buffer_twice", r"out\[0\] \(hk\) and out\[1\] \(hv\) share memory"),
+    ("out_pair_overlap", r"out\[0\] \(hk\) and out\[1\] \(hv\) share memory"),
+    ("hk0_shifted", r"out\[0\] \(hk\) overlaps initial_state\[0\] \(hk0\) without being the very same"),
+    ("hv0_in_out0", r"out\[0\] \(hk\) shares memory with initial_state\[1\] \(hv0\)"),
+    ("q", r"out\[0\] \(hk\) shares memory with q:"),
+    ("k", r"out\[0\] \(hk\) shares memory with k:"),
+    ("v", r"out\[1\] \(hv\) shares memory with v:"),
+    ("s", r"out\[0\] \(hk\) shares memory with s:"),
+    ("g", r"out\[0\] \(hk\) shares memory with g:"),
+]
+
+
+@pytest.mark.parametrize("T", [1, 3], ids=["decode", "T3"])
+@pytest.mark.parametrize("case,words", REJECTED, ids=[c for c, _ in REJECTED])
+def test_out_sharing_memory_is_an_error(case, words, T):
+    """Each of these gives a wrong o or new state when run (the kernels overwrite what they still have
+    to read): a ValueError naming the buffer and what it shares memory with, before anything is written."""
+    ins, state, out, _ = aliasing_case(case, T)
+    before = [x.clone() for x in (*ins, *state, *out)]
+    with torch.no_grad(), pytest.raises(ValueError, match=words):
+        fused_recurrent_gsa(*ins, initial_state=state, out=out)
+    # bitwise: the empty buffers may hold NaNs
+    assert all(torch.equal(x.view(torch.int32), b.view(torch.int32)) for x, b in zip((*ins, *state, *out), before))
+
+
+def test_inplace_on_one_buffer_for_both_states_is_an_error():
+    """inplace=True with hk0 and hv0 the same memory (K = V = M): the two updates would collide."""
+    ins, (hk0, _), _, _ = aliasing_case("inplace")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"initial_state\[0\] \(hk0, updated in place\) "
+                                                          r"and initial_state\[1\] \(hv0, updated in place\)"):
+        fused_recurrent_gsa(*ins, initial_state=(hk0, hk0), inplace=True)
+
+
+@pytest.mark.parametrize("T", [1, 3], ids=["decode", "T3"])
+@pytest.mark.parametrize("case", ["inplace", "inplace_hk_only", "disjoint_views"])
+def test_out_sharing_that_is_allowed(case, T):
+    """out=(hk0, hv0) in the same order is the in-place update (also for one state alone), and separate
+    parts of one storage do not overlap: all give the recurrence's result."""
+    ins, state, out, ref = aliasing_case(case, T)
+    with torch.no_grad():
+        o, (hk, hv) = fused_recurrent_gsa(*ins, initial_state=state, out=out)
+    assert hk is out[0] and hv is out[1]
+    check_step(o, hk, hv, ref, torch.float32)
