@@ -208,6 +208,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
         ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks)
         ctx.scale, ctx.layout = scale, layout
+        ctx.launch_scope = tuned.launch_scope()
         ctx.initial_dtypes = (None if hk0 is None else hk0.dtype, None if hv0 is None else hv0.dtype)
         return o, hk_final, hv_final
 
@@ -218,9 +219,10 @@ class ChunkGSAFunction(torch.autograd.Function):
         N = ctx.layout.N
         dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, *hk_chunks.shape[1:]),
                                                  (N, *hv_chunks.shape[1:]), q.device)
-        dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-            q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout,
-            use_h0=ctx.initial_dtypes[0] is not None)
+        with tuned.in_launch_scope(ctx.launch_scope):
+            dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
+                q, k, v, s, g, ctx.scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, ctx.layout,
+                use_h0=ctx.initial_dtypes[0] is not None)
         hk_dtype, hv_dtype = ctx.initial_dtypes
         dhk0 = None if hk_dtype is None else dhk0.to(hk_dtype)
         dhv0 = None if hv_dtype is None else dhv0.to(hv_dtype)
@@ -231,8 +233,10 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
               **kwargs):
     """Gated Slot Attention by the chunkwise algorithm (SPEC section 2).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g <= 0, the log forget gate); one dtype among
-    float32 / float16 / bfloat16. Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M],
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16.
+    g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
+    computed as the recurrence does. g > 0 (a decay above 1) is outside GSA's domain and its result
+    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M],
     hv [N, H, M, V]) float32 final states when output_final_state, else (None, None).
     `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
     """

@@ -223,6 +223,24 @@ def record_launch(kernel: str, cfg: dict, source: str, entry):
     _thread.launches[kernel] = {"config": dict(cfg), "source": source, "entry": entry}
 
 
+def launch_scope() -> tuple:
+    """This thread's (override, launch records): what its launches see and where they are recorded.
+    An autograd Function takes it in its forward and enters it around its backward
+    (`in_launch_scope`), since PyTorch runs a CUDA backward on its own worker thread: the backward's
+    kernels then launch with the override of the thread that ran the forward, and are recorded there."""
+    return _thread.override, _thread.launches
+
+
+@contextlib.contextmanager
+def in_launch_scope(scope: tuple):
+    previous = _thread.override, _thread.launches
+    _thread.override, _thread.launches = scope
+    try:
+        yield
+    finally:
+        _thread.override, _thread.launches = previous
+
+
 def clear_launches():
     """Forget this thread's launch records (the sweep uses it to see which kernels an op launches)."""
     _thread.launches.clear()

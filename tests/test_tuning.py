@@ -620,6 +620,27 @@ def test_unusable_user_cache_location_keeps_the_autotuned_config(monkeypatch, tm
         assert info["config"] == tuned_entry["configs"][kernel], kernel
 
 
+def test_backward_on_another_thread_keeps_the_forward_threads_override():
+    """PyTorch runs a CUDA backward on its own worker thread: the backward kernels must still launch
+    with the override of the thread that ran the forward, and be recorded there. Emulated on any
+    device by running the backward from a second thread."""
+    import threading
+    forced = non_default_configs(16, 16, 16)
+    bwd_kernels = ("states_bwd", "chunk_bwd_dscores", "chunk_bwd_keys", "chunk_bwd_values")
+    ins = [x.to(DEVICE).requires_grad_() for x in inputs(*SMALL)]
+    configs.clear_last_configs()
+    with configs.override({k: forced[k] for k in bwd_kernels}):
+        o, _ = chunk_gsa(*ins, chunk_size=32)
+    worker = threading.Thread(target=lambda: o.sum().backward())
+    worker.start()
+    worker.join(120)
+    launched = last_launches()
+    for kernel in bwd_kernels:
+        assert launched[kernel]["source"] == "override", kernel
+        assert launched[kernel]["config"] == forced[kernel], kernel
+    assert all(x.grad is not None for x in ins)
+
+
 def _raise(error):
     def fail(*a, **k):
         raise error
