@@ -4,6 +4,8 @@
 #   STEPS, comma-separated, run in this order:
 #     fla-warm  start flash-linear-attention's autotuning in the background (benchmarks/fla_cache.py),
 #               packing its results into $OUT/fla_autotune.tgz until it ends or DEADLINE seconds pass
+#     fla-wait  wait for that warm-up (DEADLINE) and pack it, so that a bench step after it times FLA
+#               with its tuned configs and nothing else on the GPU while FLA tunes
 #     tests     the test suite on CUDA (default targets: tests)
 #     bench     benchmarks/bench_chunk.py (BENCH_ARGS, e.g. "--shapes a --no-fla")
 #     profile   benchmarks/profile_kernels.py (PROFILE_ARGS)
@@ -39,12 +41,23 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
 warm_pid=
+wait_for_warm() {
+  [ -n "$warm_pid" ] || return 0
+  deadline=${DEADLINE:-560}
+  while kill -0 "$warm_pid" 2>/dev/null && [ $((SECONDS - start)) -lt "$deadline" ]; do sleep 5; done
+  kill -0 "$warm_pid" 2>/dev/null && echo "fla warm-up still running at the deadline; partial results packed"
+  python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz"
+  tail -5 "$OUT/fla_warm.log"
+  warm_pid=
+}
 for step in ${steps//,/ }; do
   case $step in
     fla-warm)
       python3 -m benchmarks.fla_cache warm --shapes "${FLA_SHAPES:-a,b,c,d}" --jobs 4 \
         --pack "$OUT/fla_autotune.tgz" > "$OUT/fla_warm.log" 2>&1 &
       warm_pid=$! ;;
+    fla-wait)
+      wait_for_warm ;;
     tests)
       [ $# -gt 0 ] || set -- tests
       python3 -m pytest -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/tests.log" || status=1 ;;
@@ -71,11 +84,5 @@ for step in ${steps//,/ }; do
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
-if [ -n "$warm_pid" ]; then
-  deadline=${DEADLINE:-560}
-  while kill -0 "$warm_pid" 2>/dev/null && [ $((SECONDS - start)) -lt "$deadline" ]; do sleep 5; done
-  kill -0 "$warm_pid" 2>/dev/null && echo "fla warm-up still running at the deadline; partial results packed"
-  python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz"
-  tail -5 "$OUT/fla_warm.log"
-fi
+wait_for_warm
 exit $status

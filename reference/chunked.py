@@ -27,6 +27,7 @@ from reference._common import check_inputs, masked_exp
 from reference._inputs import compute_dtype, initial_states, sequence_bounds
 
 SUB_CHUNK = 16
+FORGET_ALL = 104.0
 
 
 def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
@@ -47,7 +48,10 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
         return x.reshape(B, H, NT, C, x.shape[-1])
 
     q, k, v, s, g = (to_chunks(x) for x in (q, k, v, s, g))
-    G = g.cumsum(-2)                                                     # [B, H, NT, C, M], <= 0
+    # gates below -FORGET_ALL act as -FORGET_ALL: exp of any decay across one is then 0 in float32, as
+    # exp(g) is, and g = -inf (a reset) no longer turns the sum into -inf - -inf = NaN; the same rule
+    # as the Triton kernels' (gsa_kernels/kernels/cumsum.py), so that this form serves as their backend
+    G = torch.where(g < -FORGET_ALL, -FORGET_ALL, g).cumsum(-2)          # [B, H, NT, C, M], <= 0
     gend = G[..., -1, :]                                                 # [B, H, NT, M]
 
     # ---- states at every chunk start: the only sequential part
