@@ -78,7 +78,6 @@ SMEM_BYTES = {"sm80": 166912, "sm86": 101376, "sm87": 166912, "sm89": 101376, "s
 # file, so anything pruned would spill at least as much as it keeps (see `fits`).
 MAX_REGS_PER_THREAD = 512
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 _lock = threading.RLock()
 
 
