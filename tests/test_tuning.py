@@ -465,7 +465,7 @@ def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
                                    "z = tl.where(mask_m, z * scale * 1.0")
     assert decode == now
 
-    intra = _edited_kernel_hashes(tmp_path / "b", "intra.py", "E = tl.exp(tl.minimum(", "E = tl.exp(-0.0 + tl.minimum(")
+    intra = _edited_kernel_hashes(tmp_path / "b", "intra.py", "X, 0.0), axis=1)", "X, -0.0), axis=1)")
     changed = {k for k in now if intra[k] != now[k]}
     assert changed == {"chunk", "chunk_fwd", "chunk_fwd_compact", "chunk_bwd_dscores", "chunk_bwd_keys",
                        "chunk_bwd_values"}
