@@ -477,8 +477,8 @@ def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
     comment = _edited_kernel_hashes(tmp_path / "d", "states.py", "# hk, hv hold the states at the start",
                                     "# hk and hv hold the states at the start")
     assert comment == now
-    docstring = _edited_kernel_hashes(tmp_path / "e", "intra.py", "The clamp only absorbs rounding",
-                                      "The clamp absorbs only the rounding")
+    docstring = _edited_kernel_hashes(tmp_path / "e", "intra.py", '"""X[i, i] as a [BT] vector."""',
+                                      '"""The diagonal X[i, i], a [BT] vector."""')
     assert docstring == now
 
 
