@@ -236,8 +236,9 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16.
     g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
     computed as the recurrence does. g > 0 (a decay above 1) is outside GSA's domain and its result
-    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M],
-    hv [N, H, M, V]) float32 final states when output_final_state, else (None, None).
+    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. Returns o [B, T, H, V] in q's dtype
+    and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states when output_final_state, else
+    (None, None).
     `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
     """
     chunk_size = kwargs.pop("chunk_size", None)

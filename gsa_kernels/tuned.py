@@ -194,10 +194,6 @@ def current_override() -> dict[str, dict] | None:
     return _thread.override
 
 
-def overriding() -> bool:
-    return _thread.override is not None
-
-
 def count_benchmark(n: int = 1):
     """Called by the search (tuning.search) once per candidate it times, wherever it runs."""
     with _lock:
@@ -263,7 +259,6 @@ class Table:
     meta: dict
     entries: list = field(default_factory=list)
     exact: dict = field(default_factory=dict)
-    stale: tuple = ()        # kernels whose configs this file holds but may not use (dropped from entries)
 
 
 class FileProblem(Exception):
@@ -309,18 +304,25 @@ def _string(x) -> bool:
     return isinstance(x, str)
 
 
-def parse_entry(raw, index: int) -> Entry:
-    """One entry of `entries`, checked against the present CANDIDATES (params and values)."""
-    from gsa_kernels.configs import CANDIDATES
-    where = f"entries[{index}]"
-    _require(isinstance(raw, dict), f"{where} is not a mapping")
-    key = raw.get("key")
+def parse_key(key, where: str) -> tuple:
+    """A file's `key` mapping as a problem key, or FileProblem naming what breaks it (`where`: the
+    item it belongs to)."""
     _require(isinstance(key, dict) and set(KEY_FIELDS) <= set(key), f"{where}.key must have {KEY_FIELDS}")
     for name in ("K", "V", "M", "tokens", "seqs"):
         _require(_positive_int(key[name]),
                  f"{where}.key.{name} must be a positive int (at most 2^40), got {str(key[name])[:40]!r}")
     _require(_string(key["dtype"]) and key["dtype"] in DTYPES,
              f"{where}.key.dtype must be one of {sorted(DTYPES)}")
+    return problem_key(K=key["K"], V=key["V"], M=key["M"], dtype=key["dtype"],
+                       tokens=key["tokens"], seqs=key["seqs"])
+
+
+def parse_entry(raw, index: int) -> Entry:
+    """One entry of `entries`, checked against the present CANDIDATES (params and values)."""
+    from gsa_kernels.configs import CANDIDATES
+    where = f"entries[{index}]"
+    _require(isinstance(raw, dict), f"{where} is not a mapping")
+    k = parse_key(raw.get("key"), where)
     backend = raw.get("backend", "triton")
     _require(_string(backend) and backend in BACKENDS, f"{where}.backend must be one of {BACKENDS}")
     configs = raw.get("configs")
@@ -333,8 +335,6 @@ def parse_entry(raw, index: int) -> Entry:
             _require(_int(value) and value in CANDIDATES[kernel][param],
                      f"{where}.configs.{kernel}.{param} = {str(value)[:40]!r} is not a candidate "
                      f"{CANDIDATES[kernel][param]}")
-    k = problem_key(K=key["K"], V=key["V"], M=key["M"], dtype=key["dtype"],
-                    tokens=key["tokens"], seqs=key["seqs"])
     return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index)
 
 
@@ -409,7 +409,7 @@ def read_table(path: Path, *, arch: str | None, missing_ok: bool) -> Table | Non
         _file_warning(path, f"stale for kernels {list(stale)} (made for another source of them, or other "
                          f"candidate lists): those launch with defaults; re-run the sweep with "
                          f"--kernels {','.join(stale)}", whole=False)
-    table = Table(path, meta, entries, stale=stale)
+    table = Table(path, meta, entries)
     for entry in entries:
         table.exact.setdefault(entry.key, entry)
     return table

@@ -177,14 +177,8 @@ def check_resume_items(entries: list, failed: list):
         where = f"failed[{i}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where} must be a mapping, got {_kind(item)}")
-        if "key" not in item:
-            continue
-        key = item["key"]
-        if not isinstance(key, dict) or not set(tuned.KEY_FIELDS) <= set(key):
-            raise ValueError(f"{where}.key must be a mapping with {', '.join(tuned.KEY_FIELDS)}, got {_kind(key)}")
-        for name in ("K", "V", "M", "tokens", "seqs"):
-            value = key[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}.key.{name} must be a positive int, got {_kind(value)}")
-        if not isinstance(key["dtype"], str) or key["dtype"] not in tuned.DTYPES:
-            raise ValueError(f"{where}.key.dtype must be one of {sorted(tuned.DTYPES)}, got {_kind(key['dtype'])}")
+        if "key" in item:
+            try:
+                tuned.parse_key(item["key"], where)
+            except tuned.FileProblem as e:
+                raise ValueError(str(e).removeprefix("malformed: ")) from None
