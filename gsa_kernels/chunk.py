@@ -94,15 +94,14 @@ def _warps(cfg):
 
 
 def chunk_gates(g, layout: ChunkLayout):
-    """G = within-chunk cumulative sum of g as two float32 [B, T, H, M] parts, G and G_lo (what
-    rounding the float64 sum to float32 left): kernels/cumsum.py."""
+    """G = within-chunk cumulative sum of g, float32 [B, T, H, M]."""
     B, T, H, M = g.shape
-    G = torch.empty(2, B, T, H, M, dtype=torch.float32, device=g.device)
+    G = torch.empty(B, T, H, M, dtype=torch.float32, device=g.device)
     cu, _, table = layout.ptrs(g)
     chunk_cumsum_kernel[(layout.num_slots, H)](
-        g, G[0], G[1], cu, table, T, H=H, M=M, BT=layout.BT, BM=pow2_at_least(M),
+        g, G, cu, table, T, H=H, M=M, BT=layout.BT, BM=pow2_at_least(M),
         IS_VARLEN=layout.is_varlen, num_warps=4)
-    return G[0], G[1]
+    return G
 
 
 def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
@@ -127,13 +126,13 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
         hv_chunks[-N:].zero_()
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
-    G, G_lo = chunk_gates(g, layout)
+    G = chunk_gates(g, layout)
 
     suffix = "_compact" if compact else ""
     cfg = launch_config("states_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
-        k, v, s, G, G_lo, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
+        k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
         hk_chunks, hv_chunks, hk_scales, hv_scales,
         hk_final if output_final_state else q, hv_final if output_final_state else q,
         cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
@@ -145,7 +144,7 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     cfg = launch_config("chunk_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, G, G_lo, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,
+        q, k, v, s, G, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,
         scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
@@ -160,14 +159,14 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
 
-    G, G_lo = chunk_gates(g, layout)
+    G = chunk_gates(g, layout)
     p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
     cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
-        v, s, G, G_lo, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
+        v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
 
@@ -191,12 +190,12 @@ def chunk_gsa_bwd(q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chu
     cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_keys_kernel[(layout.num_slots, H)](
-        q, k, s, G, G_lo, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
+        q, k, s, G, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
         H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_values_kernel[(layout.num_slots, H)](
-        v, s, G, G_lo, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
+        v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0
@@ -237,10 +236,9 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16.
     g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
     computed as the recurrence does. g > 0 (a decay above 1) is outside GSA's domain and its result
-    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. A NaN or inf in one token's inputs
-    makes the outputs from that token on non-finite (as the recurrence does), never earlier ones.
-    Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
-    when output_final_state, else (None, None).
+    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. Returns o [B, T, H, V] in q's dtype
+    and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states when output_final_state, else
+    (None, None).
     `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
     """
     chunk_size = kwargs.pop("chunk_size", None)

@@ -9,21 +9,20 @@ from gsa_kernels.kernels import intra
 
 
 @triton.jit
-def _intra_probe(X, Y, Y2, G, GLO, OUT_APPLY, OUT_MATRIX, OUT_ANTI,
+def _intra_probe(X, Y, Y2, G, OUT_APPLY, OUT_MATRIX, OUT_ANTI,
                  BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     r = tl.arange(0, BT)
     m = tl.arange(0, BM)
     x = tl.load(X + r[:, None] * BT + r[None, :])
     y = tl.load(Y + r[:, None] * BM + m[None, :])
     gg = tl.load(G + r[:, None] * BM + m[None, :])
-    glo = tl.load(GLO + r[:, None] * BM + m[None, :])
-    # the helpers gather reference rows of G from memory: pass the same tiles as pointers too
-    out = intra.apply_causal(x, y, gg, glo, G, GLO, BM, BT, BM, BT, BM, PREC)
+    # the helpers gather reference rows of G from memory: pass the same tile as a pointer too
+    out = intra.apply_causal(x, y, gg, G, BM, BT, BM, BT, BM, PREC)
     tl.store(OUT_APPLY + r[:, None] * BM + m[None, :], out)
-    out = intra.apply_anticausal(x, y, gg, glo, G, GLO, BM, BT, BM, BT, BM, PREC)
+    out = intra.apply_anticausal(x, y, gg, G, BM, BT, BM, BT, BM, PREC)
     tl.store(OUT_ANTI + r[:, None] * BM + m[None, :], out)
     y2 = tl.load(Y2 + r[:, None] * BM + m[None, :])
-    out = intra.matrix_causal(y, y2, gg, glo, G, GLO, BM, BT, BM, BT, BM, PREC)
+    out = intra.matrix_causal(y, y2, gg, G, BM, BT, BM, BT, BM, PREC)
     tl.store(OUT_MATRIX + r[:, None] * BT + r[None, :], out)
 
 
@@ -49,16 +48,12 @@ def test_intra_helpers_match_definition(BT, BM, gate):
         g = -30 * torch.rand(BT, BM, dtype=torch.float64)
         g[:, 0] = 0.0                                           # a slot that never forgets
     dev = dict(device=DEVICE, dtype=torch.float32)
-    xd, yd = x.to(**dev), y.to(**dev)
-    # G in two float32 parts, as kernels/cumsum.py writes it; the reference takes the float64 sum of
-    # the float32-rounded gates
-    G = g.float().double().cumsum(0)
-    gd = G.to(**dev)
-    glo = (G - gd.double().cpu()).to(**dev)
-    want = _expected(xd.double().cpu(), yd.double().cpu(), G)
+    xd, yd, gd = x.to(**dev), y.to(**dev), g.cumsum(0).to(**dev)
+    # the reference sees the same float32-rounded inputs as the kernel
+    want = _expected(xd.double().cpu(), yd.double().cpu(), gd.double().cpu())
     outs = [torch.full((BT, BM), float('nan'), **dev), torch.full((BT, BT), float('nan'), **dev),
             torch.full((BT, BM), float('nan'), **dev)]
-    _intra_probe[(1,)](xd, yd, yd * 0.5 + 1.0, gd, glo, *outs, BT=BT, BM=BM, PREC="ieee")
+    _intra_probe[(1,)](xd, yd, yd * 0.5 + 1.0, gd, *outs, BT=BT, BM=BM, PREC="ieee")
     for name, got, ref in zip(["apply_causal", "matrix_causal", "apply_anticausal"], outs, want):
         err = ((got.double().cpu() - ref).norm() / ref.norm()).item()
         assert err < 1e-6, f"{name}: relative error {err:.2e}"

@@ -28,7 +28,7 @@ from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
-def chunk_bwd_dscores_kernel(v, s, G_all, Glo_all, do, hv_chunks, scores, p_all, dz, dG_loc, cu_seqlens, chunk_table,
+def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_loc, cu_seqlens, chunk_table,
                              scale, T,
                              H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                              BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
@@ -45,9 +45,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, Glo_all, do, hv_chunks, scores, p_all,
         off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
         s_chunk = s + (t0 * H + h) * M
         G_chunk = G_all + (t0 * H + h) * M
-        Glo_chunk = Glo_all + (t0 * H + h) * M
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
-        Glo, Gend_lo = chunk_gates(Glo_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
         sv = tl.load(scores + off, mask=io_mask, other=0.0)
         e = tl.exp(tl.where(slot_mask, sv, float("-inf")) - tl.max(tl.where(slot_mask, sv, float("-inf")), axis=1)[:, None])
@@ -65,7 +63,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, Glo_all, do, hv_chunks, scores, p_all,
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
             dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
-        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+        dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         dscores = p * (dp - tl.sum(p * dp, axis=1)[:, None])
         tl.store(p_all + off, p, mask=io_mask)
         tl.store(dz + off, scale * dscores, mask=io_mask)
@@ -73,7 +71,7 @@ def chunk_bwd_dscores_kernel(v, s, G_all, Glo_all, do, hv_chunks, scores, p_all,
 
 
 @triton.jit
-def chunk_bwd_keys_kernel(q, k, s, G_all, Glo_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys,
+def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys,
                           cu_seqlens, chunk_table, T,
                           H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                           BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -89,12 +87,10 @@ def chunk_bwd_keys_kernel(q, k, s, G_all, Glo_all, hk_chunks, dhk_chunks, dz, dq
         slot_mask = (m < M)[None, :]
         off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
         G_chunk = G_all + (t0 * H + h) * M
-        Glo_chunk = Glo_all + (t0 * H + h) * M
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
-        Glo, Gend_lo = chunk_gates(Glo_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-        dA = matrix_causal(dzc, sc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+        dA = matrix_causal(dzc, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         dze = dzc * tl.exp(G)
 
         A = tl.zeros((BT, BT), dtype=tl.float32)
@@ -113,22 +109,22 @@ def chunk_bwd_keys_kernel(q, k, s, G_all, Glo_all, hk_chunks, dhk_chunks, dz, dq
             dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
                 + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
             dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
-                + tl.dot(sc * tl.exp((Gend[None, :] - G) + (Gend_lo[None, :] - Glo)), tl.trans(dhk), input_precision=PREC)
+                + tl.dot(sc * tl.exp(Gend[None, :] - G), tl.trans(dhk), input_precision=PREC)
             tl.store(dq + koff, dqc.to(dq.dtype.element_ty), mask=kmask)
             tl.store(dk + koff, dkc.to(dk.dtype.element_ty), mask=kmask)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
             ds_inter += tl.dot(kc.to(tl.float32), dhk, input_precision=PREC)
             carry += tl.sum(dhk * hk, axis=0)
 
-        ds_inter = ds_inter * tl.exp((Gend[None, :] - G) + (Gend_lo[None, :] - Glo))
-        dsc = ds_inter + apply_anticausal(A, dzc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+        ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
+        dsc = ds_inter + apply_anticausal(A, dzc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         tl.store(ds_keys + off, dsc, mask=row_mask & slot_mask)
         carry = tl.exp(Gend) * carry + tl.sum(sc * ds_inter, axis=0)
         tl.store(carry_keys + (slot * H + h) * M + m, carry, mask=m < M)
 
 
 @triton.jit
-def chunk_bwd_values_kernel(v, s, G_all, Glo_all, do, hv_chunks, dhv_chunks, p_all, dG_loc, ds_keys, carry_keys,
+def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_loc, ds_keys, carry_keys,
                             dv, ds, dg, cu_seqlens, chunk_table, T,
                             H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                             BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
@@ -145,12 +141,10 @@ def chunk_bwd_values_kernel(v, s, G_all, Glo_all, do, hv_chunks, dhv_chunks, p_a
         io_mask = row_mask & slot_mask
         off = (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :]
         G_chunk = G_all + (t0 * H + h) * M
-        Glo_chunk = Glo_all + (t0 * H + h) * M
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
-        Glo, Gend_lo = chunk_gates(Glo_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-        Av = matrix_causal(p, sc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
 
         dAv = tl.zeros((BT, BT), dtype=tl.float32)
         ds_inter = tl.zeros((BT, BM), dtype=tl.float32)
@@ -166,15 +160,15 @@ def chunk_bwd_values_kernel(v, s, G_all, Glo_all, do, hv_chunks, dhv_chunks, p_a
             hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
             dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
             dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
-                + tl.dot(sc * tl.exp((Gend[None, :] - G) + (Gend_lo[None, :] - Glo)), dhv, input_precision=PREC)
+                + tl.dot(sc * tl.exp(Gend[None, :] - G), dhv, input_precision=PREC)
             tl.store(dv + voff, dvc.to(dv.dtype.element_ty), mask=vmask)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
             ds_inter += tl.dot(vc.to(tl.float32), tl.trans(dhv), input_precision=PREC)
             carry += tl.sum(dhv * hv, axis=1)
 
-        ds_inter = ds_inter * tl.exp((Gend[None, :] - G) + (Gend_lo[None, :] - Glo))
+        ds_inter = ds_inter * tl.exp(Gend[None, :] - G)
         dsc = tl.load(ds_keys + off, mask=io_mask, other=0.0) + ds_inter \
-            + apply_anticausal(dAv, p, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+            + apply_anticausal(dAv, p, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         tl.store(ds + off, dsc.to(ds.dtype.element_ty), mask=io_mask)
 
         # dg: every row t of the chunk gets the dG of rows i >= t; the state carry reaches them all

@@ -19,7 +19,7 @@ from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
-def chunk_fwd_kernel(q, k, v, s, G_all, Glo_all, hk_chunks, hv_chunks, hk_scales, hv_scales, o, scores_out, cu_seqlens,
+def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scales, o, scores_out, cu_seqlens,
                      chunk_table, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -38,8 +38,6 @@ def chunk_fwd_kernel(q, k, v, s, G_all, Glo_all, hk_chunks, hv_chunks, hk_scales
         s_chunk = s + (t0 * H + h) * M                     # row r of this chunk at s_chunk + r * H * M
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         G_chunk = G_all + (t0 * H + h) * M
-        Glo_chunk = Glo_all + (t0 * H + h) * M
-        Glo, _ = chunk_gates(Glo_all, t0, nvalid, h, H, M, BT, BM)
         sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
 
         # keys pass: inter-chunk q Hk and the unscaled q k^T, both reduced over K
@@ -62,7 +60,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, Glo_all, hk_chunks, hv_chunks, hk_scales
                 qh = dot_acc_scaled(qc, hk, qh, PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
-                          + apply_causal(A, sc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC))
+                          + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))
         if not COMPACT:
             tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
                      mask=row_mask & slot_mask)
@@ -73,7 +71,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, Glo_all, hk_chunks, hv_chunks, hk_scales
         p = e / tl.sum(e, axis=1)[:, None]
 
         # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v
-        Av = matrix_causal(p, sc, G, Glo, G_chunk, Glo_chunk, H * M, nvalid, M, BT, BM, PREC)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
         pe = p * tl.exp(G)
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
@@ -85,13 +83,5 @@ def chunk_fwd_kernel(q, k, v, s, G_all, Glo_all, hk_chunks, hv_chunks, hk_scales
             inter = tl.dot(pe, hv, input_precision=PREC)
             if COMPACT:
                 inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
-            # Av is 0 above the diagonal, but 0 times a non-finite v is NaN: the dot takes such a value
-            # as 0, and it is put back as NaN in its column from its row on, as Hv carries it there in
-            # the recurrence (never in an earlier row: right padding left as garbage stays harmless)
-            vf = vc.to(tl.float32)
-            finite = tl.abs(vf) < float("inf")
-            oc = inter + tl.dot(Av, tl.where(finite, vf, 0.0), input_precision=PREC)
-            bad = tl.where(finite, 0.0, 1.0)
-            if tl.sum(tl.sum(bad, axis=1), axis=0) > 0:
-                oc = tl.where(tl.cumsum(bad, axis=0) > 0, float("nan"), oc)
+            oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
             tl.store(o + voff, oc.to(o.dtype.element_ty), mask=vmask)

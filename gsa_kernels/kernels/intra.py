@@ -22,11 +22,6 @@ dots and log2(BT) exps of [BT, BM] per helper call. The G[r] rows are gathered f
 hit: the chunk's G was just read), through g_ptr (the chunk's row 0) with a row stride; rows at or
 past `nvalid` read the last valid row (G is flat past the sequence end), slots past M read 0.
 PREC is the tl.dot input precision of float32 operands ("ieee" for float32 inputs, else "tf32").
-
-Every pair outside a level's (late, early) pairs is removed by selection (tl.where), never by a
-multiplication with 0 inside the dot: a NaN or inf in one row (a padding token left uninitialised)
-times 0 is NaN, which would reach the rows before it. Selected away, a non-finite value reaches only
-the rows the recurrence sends it to.
 """
 import triton
 import triton.language as tl
@@ -49,42 +44,17 @@ def load_gates(ptr, r, stride, nvalid, M, BM: tl.constexpr):
 
 
 @triton.jit
-def _level(G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M, S, BT: tl.constexpr, BM: tl.constexpr):
-    """Level S: which rows are late (in the second half of their block of 2S), the pairs [BT, BT]
-    (i late, j early, same block) that this level splits, and E = exp(G - G[r]) on late rows,
-    exp(G[r] - G) on early rows (r: the block's last early row), both <= 1. The clamp at 0 only
-    absorbs rounding of the parallel cumsum."""
+def _level(G, g_ptr, g_stride, nvalid, M, S, BT: tl.constexpr, BM: tl.constexpr):
+    """Level S: which rows are late (in the second half of their block of 2S), the same-block mask
+    [BT, BT], and E = exp(G - G[r]) on late rows, exp(G[r] - G) on early rows (r: the block's
+    last early row), both <= 1. The clamp only absorbs rounding of the parallel cumsum."""
     rows = tl.arange(0, BT)
     late = ((rows // S) % 2) == 1
     block = rows // (2 * S)
-    early = ((rows // S) % 2) == 0
-    pairs = (block[:, None] == block[None, :]) & late[:, None] & early[None, :]
-    r = block * (2 * S) + S - 1
-    Gr, Grlo = load_gates(g_ptr, r, g_stride, nvalid, M, BM), load_gates(glo_ptr, r, g_stride, nvalid, M, BM)
-    # the difference part by part: G - Gr is exact where the two are close, and G's lo parts keep
-    # what float32 rounding took from the sums (gates after a reset sit near -104 k)
-    d = tl.where(late[:, None], (G - Gr) + (Glo - Grlo), (Gr - G) + (Grlo - Glo))
-    # d <= 0 is false for NaN (a NaN gate at or before r): such rows take 1, since a NaN here would
-    # reach every row through the dots; the rows at or after the NaN gate get it through exp(G)
-    E = tl.exp(tl.where(d <= 0.0, d, 0.0))
-    return late[:, None], pairs, E
-
-
-@triton.jit
-def _finite_part(Y):
-    """(Y with its non-finite values as 0, 1.0 where they were). A dot sums over the rows of Y, so one
-    NaN row would reach every output row through products with 0."""
-    finite = tl.abs(Y) < float("inf")
-    return tl.where(finite, Y, 0.0), tl.where(finite, 0.0, 1.0)
-
-
-@triton.jit
-def _poison_from(out, bad, REVERSE: tl.constexpr):
-    """out with NaN in each column from the first row where that column of Y was non-finite on (or,
-    REVERSE, up to the last such row): where the recurrence carries it. Free when all were finite."""
-    if tl.sum(tl.sum(bad, axis=1), axis=0) > 0:
-        out = tl.where(tl.cumsum(bad, axis=0, reverse=REVERSE) > 0, float("nan"), out)
-    return out
+    same = block[:, None] == block[None, :]
+    Gr = load_gates(g_ptr, block * (2 * S) + S - 1, g_stride, nvalid, M, BM)
+    E = tl.exp(tl.minimum(tl.where(late[:, None], G - Gr, Gr - G), 0.0))
+    return late[:, None], same, E
 
 
 @triton.jit
@@ -95,46 +65,44 @@ def _diagonal(X, BT: tl.constexpr):
 
 
 @triton.jit
-def apply_causal(X, Y, G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M,
+def apply_causal(X, Y, G, g_ptr, g_stride, nvalid, M,
                  BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[i, m] = sum_{j <= i} X[i, j] Y[j, m] exp(G[i, m] - G[j, m]); X [BT, BT], Y and G [BT, BM]."""
     out = _diagonal(X, BT)[:, None] * Y
-    Y, bad = _finite_part(Y)
     S = 1
     while S < BT:
-        late, pairs, E = _level(G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M, S, BT, BM)
-        part = tl.dot(tl.where(pairs, X, 0.0), tl.where(late, 0.0, Y * E), input_precision=PREC)
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
+        part = tl.dot(tl.where(same, X, 0.0), tl.where(late, 0.0, Y * E), input_precision=PREC)
         out += tl.where(late, E * part, 0.0)
         S *= 2
-    return _poison_from(out, bad, False)
+    return out
 
 
 @triton.jit
-def matrix_causal(X, Y, G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M,
+def matrix_causal(X, Y, G, g_ptr, g_stride, nvalid, M,
                   BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[i, j] = sum_m X[i, m] Y[j, m] exp(G[i, m] - G[j, m]) for j <= i, else 0; [BT, BT]."""
     rows = tl.arange(0, BT)
     out = tl.where(rows[:, None] == rows[None, :], tl.sum(X * Y, axis=1)[:, None], 0.0)
     S = 1
     while S < BT:
-        late, pairs, E = _level(G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M, S, BT, BM)
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
         part = tl.dot(tl.where(late, X * E, 0.0), tl.trans(tl.where(late, 0.0, Y * E)), input_precision=PREC)
-        out += tl.where(pairs, part, 0.0)
+        out += tl.where(same, part, 0.0)
         S *= 2
     return out
 
 
 @triton.jit
-def apply_anticausal(X, Y, G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M,
+def apply_anticausal(X, Y, G, g_ptr, g_stride, nvalid, M,
                      BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """out[j, m] = sum_{i >= j} X[i, j] Y[i, m] exp(G[i, m] - G[j, m]); X [BT, BT] indexed [i, j]."""
     Xt = tl.trans(X)
     out = _diagonal(X, BT)[:, None] * Y
-    Y, bad = _finite_part(Y)
     S = 1
     while S < BT:
-        late, pairs, E = _level(G, Glo, g_ptr, glo_ptr, g_stride, nvalid, M, S, BT, BM)
-        part = tl.dot(tl.where(tl.trans(pairs), Xt, 0.0), tl.where(late, Y * E, 0.0), input_precision=PREC)
+        late, same, E = _level(G, g_ptr, g_stride, nvalid, M, S, BT, BM)
+        part = tl.dot(tl.where(same, Xt, 0.0), tl.where(late, Y * E, 0.0), input_precision=PREC)
         out += tl.where(late, 0.0, E * part)
         S *= 2
-    return _poison_from(out, bad, True)
+    return out

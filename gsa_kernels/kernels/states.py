@@ -67,7 +67,7 @@ def _store_scaled(x, values, scales, off, mask, scale_off, scale_mask):
 
 
 @triton.jit
-def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
               cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
@@ -112,7 +112,6 @@ def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales
     if DO_VALUES:
         vc = _prefetch_tile(v, bos, eos - bos, h, vv, H, V, BT)
     Gend = _gate_end(G_all, bos, eos - bos, h, H, M, BM, BT)
-    Gend_lo = _gate_end(Glo_all, bos, eos - bos, h, H, M, BM, BT)
     for c in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + c * BT
         nvalid = eos - t0
@@ -122,7 +121,6 @@ def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales
         if DO_VALUES:
             vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
-        Gend_lo_next = _gate_end(Glo_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
         if COMPACT:
             if DO_KEYS:
                 _store_scaled(hk, hk_chunks, hk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
@@ -136,9 +134,8 @@ def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales
             if DO_VALUES:
                 tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
         G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-        Glo = load_gates(Glo_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-        w = sc * tl.exp((Gend[None, :] - G) + (Gend_lo[None, :] - Glo))
+        w = sc * tl.exp(Gend[None, :] - G)
         decay = tl.exp(Gend)
         if DO_KEYS:
             hk = dot_acc(tl.trans(kc), w, hk * decay[None, :], PREC)
@@ -149,7 +146,7 @@ def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales
             else:
                 hv = dot_acc(tl.trans(w), vc, decay[:, None] * hv, PREC)
             vc = vc_next
-        Gend, Gend_lo = Gend_next, Gend_lo_next
+        Gend = Gend_next
     if STORE_FINAL_STATE:
         if DO_KEYS:
             tl.store(hk_final + nh.to(tl.int64) * K * M + hk_off, hk, mask=hk_mask)
@@ -158,7 +155,7 @@ def _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales
 
 
 @triton.jit
-def states_fwd_kernel(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                       cu_seqlens, chunk_offsets, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -170,15 +167,15 @@ def states_fwd_kernel(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, h
     tile, nh = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     if not SPLIT:
-        _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
                   USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
     elif tile < NK:
-        _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
                   USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
     else:
-        _walk_fwd(k, v, s, G_all, Glo_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
+        _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
                   USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
 
