@@ -1,6 +1,7 @@
 """Gates at the extremes of GSA's domain g in [-inf, 0]: exact resets (g = -inf), finite gates of any
 size, and mixtures of both with ordinary gates. chunk_gsa against the float64 recurrence, forward and
-every gradient, with SPEC's bounds (tests/test_chunk.py `assert_close`).
+every gradient, with the bounds of docs/contract.md, "Numerical contract" (tests/test_chunk.py
+`assert_close`).
 
 g = -inf at a token is an exact reset of that slot: exp(g) = 0, so both memories forget everything
 before it (documents packed without cu_seqlens). The chunk kernels sum gates below -FORGET_ALL as
@@ -99,7 +100,7 @@ else:
 
 # Resets and huge gates anywhere from none to a quarter of the gate values each, at every chunk size.
 # The chunk kernels keep G in two float32 parts (kernels/cumsum.py), so the gates after k resets in a
-# chunk keep their precision. Against the plain SPEC bounds: the float32 recurrence itself is
+# chunk keep their precision. Against the contract's plain bounds: the float32 recurrence itself is
 # accurate on these inputs, so PyTorch's float32 chunked form is no yardstick here.
 @settings(max_examples=30 if ON_GPU else 8, report_multiple_bugs=False)
 @given(B=st.integers(1, 2), T=st.integers(1, T_MAX), H=st.integers(1, 2), K=st.sampled_from(D_SIZES),
