@@ -6,11 +6,11 @@
 Times are medians of triton.testing.do_bench after a warm-up call. With --rounds R each op is timed R
 times, alternating between the implementations, and the median of the R medians is reported (FLA's
 time has moved by up to 2x between runs on the same GPU: rounds show how much of that is inside one
-run). --graph also times each op captured once in a CUDA graph and replayed (`cuda_graph`): device time alone,
-without the host's launch cost (FLA's eager forward at shape a is mostly host time: 1.37 ms eager,
-0.54 ms from a graph, session 8). The byte floor is the fewest bytes
-the op must move (read q, k, v, s, g once and write o once; the backward adds reading do and writing
-every gradient), timed at the copy bandwidth measured in the same run.
+run). --graph also times each op captured once in a CUDA graph and replayed (`cuda_graph`): device time
+alone, without the host's launch cost (FLA's eager forward at shape a is mostly host time: 1.37 ms
+eager, 0.54 ms from a graph, on the H100). The byte floor is the fewest bytes the op must move (read
+q, k, v, s, g once and write o once; the backward adds reading do and writing every gradient), timed
+at the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ Shape: the paper's layer, H = 4, K = V = 512, M = 64, bf16 inputs, float32 state
 [B, 4, 64, 512]. "eager" is one call of the public function per step (Python wrapper included),
 "graph" the same call captured once in a CUDA graph and replayed (the kernel alone, about). Times are
 medians of triton.testing.do_bench. The floor is 2 x the state bytes at the copy bandwidth measured
-in the same run. --sweep also times every decode config candidate (configs.RECURRENT_CANDIDATES["decode"])
-in a graph, checked against the default's output, to pick the defaults from.
+in the same run. --sweep also times every decode config candidate
+(candidates.RECURRENT_CANDIDATES["decode"]) in a graph, checked against the default's output, to pick
+the defaults from.
 """
 from __future__ import annotations
 
@@ -84,11 +85,12 @@ def time_decode(B, provs):
 
 def sweep_decode(B, bw):
     """Every decode candidate config in a CUDA graph; output checked against the default config."""
-    from gsa_kernels.configs import RECURRENT_CANDIDATES as CANDIDATES, launch_config
-    from gsa_kernels.recurrent import decode_step
+    from gsa_kernels.candidates import RECURRENT_CANDIDATES as CANDIDATES
+    from gsa_kernels.configs import launch_config
+    from gsa_kernels.launchers.recurrent import decode_step
     xs, (hk, hv) = make_step_inputs(B)
     cand = CANDIDATES["decode"]
-    default = launch_config("decode", K=K, V=V, M=M, dtype=torch.bfloat16, NH=B * H)
+    default = launch_config("decode", K=K, V=V, M=M, dtype=torch.bfloat16, seqs=B * H)
     out = torch.empty_like(hk), torch.empty_like(hv)
     with torch.no_grad():
         ref_o = decode_step(*xs, K ** -0.5, hk, hv, *out, config=default)

@@ -17,7 +17,7 @@
 #     report    python -m benchmarks.report --json-only into $OUT (REPORT_ARGS, REPORT_TIMEOUT seconds,
 #               REPORT_RESUME=1 to continue docs/benchmarks/report.json), then packs FLA's autotune results
 #   The whole suite does not fit one 10-minute call: test_chunk_matches_naive alone takes ~420 s at
-#   HYPOTHESIS_PROFILE=triage. Three calls that fit (docs/gpu-tests/session6.md): (1) tests/test_chunk.py
+#   HYPOTHESIS_PROFILE=triage. Three calls that fit: (1) tests/test_chunk.py
 #   tests/test_tuning.py tests/test_compile.py tests/test_project.py -k "not large" (~9 min); (2)
 #   tests/test_chunk.py tests/test_intra.py tests/test_reference.py tests/test_layers.py
 #   -k "large or not test_chunk.py" (~6.5 min); (3) tests/test_recurrent.py tests/test_decode.py (~2 min).

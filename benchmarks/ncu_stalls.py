@@ -6,7 +6,7 @@ On the GPU (the device image has ncu; give it --clock-control none):
 Then anywhere:
     python -m benchmarks.ncu_stalls walk_sass.csv [--top 40]
 prints the stall reasons summed over the kernel, then the instructions with the most stall samples and
-their three largest reasons (perf-notes v11 was read off this)."""
+their three largest reasons."""
 from __future__ import annotations
 
 import argparse

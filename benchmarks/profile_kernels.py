@@ -34,7 +34,7 @@ def main(argv=None):
                          "TILE; SPLIT 0 paired, 1 one program per tile, default 0); empty: the default lookup")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
-    from gsa_kernels.configs import override
+    from gsa_kernels.launches import override
     variants = [None] + [(tuple(map(int, v.split(":"))) + (0,))[:4] for v in args.states.split(",") if v]
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]

@@ -1,58 +1,19 @@
-"""Launch configurations: the candidate list of every kernel, and the one lookup that picks a config.
+"""Launch configurations: the default config of every kernel, and the one lookup that picks a config.
 
-Every tunable of every kernel (block sizes, num_warps, num_stages, and the chunk size BT, which is
-shared by all kernels of one call because it fixes the layout of the saved states) is named here and
-nowhere else. `launch_config` is the only place that decides; the tuning sweep (tuning/) times the
-candidates of CANDIDATES and writes winners that this lookup will read. Until a tuned file exists
-the defaults below apply: they were chosen for the H100 and checked on it (docs/perf-notes.md).
+`launch_config` is the only place that decides which config a kernel launches with: a tuned entry
+(lookup.py) or `default_config`, with a known miscompile always avoided. The candidate values live in
+candidates.py; the tuning sweep (tuning/) times them and writes winners that the lookup will read.
+Until a tuned file exists the defaults below apply: they were chosen for the H100 and checked on it
+(docs/design.md, "Tuning design").
 """
 from __future__ import annotations
 
 import functools
 
-from gsa_kernels import tuned
+import torch
+
+from gsa_kernels import autotune, candidates, launches, lookup, tuned_file
 from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
-from gsa_kernels.tuned import override  # noqa: F401  (configs.override, the sweep's handle)
-
-# kernel -> parameter -> candidate values (the sweep's search space)
-CANDIDATES: dict[str, dict[str, list[int]]] = {
-    "chunk": {"BT": [32, 64]},
-    # the state walks: SPLIT 0 pairs an Hk and an Hv tile per program, 1 gives each its own program;
-    # 2 warps and 1 stage (no prefetch) were never close on the H100 (perf-notes v6)
-    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
-    "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    # the forward-only path (no input requires grad, half inputs): the same kernels with scaled float16
-    # chunk states (kernels/states.py `_store_scaled`), tuned on their own: the walk's row maxima add
-    # a step to its serial path, so it may want other warps than the training walk (perf-notes v12)
-    "states_fwd_compact": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8],
-                           "num_stages": [2, 3]},
-    "chunk_fwd_compact": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
-    "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-}
-
-KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
-# launched only by the forward-only path of half inputs (a call where no input requires grad)
-FORWARD_ONLY = ("states_fwd_compact", "chunk_fwd_compact")
-
-# The token-by-token and decode kernels: their search space, for `benchmarks/bench_decode.py --sweep`.
-# The tuning sweep does not cover them yet, so they launch with `default_config` (no tuned lookup).
-RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
-    # fused_recurrent (token by token): slot tiles BMS, K / V tiles BKS / BVS; the other axis is whole
-    "recurrent_fwd_keys": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
-    "recurrent_fwd_values": {"BV": [16, 32, 64, 128], "num_warps": [2, 4, 8]},
-    "recurrent_bwd_dp": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
-    "recurrent_bwd_keys": {"BKS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
-    "recurrent_bwd_values": {"BVS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
-    "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
-    # the T = 1 decode step; SPLIT 0 means "pick from the batch": programs per (batch, head).
-    # num_stages stays 1: its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS
-    # is the same for 1, 2 and 3 stages; the compiler unrolls the constant-trip tile loops instead)
-    "decode": {"BK": [32, 64, 128], "BV": [32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
-               "num_warps": [2, 4, 8], "num_stages": [1]},
-}
 
 # Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
 # this many float32 elements (16 per thread at 4 warps would be 2048; 4096 keeps loads wide).
@@ -64,10 +25,10 @@ def _tile(whole: int, dim: int, lo: int = 2, hi: int = 64) -> int:
     return max(lo, min(hi, next_pow2(dim), _RECURRENT_TILE // whole))
 
 
-# Triton 3.6 miscompiles the forward chunk kernels at chunk 64 with 8 warps on the H100 (session 10,
-# perf-notes "8 warps at chunk 64"): outputs off by up to 0.5 in rows that change from run to run, or
-# illegal memory accesses, at M from 5 to 100. 4 warps of the same tiles, and chunk 32 at either
-# warp count, were right in every config tried. No config with this combination is launched.
+# Triton 3.6 miscompiles the forward chunk kernels at chunk 64 with 8 warps on the H100 (docs/design.md,
+# "Tuning design"): outputs off by up to 0.5 in rows that change from run to run, or illegal memory
+# accesses, at M from 5 to 100. 4 warps of the same tiles, and chunk 32 at either warp count, were
+# right in every config tried. No config with this combination is launched.
 _MISCOMPILED_AT_CHUNK_64 = ("chunk_fwd", "chunk_fwd_compact")
 
 
@@ -89,7 +50,7 @@ def default_config(kernel: str, K: int, V: int, M: int, BT: int | None = None, s
 
 @functools.lru_cache(maxsize=4096)
 def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: int | None) -> dict:
-    """A sound config for any shape, from the H100 measurements of docs/perf-notes.md (v5).
+    """A sound config for any shape, from measurements on the H100 (docs/design.md, "Tuning design").
 
     Chunk 32 with 4 warps everywhere: the chunk kernels are latency-bound, and two small programs per
     SM hide each other's loads better than one large one. Register tiles scale down as the slot
@@ -104,16 +65,16 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     BK = min(128, pow2_at_least(K), max(16, 8192 // BM))
     BV = min(128, pow2_at_least(V), max(16, 8192 // BM))
     SK, SV = min(64, BK), min(64, BV)
-    # The walks are latency-bound chains of one small dot per chunk (H100, perf-notes v6/v7). Paired
-    # programs under one per SM: split them (c forward walk 0.64 -> 0.49 ms). Split programs under two
-    # per SM: the backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages
-    # hold [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
+    # The walks are latency-bound chains of one small dot per chunk (H100). Paired programs under one
+    # per SM: split them (c forward walk 0.64 -> 0.49 ms). Split programs under two per SM: the
+    # backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages hold
+    # [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
     split = int(seqs is not None and max(cdiv(K, SK), cdiv(V, SV)) * seqs < _num_sms())
     deep = 3 if BT * BM <= 4096 else 2      # stages whose [BT, BM] float32 copies fit shared memory
     DK, DV, bwd_stages = SK, SV, 2
     if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * _num_sms():
         DK, DV, bwd_stages = min(32, SK), min(32, SV), deep
-    # v10 forward walk: `deep` stages keep its G and s copies two chunks ahead (never slower on a-d),
+    # The forward walk: `deep` stages keep its G and s copies two chunks ahead (never slower on a-d),
     # and a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
     cfg = {
         "chunk": {"BT": 32},
@@ -121,7 +82,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
                        "num_stages": deep},
         "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "num_warps": 4, "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
-        # v12 (H100, c): the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
+        # H100, shape c: the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
         # against 0.417 at 8); a, d keep their paired 4-warp walk
         "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": deep},
         "chunk_fwd_compact": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
@@ -162,7 +123,6 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def _num_sms() -> int:
     """Streaming multiprocessors of the current GPU (132 on an H100 SXM; the interpreter uses that)."""
-    import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     return 132
@@ -183,17 +143,18 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     """The config `kernel` launches with for this shape; recorded for this thread's `last_launches()`.
 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
-    (gsa_kernels/tuned.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
+    (gsa_kernels/problem_keys.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
     No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles; for the
     decode step seqs = B*H sets SPLIT, its programs per (batch, head)). From any source, a known
     miscompile (`miscompiled`) launches with 4 warps instead of 8.
     """
-    if kernel in RECURRENT_CANDIDATES:
+    if kernel in candidates.RECURRENT_CANDIDATES:
         cfg, source, entry = None, "default", None
-    elif kernel in CANDIDATES:
-        cfg, source, entry = tuned.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
+    elif kernel in candidates.CANDIDATES:
+        cfg, source, entry = lookup.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
     else:
-        raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES) + sorted(RECURRENT_CANDIDATES)}")
+        raise KeyError(f"unknown kernel {kernel!r}; known: "
+                       f"{sorted(candidates.CANDIDATES) + sorted(candidates.RECURRENT_CANDIDATES)}")
     if cfg is None:
         cfg = default_config(kernel, K, V, M, BT, seqs)        # safe already
     else:
@@ -202,16 +163,14 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         cfg = _safe(kernel, cfg, BT)
     if kernel == "decode" and cfg["SPLIT"] == 0:
         cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
-    tuned.record_launch(kernel, cfg, source, entry)
+    launches.record_launch(kernel, cfg, source, entry)
     return cfg
 
 
-def last_configs() -> dict[str, dict]:
-    """{kernel: config} of this thread's most recent launches: `tuned.last_launches()` without the
-    sources (for tests and debugging)."""
-    return {k: v["config"] for k, v in tuned.last_launches().items()}
-
-
-def clear_last_configs():
-    """Forget this thread's recorded launches (the sweep uses it to see which kernels an op launches)."""
-    tuned.clear_launches()
+def reset():
+    """Forget the files read, the selections, the warnings given, what opt-in autotuning remembered,
+    the counters and this thread's launch records (tests, or after changing the environment)."""
+    tuned_file.reset()
+    lookup.reset()
+    autotune.reset()
+    launches.reset()

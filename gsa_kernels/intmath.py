@@ -1,8 +1,8 @@
 """Host-side integer helpers for launch sizes and grids.
 
 triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton 3.6: ~5 us a call from
-Python, and config lookups and launchers call them on every launch (perf-notes v9). Same results,
-plain integer math.
+Python, and config lookups and launchers call them on every launch. Same results, plain integer
+math.
 """
 
 

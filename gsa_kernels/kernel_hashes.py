@@ -1,7 +1,7 @@
 """Which kernel source each tuned config depends on: one hash per tuned kernel, for staleness.
 
 A tuned config measured for one kernel source says nothing about another, so a tuned file records,
-per kernel of `configs.CANDIDATES`, a hash of the source it was measured on: the Triton kernel and
+per kernel of `candidates.CANDIDATES`, a hash of the source it was measured on: the Triton kernel and
 every helper it calls, followed through the imports of gsa_kernels/kernels/ and the module-level
 constants it reads (its dependency closure). At run time only the kernels whose closure changed are
 stale: an edit to kernels/decode.py leaves every chunk entry fresh, an edit to kernels/intra.py makes
@@ -12,8 +12,8 @@ The closure is found statically, from the files (no import, no Triton): top-leve
 package. A function's text is hashed as its token stream without comments, docstrings and
 indentation widths, so rewording a comment or reflowing a line does not make a tuned file stale; a
 change of code does. The chunk size ("chunk") shapes the work of every chunk kernel, so its hash
-covers all of them. The launcher (chunk.py) is not hashed: it passes arguments, it does not decide
-what a config does.
+covers all of them. The launcher (launchers/chunk.py) is not hashed: it passes arguments, it does
+not decide what a config does.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 PACKAGE = "gsa_kernels.kernels"
 
-# tuned kernel (a key of configs.CANDIDATES) -> the Triton kernel it configures, (module, function)
+# tuned kernel (a key of candidates.CANDIDATES) -> the Triton kernel it configures, (module, function)
 ROOTS = {
     "states_fwd": ("states", "states_fwd_kernel"),
     "states_fwd_compact": ("states", "states_fwd_kernel"),

@@ -11,8 +11,9 @@ symbolic sizes. Inductor cannot fuse into these kernels either way.
 Why eager calls do not go through these ops: the dispatcher costs about 25 us per op call on the host
 (70 us with autograd), a visible share of a 30 us decode step or a 0.4 ms forward. So `chunk_gsa` and
 `fused_recurrent_gsa` call their autograd.Functions directly in eager mode and these ops only while
-compiling (`torch.compiler.is_compiling()`); both run the same launchers (chunk.py, recurrent.py), and
-tests/test_compile.py checks the ops with `opcheck` and a compiled model against eager.
+compiling (`torch.compiler.is_compiling()`); both run the same launchers (launchers/) and the same
+backward formulas (autograd.py), and tests/test_compile.py checks the ops with `opcheck` and a
+compiled model against eager.
 
 Optional results (final states not asked for, initial-state gradients without an initial state) are
 empty tensors of shape [0]: a custom op returns tensors only.
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, final_state_grads, num_chunk_slots
+from gsa_kernels.autograd import chunk_gsa_backward, fused_recurrent_gsa_backward
 from gsa_kernels.configs import launch_config
-from gsa_kernels.recurrent import decode_step, recurrent_bwd, recurrent_fwd
+from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, num_chunk_slots
+from gsa_kernels.launchers.recurrent import decode_step, recurrent_bwd, recurrent_fwd
+from gsa_kernels.launches import launch_scope
 
 Tensor = torch.Tensor
 NONE = (0,)     # the shape of an absent optional result
@@ -109,8 +112,8 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
                            f"table changed between the forward and the backward")
     hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-        q, k, v, s, g, scale, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, layout,
-        use_h0=use_initial_state)
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, layout, scale,
+        use_initial_state)
     if not use_initial_state:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
@@ -134,22 +137,21 @@ def _chunk_setup_context(ctx, inputs, output):
     _, scores, hk_chunks, hv_chunks, _, _ = output
     ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens)
     ctx.scale, ctx.chunk_size, ctx.use_initial_state = scale, chunk_size, hk0 is not None
+    # holds for an eager call of the op; inside a compiled graph this runs once, at trace time, and
+    # the graph's backward kernels see the thread that runs them
+    ctx.launch_scope = launch_scope()
     ctx.mark_non_differentiable(scores, hk_chunks, hv_chunks)
 
 
 def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_final):
-    q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens = ctx.saved_tensors
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    do = torch.zeros_like(v) if do is None else do
-    dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
-    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd_op(
-        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens,
-        ctx.scale, ctx.chunk_size, ctx.use_initial_state)
-    if not ctx.use_initial_state:
-        dhk0 = dhv0 = None
-    return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None, None
+    *saved, cu_seqlens = ctx.saved_tensors
+    q = saved[0]
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    grads = chunk_gsa_backward(
+        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size,
+                                          ctx.use_initial_state),
+        ctx.launch_scope, saved, do, dhk_final, dhv_final, N=N, use_initial_state=ctx.use_initial_state)
+    return (*grads, None, None, None, None)
 
 
 chunk_gsa_fwd_op.register_autograd(_chunk_backward, setup_context=_chunk_setup_context)
@@ -206,8 +208,8 @@ def recurrent_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scor
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
-        q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
-        cu_seqlens, N)
+        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
+        cu_seqlens, scale, N)
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
 
 
@@ -230,23 +232,16 @@ def _recurrent_setup_context(ctx, inputs, output):
                           hk_final if output_final_state else None,
                           hv_final if output_final_state else None, cu_seqlens)
     ctx.scale = scale
+    ctx.launch_scope = launch_scope()
     ctx.mark_non_differentiable(scores)
 
 
 def _recurrent_backward(ctx, do, _dscores, dhk_final, dhv_final):
-    q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens = ctx.saved_tensors
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    do = torch.zeros_like(v) if do is None else do
-    dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
-        dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
-    dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd_op(
-        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
-        cu_seqlens, ctx.scale)
-    if hk0 is None:
-        dhk0 = dhv0 = None
-    return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None
+    *saved, cu_seqlens = ctx.saved_tensors
+    grads = fused_recurrent_gsa_backward(
+        lambda *tensors: recurrent_bwd_op(*tensors, cu_seqlens, ctx.scale),
+        ctx.launch_scope, saved, do, dhk_final, dhv_final)
+    return (*grads, None, None, None)
 
 
 recurrent_fwd_op.register_autograd(_recurrent_backward, setup_context=_recurrent_setup_context)

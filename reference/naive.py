@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from reference._inputs import compute_dtype, initial_states, sequence_bounds
+from gsa_kernels.torch_common import compute_dtype, initial_states, sequence_bounds
 
 
 def naive_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None):
-    """o, (hk, hv) = GSA by its recurrence, one token at a time (SPEC section 1).
+    """o, (hk, hv) = GSA by its recurrence, one token at a time (docs/contract.md, "Math").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
     float32 otherwise; o is returned in q's dtype, the final states in the compute dtype.

@@ -1,4 +1,4 @@
-"""The masked quadratic form of Gated Slot Attention (SPEC section 1): all time steps at once.
+"""The masked quadratic form of Gated Slot Attention (docs/contract.md, "Math"): all time steps at once.
 
 Every output step sees every earlier step through a [T, T, M] tensor of decays, so it costs
 O(T^2 M) memory and serves short sequences. It has no loop over time, which makes it an
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from reference._common import check_inputs, masked_exp
-from reference._inputs import compute_dtype, initial_states, sequence_bounds
+from gsa_kernels.torch_common import check_inputs, compute_dtype, initial_states, masked_exp, sequence_bounds
 
 
 def _causal_decay(gc: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def _truncate_tf32_in_interpreter():
     input_precision="tf32", keeps 10 stored mantissa bits of each and drops the rest (truncation, not
     rounding: tests/test_dots.py `test_tf32_dots_truncate` checks this on the GPU and here). Doing the
     same here lets the interpreter's tests see the half-input paths' tf32 error; without it they would
-    pass precision cases that fail on the GPU (perf-notes v14). float32 inputs use "ieee": untouched.
+    pass precision cases that fail on the GPU (docs/design.md, "Precision choices"). float32 inputs use "ieee": untouched.
     Written against Triton 3.6's InterpreterBuilder.create_dot (pinned): fails loudly if it moves."""
     import triton.runtime.interpreter as interpreter
     from triton._C.libtriton import ir

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import chunk_gsa, last_configs
-from gsa_kernels.configs import override
+from gsa_kernels import chunk_gsa, last_launches
+from gsa_kernels.launches import override
 from reference import chunk_gsa_torch, naive_recurrent_gsa
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 HALF = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-# SPEC section 3: relative L2 error bounds (o, and states + gradients)
+# docs/contract.md, "Numerical contract": relative L2 error bounds (o, and states + gradients)
 BOUNDS = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
 GRAD_NAMES = ("dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0")
 
@@ -86,7 +86,7 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=No
     (already rounded) inputs, with the same random upstream gradients. Returns (ours, ref) dicts;
     for float32 inputs ref["fp32_baseline"] also gives the errors of the same computation done by
     PyTorch in float32 (reference.chunk_gsa_torch), the conditioning yardstick of assert_close,
-    as a function: it is computed only when an error is over the SPEC bound."""
+    as a function: it is computed only when an error is over the contract's bound."""
     gen = torch.Generator().manual_seed(seed)
     has_h0 = hk0 is not None
     ins = [q, k, v, s, g] + ([hk0, hv0] if has_h0 else [])
@@ -122,11 +122,11 @@ def fp32_baseline(torch_op, ins, ref, grads, kw):
 
 
 def assert_close(ours, ref, dtype, context=""):
-    """SPEC section 3 bounds. float32: an input can be ill-conditioned for float32 arithmetic itself
-    (scale 1, no forgetting: slot scores in the hundreds, a near one-hot softmax whose gradient
-    cancels), and then no float32 implementation meets 1e-5; there the bound becomes twice the error
-    of PyTorch's own float32 evaluation of the same algorithm on the same inputs (never looser than
-    needed: it only exceeds 1e-5 when PyTorch's float32 error does)."""
+    """The bounds of docs/contract.md, "Numerical contract". float32: an input can be ill-conditioned
+    for float32 arithmetic itself (scale 1, no forgetting: slot scores in the hundreds, a near one-hot
+    softmax whose gradient cancels), and then no float32 implementation meets 1e-5; there the bound
+    becomes twice the error of PyTorch's own float32 evaluation of the same algorithm on the same
+    inputs (never looser than needed: it only exceeds 1e-5 when PyTorch's float32 error does)."""
     o_bound, bound = BOUNDS[dtype]
     names = [n for n in ref if n != "fp32_baseline"]
     errors = {name: rel_err(ours[name], ref[name]) for name in names}
@@ -244,8 +244,8 @@ def test_state_walk_ownership(split, varlen):
         hk0, hv0 = hk0.expand(3, -1, -1, -1).contiguous(), hv0.expand(3, -1, -1, -1).contiguous()
     with override({"states_fwd": walk, "states_bwd": walk}):
         ours, ref = run_both(q, k, v, s, g, hk0, hv0, cu_seqlens=cu, chunk_size=16)
-        assert last_configs()["states_fwd"]["SPLIT"] == split
-        assert last_configs()["states_bwd"]["SPLIT"] == split
+        assert last_launches()["states_fwd"]["config"]["SPLIT"] == split
+        assert last_launches()["states_bwd"]["config"]["SPLIT"] == split
     assert_close(ours, ref, torch.float32, f"SPLIT={split}")
 
 
@@ -253,7 +253,7 @@ def test_config_of_each_launch_is_exposed():
     q, k, v, s, g, _, _ = make_inputs(1, 8, 1, 16, 16, 16, torch.float32, "model", seed=2)
     ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g)]
     chunk_gsa(*ins, chunk_size=16)[0].sum().backward()
-    used = last_configs()
+    used = {kernel: info["config"] for kernel, info in last_launches().items()}
     for kernel in ("states_fwd", "chunk_fwd", "chunk_bwd_dscores", "states_bwd", "chunk_bwd_keys", "chunk_bwd_values"):
         assert kernel in used and used[kernel]["num_warps"] in (1, 2, 4, 8, 16)
 
@@ -299,7 +299,7 @@ def test_half_state_walk_keeps_float32_precision(dtype):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_slot_scores_keep_hk_beyond_tf32(dtype):
     """Scale 1, no forgetting, 211 steps, K = 128: slot scores in the tens, a near one-hot softmax whose
-    backward subtracts nearly equal terms. A Hypothesis draw on the H100 (session 10): with q Hk in
+    backward subtracts nearly equal terms. A Hypothesis draw on the H100: with q Hk in
     tf32 (Hk truncated to 11 bits) dq, dk, ds and dhk0 were 1.6e-2 to 1.8e-2 off, over the 1e-2 bound;
     chunk_fwd now takes Hk as 16-bit halves (dots.py `dot_acc_scaled`): 2.5e-3. The interpreter
     truncates tf32 operands as the GPU does (conftest), so this fails there too without the halves."""
@@ -314,12 +314,12 @@ def test_float16_backward_walk_takes_gradients_beyond_float16_range(monkeypatch)
     float32, can pass float16's 65504 while the op's own inputs and float32 state gradients are fine.
     The walk must not round it to float16 (dots.py `dot_acc`'s split would give inf). Large v and do take dz e^G
     past it here (float16 halves gave NaN); the float32 gradients of the initial states must match float64."""
-    import gsa_kernels.chunk as chunk_mod
+    import gsa_kernels.launchers.chunk as launchers
     dtype = torch.float16
     q, k, v, s, g, hk0, hv0 = make_inputs(1, 40, 1, 16, 16, 16, dtype, "model", seed=5)
     v = (v.float() * 300).to(dtype)
     seen = []
-    real = chunk_mod.states_bwd_kernel
+    real = launchers.states_bwd_kernel
 
     class Spy:           # records the largest |dz e^G| the backward walk multiplies
         def __getitem__(self, grid):
@@ -328,7 +328,7 @@ def test_float16_backward_walk_takes_gradients_beyond_float16_range(monkeypatch)
                 return real[grid](*args, **kw)
             return launch
 
-    monkeypatch.setattr(chunk_mod, "states_bwd_kernel", Spy())
+    monkeypatch.setattr(launchers, "states_bwd_kernel", Spy())
     ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g, hk0, hv0)]
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v, s, g, hk0, hv0)]
     o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=16)
@@ -345,10 +345,10 @@ def candidate_configs(kernel, K, V, M, BT, dtype, seqs):
     """Every config the sweep may pick for `kernel` at this shape and chunk size (its candidates that
     fit and are not a known miscompile), then the default. Warps and stages do nothing in the
     interpreter, so there each tile choice runs once."""
-    from gsa_kernels import tuned
     from gsa_kernels.configs import default_config, miscompiled
+    from gsa_kernels.resources import fits
     from tuning.search import enumerate_space
-    space = [c for c in enumerate_space(kernel) if tuned.fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
+    space = [c for c in enumerate_space(kernel) if fits(c, K=K, V=V, M=M, BT=BT, dtype=dtype) and not miscompiled(kernel, c, BT)]
     if not ON_GPU:
         tiles = {tuple(x for n, x in c.items() if n not in ("num_warps", "num_stages")): c for c in space}
         space = [dict(c, num_warps=4, num_stages=1) for c in tiles.values()]
@@ -363,7 +363,7 @@ def config_label(cfg):
 @pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_fwd_compact"])
 def test_every_forward_candidate_config_agrees(kernel, BT):
     """Every config the sweep may pick for a forward chunk kernel gives the right forward, and so does
-    the default. On the H100 (session 10) both kernels at chunk 64 with 8 warps put rows up to 0.5
+    the default. On the H100 both kernels at chunk 64 with 8 warps put rows up to 0.5
     off at this steep-gate draw, not the same rows twice, or hit illegal memory accesses: a Triton
     miscompile (configs.miscompiled), which the sweep prunes and launch_config never launches."""
     B, T, H, K, V, M = (2, 242, 1, 128, 64, 5) if ON_GPU else (1, 70, 1, 40, 24, 5)
@@ -378,7 +378,7 @@ def test_every_forward_candidate_config_agrees(kernel, BT):
             ins[0].requires_grad_()      # the training path's forward
         with override({kernel: cfg}), torch.set_grad_enabled(kernel == "chunk_fwd"):
             o, _ = chunk_gsa(*ins, initial_state=(hk0.to(DEVICE), hv0.to(DEVICE)), chunk_size=BT)
-        assert last_configs()[kernel] == cfg, f"{kernel} did not launch: {last_configs()}"
+        assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
         err = rel_err(o, ro)
         if err > BOUNDS[dtype][0]:
             bad[config_label(cfg)] = f"{err:.1e}"
@@ -420,7 +420,7 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
         with override({kernel: cfg}):
             o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=BT)
             o.backward(case["do"].to(DEVICE))
-        assert last_configs()[kernel] == cfg, f"{kernel} did not launch: {last_configs()}"
+        assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
         errors = {n: rel_err(x.grad, r) for n, x, r in zip(GRAD_NAMES, ins, case["grads"])}
         worst = max(errors, key=errors.get)
         if errors[worst] > BOUNDS[dtype][1]:
@@ -434,7 +434,7 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
 
 def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_seqlens=None):
     """(o, hk, hv) of a no-grad chunk_gsa call and of the float64 naive recurrence; checks that the
-    call took the compact path (chunk.chunk_gsa_fwd with compact=True)."""
+    call took the compact path (launchers.chunk.chunk_gsa_fwd with compact=True)."""
     import gsa_kernels.chunk as chunk_mod
     calls = []
     real = chunk_mod.chunk_gsa_fwd

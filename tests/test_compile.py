@@ -16,7 +16,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import chunk_gsa, fused_recurrent_gsa, ops, tuned
+from gsa_kernels import chunk_gsa, fused_recurrent_gsa, launches, ops
 from gsa_kernels.layers import GatedSlotAttention, GSAModel
 from test_chunk import rel_err
 
@@ -145,7 +145,7 @@ def test_op_compiles_without_recompiling_for_new_T(op_name):
         return (o * o).sum() + (hk * hk).sum() + (hv.sin()).sum()
 
     compiled, counter = _counted(loss)
-    before = tuned.stats()["autotune_benchmarks"]
+    before = launches.stats()["autotune_benchmarks"]
     for T in (37, 70, 21, 2):
         inputs = gsa_inputs(T=T, seed=T, requires_grad=True) + states(requires_grad=True)
         dynamic_length(*inputs[:5])
@@ -155,7 +155,7 @@ def test_op_compiles_without_recompiling_for_new_T(op_name):
         for got, want in zip(grads, ref_grads):
             assert rel_err(got, want) <= 1e-6
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 lengths: {_recompile_reasons()}"
-    assert tuned.stats()["autotune_benchmarks"] == before
+    assert launches.stats()["autotune_benchmarks"] == before
 
 
 def test_varlen_and_out_buffers_compile():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import fused_recurrent_gsa, last_configs
+from gsa_kernels import fused_recurrent_gsa, last_launches
 from gsa_kernels.configs import decode_split
-from gsa_kernels.recurrent import decode_step
+from gsa_kernels.launchers.recurrent import decode_step
 from reference import naive_recurrent_gsa
 from test_chunk import BOUNDS, DTYPES, make_inputs, rel_err
 
@@ -45,7 +45,7 @@ def test_decode_matches_naive(B, H, K, V, M, h0, dtype):
     state = (hk0.to(DEVICE), hv0.to(DEVICE)) if h0 else None
     with torch.no_grad():
         o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=state, output_final_state=True)
-    assert "decode" in last_configs()
+    assert "decode" in last_launches()
     assert o.shape == (B, 1, H, V) and o.dtype == dtype and hk.dtype == hv.dtype == torch.float32
     check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), dtype)
 

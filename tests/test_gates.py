@@ -1,6 +1,7 @@
 """Gates at the extremes of GSA's domain g in [-inf, 0]: exact resets (g = -inf), finite gates of any
 size, and mixtures of both with ordinary gates. chunk_gsa against the float64 recurrence, forward and
-every gradient, with SPEC's bounds (tests/test_chunk.py `assert_close`).
+every gradient, with the bounds of docs/contract.md, "Numerical contract" (tests/test_chunk.py
+`assert_close`).
 
 g = -inf at a token is an exact reset of that slot: exp(g) = 0, so both memories forget everything
 before it (documents packed without cu_seqlens). The chunk kernels sum gates below -FORGET_ALL as
@@ -100,7 +101,7 @@ else:
 # Resets and huge gates are up to 1% of gate values each, at chunks up to 32 (the default): a few per
 # chunk and slot at most. Each one in a chunk widens the float32 cumulative gate sum by FORGET_ALL,
 # and the gates after k of them keep a relative precision of about 1e-7 * 104 k (kernels/cumsum.py);
-# denser ones, or chunk 64, are the known limit below. Against the plain SPEC bounds: the float32
+# denser ones, or chunk 64, are the known limit below. Against the contract's plain bounds: the float32
 # recurrence itself is accurate on these inputs, so PyTorch's float32 chunked form (which shares the
 # limit) is no yardstick here.
 @settings(max_examples=30 if ON_GPU else 8, report_multiple_bugs=False)

@@ -257,8 +257,9 @@ def test_paper_layer_prefill_then_decode_on_gpu(dtype):
     if dtype == torch.float32:
         bounds = dict.fromkeys(errors, 1e-5)
     else:
-        # bf16: the two paths see the same rounded projections, so SPEC's state/gradient bound; the
-        # float64 reference does not round q, k, v, s, g to bf16 as the layer's projections do, so twice that
+        # bf16: the two paths see the same rounded projections, so the contract's state/gradient bound;
+        # the float64 reference does not round q, k, v, s, g to bf16 as the layer's projections do, so
+        # twice that
         bounds = {n: (1e-2 if n.endswith("full") else 2e-2) for n in errors}
     bad = {n: e for n, e in errors.items() if e > bounds[n]}
     assert not bad, errors

@@ -259,7 +259,7 @@ def test_gradcheck_chunked_across_sub_chunks(gates):
     ("deep", torch.float32), ("mixed", torch.float32), ("floor", torch.float32),
     ("mixed", torch.float64), ("mixed", torch.bfloat16)], ids=lambda x: str(x).replace("torch.", ""))
 def test_chunked_long_sequence_of_very_negative_gates_stays_finite(gates, dtype):
-    # T = 65536 (SPEC section 3): the cumulative gate reaches about -2e6 over the sequence
+    # T = 65536 (docs/contract.md, "Numerical contract"): the cumulative gate reaches about -2e6 over the sequence
     case = Case(B=1, T=65536, H=1, K=8, V=8, M=16, chunk_size=64, gates="deep" if gates == "floor" else gates)
     inputs = make_inputs(case, dtype)
     if gates == "floor":  # every step at the bottom of the range

@@ -1,8 +1,11 @@
-"""Tuned launch configs: the run-time lookup (gsa_kernels/tuned.py) and the sweep (tuning/).
+"""Tuned launch configs: the run-time lookup (gsa_kernels/lookup.py, tuned_file.py, autotune.py) and the
+sweep (tuning/).
 
 Lookup: a tuned shape launches its file's configs with zero autotune benchmarks; an untuned shape takes
 the nearest entry that fits, or the default; stale, foreign-arch and malformed files give one warning
-and the fallback; GSA_TUNED_CONFIGS picks the file; opt-in autotuning persists to the user cache.
+and the fallback; GSA_KERNELS_TUNED_CONFIGS picks the file (GSA_TUNED_CONFIGS, deprecated, too);
+opt-in autotuning persists to the user cache, through the autotuner that tuning/autotuner.py registers
+on import (an installed package finds it through its entry point instead).
 Sweep: --dry-run end to end in the interpreter (stopped by --time-budget, then --resume), the file it
 writes loads at run time, and bad arguments (an arch that is not the GPU present) exit non-zero.
 Every op result here is compared with the float64 recurrence. Timing is never asserted.
@@ -10,6 +13,7 @@ Every op result here is compared with the float64 recurrence. Timing is never as
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -26,27 +30,30 @@ import triton
 import yaml
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import chunk_gsa, configs, last_launches, tuned
+from gsa_kernels import (autotune, candidates, chunk_gsa, clear_launches, configs, fused_recurrent_gsa,
+                         last_launches, launches, lookup, ops, problem_keys, resources, torch_chunked, tuned_file)
 from reference import naive_recurrent_gsa
 from tuning import search, shapes, yamlio
+import tuning.autotuner  # registers the run-time autotuner, as an installed package's entry point does
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = [k for k in configs.CANDIDATES if k != "chunk"]
+KERNELS = [k for k in candidates.CANDIDATES if k != "chunk"]
 
 
 @pytest.fixture(autouse=True)
 def clean_lookup(monkeypatch, tmp_path):
     """Every test starts with no tuned file, an empty user cache and no opt-in, and forgets after."""
-    monkeypatch.setenv(tuned.ENV_FILE, "none")
-    monkeypatch.setenv(tuned.ENV_CACHE_DIR, str(tmp_path / "user-cache"))
-    monkeypatch.delenv(tuned.ENV_AUTOTUNE, raising=False)
-    tuned.reset()
+    monkeypatch.setenv(tuned_file.ENV_FILE, "none")
+    monkeypatch.delenv(tuned_file.ENV_FILE_DEPRECATED, raising=False)
+    monkeypatch.setenv(tuned_file.ENV_CACHE_DIR, str(tmp_path / "user-cache"))
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    configs.reset()
     yield
-    tuned.reset()
+    configs.reset()
 
 
 def arch_here():
-    return tuned.current_arch() or "sm90"
+    return problem_keys.current_arch() or "sm90"
 
 
 def meta(**changes):
@@ -56,14 +63,14 @@ def meta(**changes):
 
 
 def shape_key(B, T, H, K, V, M, dtype, N=None):
-    return {"K": K, "V": V, "M": M, "dtype": dtype, "tokens": tuned.bucket(B * T * H),
-            "seqs": tuned.bucket((N or B) * H)}
+    return {"K": K, "V": V, "M": M, "dtype": dtype, "tokens": problem_keys.bucket(B * T * H),
+            "seqs": problem_keys.bucket((N or B) * H)}
 
 
 def two_valued_param(kernel):
     """A parameter of the kernel with at least two candidate values, preferring one that no
     dimension prunes (num_warps, num_stages) over the tiles."""
-    params = [p for p, vals in configs.CANDIDATES[kernel].items() if len(vals) >= 2]
+    params = [p for p, vals in candidates.CANDIDATES[kernel].items() if len(vals) >= 2]
     free = [p for p in params if p not in ("BK", "BV", "BM", "BC", "BT")]
     return (free or params)[0]
 
@@ -73,10 +80,10 @@ def non_default_configs(K, V, M, BT=32):
     out = {"chunk": {"BT": BT}}
     for kernel in KERNELS:
         default = configs.default_config(kernel, K, V, M)
-        cfg = {p: vals[0] for p, vals in configs.CANDIDATES[kernel].items()}
+        cfg = {p: vals[0] for p, vals in candidates.CANDIDATES[kernel].items()}
         if cfg == default:
             p = two_valued_param(kernel)
-            cfg[p] = configs.CANDIDATES[kernel][p][1]
+            cfg[p] = candidates.CANDIDATES[kernel][p][1]
         assert cfg != default
         out[kernel] = cfg
     return out
@@ -89,18 +96,23 @@ def small_space(varied: dict[str, str]):
     small = {"chunk": {"BT": [32]}}
     for kernel in KERNELS:
         default = configs.default_config(kernel, 16, 16, 16, seqs=1)
-        small[kernel] = {p: [default[p]] for p in configs.CANDIDATES[kernel]}
+        small[kernel] = {p: [default[p]] for p in candidates.CANDIDATES[kernel]}
         if kernel in varied:
             p = varied[kernel]
-            small[kernel][p] = [default[p]] + [x for x in configs.CANDIDATES[kernel][p] if x != default[p]][:1]
+            small[kernel][p] = [default[p]] + [x for x in candidates.CANDIDATES[kernel][p] if x != default[p]][:1]
     return small
 
 
 def forward_kernels():
     """The kernels chunk_gsa's forward launches (by running one), in launch order."""
-    configs.clear_last_configs()
+    clear_launches()
     chunk_gsa(*inputs(*SMALL))
-    return [k for k in configs.last_configs() if k != "chunk"]
+    return [k for k in last_launches() if k != "chunk"]
+
+
+def launched_configs():
+    """{kernel: config} of this thread's last launches."""
+    return {kernel: info["config"] for kernel, info in last_launches().items()}
 
 
 def entry(key, cfgs, backend="triton"):
@@ -114,8 +126,8 @@ def write(path, doc):
 
 
 def use_file(monkeypatch, path):
-    monkeypatch.setenv(tuned.ENV_FILE, str(path))
-    tuned.reset()
+    monkeypatch.setenv(tuned_file.ENV_FILE, str(path))
+    configs.reset()
 
 
 def inputs(B, T, H, K, V, M, dtype=torch.float32, seed=0):
@@ -133,7 +145,8 @@ def rel(a, b):
 
 
 def run_and_check(xs, tol=1e-5):
-    """chunk_gsa forward + backward against the float64 recurrence (SPEC section 3, float32 bound)."""
+    """chunk_gsa forward + backward against the float64 recurrence, within the float32 bound of
+    docs/contract.md, "Numerical contract"."""
     o, _ = chunk_gsa(*xs)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, xs, do)
@@ -165,7 +178,7 @@ class Counter:
         monkeypatch.setattr(autotuner.Autotuner, "run", run)
 
     def total(self):
-        return self.do_bench + self.autotuner + tuned.stats()["autotune_benchmarks"]
+        return self.do_bench + self.autotuner + launches.stats()["autotune_benchmarks"]
 
 
 SMALL = (1, 32, 1, 16, 16, 16)   # B, T, H, K, V, M: interpreter-sized
@@ -178,58 +191,58 @@ def test_tuned_shape_launches_its_configs_with_zero_autotune_benchmarks(monkeypa
     cfgs = non_default_configs(16, 16, 16)
     path = write(tmp_path / "t.yaml", {"meta": meta(), "entries": [entry(shape_key(*SMALL, "float32"), cfgs)]})
     use_file(monkeypatch, path)
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")        # opted in: it would tune if the shape were missing
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")        # opted in: it would tune if the shape were missing
     counter = Counter(monkeypatch)
-    configs.clear_last_configs()          # earlier tests may have launched the recurrent kernels
+    clear_launches()          # earlier tests may have launched the recurrent kernels
     run_and_check(inputs(*SMALL))
     assert counter.total() == 0
-    assert tuned.stats()["autotune_runs"] == 0
+    assert launches.stats()["autotune_runs"] == 0
     launched = last_launches()
-    training = {k: c for k, c in cfgs.items() if k not in configs.FORWARD_ONLY}
+    training = {k: c for k, c in cfgs.items() if k not in candidates.FORWARD_ONLY}
     assert set(launched) == set(training)       # float32: no forward-only kernels
     for kernel, info in launched.items():
         assert info["source"] == "tuned", kernel
         assert info["config"] == cfgs[kernel], kernel
-    assert configs.last_configs() == training
+    assert launched_configs() == training
 
 
 def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tmp_path):
     # a small candidate space keeps the interpreter quick: two values of one parameter, two kernels
     varied = {KERNELS[0]: two_valued_param(KERNELS[0]), KERNELS[-1]: two_valued_param(KERNELS[-1])}
-    monkeypatch.setattr(configs, "CANDIDATES", small_space(varied))
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
-    tuned.reset()
+    monkeypatch.setattr(candidates, "CANDIDATES", small_space(varied))
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    configs.reset()
     counter = Counter(monkeypatch)
     run_and_check(inputs(*SMALL))
-    assert tuned.stats()["autotune_runs"] == 1
-    assert tuned.stats()["autotune_benchmarks"] >= 5     # the BT stage, 2 + 2 candidates, the final op
-    cache = tuned.user_cache_path()
+    assert launches.stats()["autotune_runs"] == 1
+    assert launches.stats()["autotune_benchmarks"] >= 5     # the BT stage, 2 + 2 candidates, the final op
+    cache = tuned_file.user_cache_path()
     assert cache.is_file()
     doc = yaml.safe_load(cache.read_text())
     assert [e["key"] for e in doc["entries"]] == [shape_key(*SMALL, "float32")]
     assert {info["source"] for info in last_launches().values()} == {"user-cache"}
     # a later process (reset: nothing in memory) reuses the cache and tunes nothing
-    tuned.reset()
+    configs.reset()
     counter.do_bench = counter.autotuner = 0
-    configs.clear_last_configs()
+    clear_launches()
     run_and_check(inputs(*SMALL, seed=1))
     assert counter.total() == 0
     assert {info["source"] for info in last_launches().values()} == {"user-cache"}
-    assert configs.last_configs() == {k: c for k, c in doc["entries"][0]["configs"].items()
-                                      if k not in configs.FORWARD_ONLY}   # float32: none launched
+    assert launched_configs() == {k: c for k, c in doc["entries"][0]["configs"].items()
+                                  if k not in candidates.FORWARD_ONLY}   # float32: none launched
 
 
 def test_without_opt_in_an_untuned_shape_never_autotunes(monkeypatch):
     counter = Counter(monkeypatch)
     run_and_check(inputs(*SMALL))
-    assert counter.total() == 0 and tuned.stats()["autotune_runs"] == 0
-    assert not tuned.user_cache_path().exists()
+    assert counter.total() == 0 and launches.stats()["autotune_runs"] == 0
+    assert not tuned_file.user_cache_path().exists()
     assert {info["source"] for info in last_launches().values()} == {"default"}
 
 
 def test_nearest_entry_is_used_for_an_untuned_shape(monkeypatch, tmp_path):
     near = non_default_configs(16, 16, 16)
-    far = {k: {p: vals[-1] for p, vals in configs.CANDIDATES[k].items()} for k in configs.CANDIDATES}
+    far = {k: {p: vals[-1] for p, vals in candidates.CANDIDATES[k].items()} for k in candidates.CANDIDATES}
     far["chunk"] = {"BT": 64}
     entries = [entry(shape_key(1, 2048, 4, 256, 256, 128, "float16"), far),    # far: K, V, M, dtype
                entry(shape_key(1, 32, 1, 32, 32, 16, "float32"), near)]        # near: K, V one step off
@@ -240,31 +253,31 @@ def test_nearest_entry_is_used_for_an_untuned_shape(monkeypatch, tmp_path):
     for kernel, info in last_launches().items():
         assert info["source"] == "nearest"
         assert info["config"] == near[kernel]
-        assert info["entry"] == tuned.problem_key(**shape_key(1, 32, 1, 32, 32, 16, "float32"))
+        assert info["entry"] == problem_keys.problem_key(**shape_key(1, 32, 1, 32, 32, 16, "float32"))
 
 
 def test_nearest_distance_rule():
-    key = tuned.problem_key(K=128, V=128, M=64, dtype=torch.bfloat16, tokens=65536, seqs=32)
+    key = problem_keys.problem_key(K=128, V=128, M=64, dtype=torch.bfloat16, tokens=65536, seqs=32)
     # one doubling of M (weight 2) is farther than one of K (weight 1)
-    assert tuned._distance(key, (128, 128, 128, "bfloat16", 65536, 32)) == 2
-    assert tuned._distance(key, (256, 128, 64, "bfloat16", 65536, 32)) == 1
+    assert lookup.distance(key, (128, 128, 128, "bfloat16", 65536, 32)) == 2
+    assert lookup.distance(key, (256, 128, 64, "bfloat16", 65536, 32)) == 1
     # float16 is near bfloat16, float32 is far from both; work-size buckets weigh half
-    assert tuned._distance(key, (128, 128, 64, "float16", 65536, 32)) == 1
-    assert tuned._distance(key, (128, 128, 64, "float32", 65536, 32)) == 4
-    assert tuned._distance(key, (128, 128, 64, "bfloat16", 4 * 65536, 8)) == 2
-    assert tuned.bucket(65536 + 1000) == 65536 and tuned.bucket(3 * 65536) == 4 * 65536
+    assert lookup.distance(key, (128, 128, 64, "float16", 65536, 32)) == 1
+    assert lookup.distance(key, (128, 128, 64, "float32", 65536, 32)) == 4
+    assert lookup.distance(key, (128, 128, 64, "bfloat16", 4 * 65536, 8)) == 2
+    assert problem_keys.bucket(65536 + 1000) == 65536 and problem_keys.bucket(3 * 65536) == 4 * 65536
 
 
 def test_nearest_entry_that_does_not_fit_is_skipped(monkeypatch, tmp_path):
     # tuned at M = 16 with BT = 64 and wide tiles: fine there, over the register estimate at M = 256
-    big = {k: {p: vals[-1] for p, vals in configs.CANDIDATES[k].items()} for k in configs.CANDIDATES}
+    big = {k: {p: vals[-1] for p, vals in candidates.CANDIDATES[k].items()} for k in candidates.CANDIDATES}
     big["chunk"] = {"BT": 64}
     for k in KERNELS:
         if "num_warps" in big[k]:
-            big[k]["num_warps"] = min(configs.CANDIDATES[k]["num_warps"])
+            big[k]["num_warps"] = min(candidates.CANDIDATES[k]["num_warps"])
     probe = KERNELS[0]
     key = shape_key(1, 32, 1, 16, 16, 16, "float32")
-    assert tuned._entry_fits(tuned.parse_entry(entry(key, big), 0), tuned.problem_key(**key))
+    assert lookup.entry_fits(tuned_file.parse_entry(entry(key, big), 0), problem_keys.problem_key(**key))
     use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(), "entries": [entry(key, big)]}))
     cfg = configs.launch_config(probe, K=16, V=16, M=256, dtype=torch.float32, tokens=32, seqs=1)
     assert last_launches()[probe]["source"] == "default"
@@ -282,7 +295,7 @@ def test_default_configs_always_fit_and_survive_pruning():
                 BT = configs.default_config("chunk", shape.K, shape.V, shape.M)["BT"]
                 # as the sweep starts from them: at the shape's chunk size and sequence-heads
                 d = configs.default_config(kernel, shape.K, shape.V, shape.M, BT, seqs=shape.B * shape.H)
-                assert tuned.fits(d, K=shape.K, V=shape.V, M=shape.M, BT=BT, dtype=dtype, arch="sm90"), \
+                assert resources.fits(d, K=shape.K, V=shape.V, M=shape.M, BT=BT, dtype=dtype, arch="sm90"), \
                     (shape, dtype, kernel, d)
                 kept, _ = search.prune(kernel, search.enumerate_space(kernel), shape=shape, dtype=dtype,
                                        BT=BT, arch="sm90")
@@ -292,7 +305,7 @@ def test_default_configs_always_fit_and_survive_pruning():
 def test_pruning_rules():
     shape = shapes.Shape(1, 32, 1, 16, 48, 16)      # pow2: K 16, V 64, M 16, T 32
     for kernel in KERNELS:
-        cands = configs.CANDIDATES[kernel]
+        cands = candidates.CANDIDATES[kernel]
         kept, pruned = search.prune(kernel, search.enumerate_space(kernel), shape=shape,
                                     dtype="float16", BT=32, arch="sm90")
         assert kept and len(kept) + len(pruned) == len(search.enumerate_space(kernel))
@@ -339,7 +352,7 @@ def test_known_miscompile_is_never_launched(monkeypatch, tmp_path):
     at = dict(K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
     assert configs.launch_config("chunk_fwd", BT=32, **at) == cfgs["chunk_fwd"]
     assert configs.launch_config("chunk_fwd", BT=64, **at) == dict(cfgs["chunk_fwd"], num_warps=4)
-    assert configs.last_configs()["chunk_fwd"]["num_warps"] == 4
+    assert last_launches()["chunk_fwd"]["config"]["num_warps"] == 4
 
 
 def test_env_override_and_missing_files(monkeypatch, tmp_path):
@@ -361,16 +374,45 @@ def test_env_override_and_missing_files(monkeypatch, tmp_path):
         configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
 
 
+def test_deprecated_variable_name_is_read_with_one_warning(monkeypatch, tmp_path):
+    """GSA_TUNED_CONFIGS, the variable's name before the GSA_KERNELS_ prefix, still picks the file, with
+    one FutureWarning per process naming the new name; when both are set the new one wins."""
+    cfgs = non_default_configs(16, 16, 16)
+    path = write(tmp_path / "old.yaml", {"meta": meta(), "entries": [entry(shape_key(*SMALL, "float32"), cfgs)]})
+    kernel = KERNELS[0]
+    at = dict(K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
+    monkeypatch.delenv(tuned_file.ENV_FILE)
+    monkeypatch.setenv(tuned_file.ENV_FILE_DEPRECATED, str(path))
+    configs.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in KERNELS:
+            configs.launch_config(k, **at)
+        lookup.reload()                      # the files are read again: no second warning
+        assert configs.launch_config(kernel, **at) == cfgs[kernel]
+    ours = [w for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and ours[0].category is FutureWarning, [str(w.message) for w in caught]
+    assert "GSA_TUNED_CONFIGS is deprecated: set GSA_KERNELS_TUNED_CONFIGS" in str(ours[0].message)
+    assert last_launches()[kernel]["source"] == "tuned"
+    assert tuned_file.tuned_file_path() == path
+    # both set: the new name wins (no file here), and the warning says the old one is ignored
+    monkeypatch.setenv(tuned_file.ENV_FILE, "none")
+    configs.reset()
+    with pytest.warns(FutureWarning, match="ignored, as GSA_KERNELS_TUNED_CONFIGS is set"):
+        assert configs.launch_config(kernel, **at) == configs.default_config(kernel, 16, 16, 16, seqs=1)
+    assert last_launches()[kernel]["source"] == "default"
+
+
 def test_no_shipped_file_for_the_arch_is_silent(monkeypatch, tmp_path):
-    monkeypatch.delenv(tuned.ENV_FILE)
-    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
-    monkeypatch.setattr(tuned, "tuned_configs_dir", lambda: tmp_path)      # no sm90.yaml there
-    tuned.reset()
+    monkeypatch.delenv(tuned_file.ENV_FILE)
+    monkeypatch.setattr(tuned_file, "current_arch", lambda: "sm90")
+    monkeypatch.setattr(tuned_file, "tuned_configs_dir", lambda: tmp_path)      # no sm90.yaml there
+    configs.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = configs.launch_config(KERNELS[-1], K=64, V=64, M=64, dtype=torch.bfloat16, tokens=4096, seqs=4)
     assert cfg == configs.default_config(KERNELS[-1], 64, 64, 64)
-    assert tuned.stats()["files_read"] == 0
+    assert launches.stats()["files_read"] == 0
 
 
 def test_file_is_read_once(monkeypatch, tmp_path):
@@ -378,9 +420,9 @@ def test_file_is_read_once(monkeypatch, tmp_path):
     use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(),
                                                       "entries": [entry(key, non_default_configs(16, 16, 16))]}))
     for M in (16, 32, 64):
-        for kernel in configs.CANDIDATES:
+        for kernel in candidates.CANDIDATES:
             configs.launch_config(kernel, K=16, V=16, M=M, dtype=torch.float32, tokens=32, seqs=1)
-    assert tuned.stats()["files_read"] == 1
+    assert launches.stats()["files_read"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +431,7 @@ def test_file_is_read_once(monkeypatch, tmp_path):
 def _launch_all_twice():
     out = []
     for _ in range(2):
-        for kernel in configs.CANDIDATES:
+        for kernel in candidates.CANDIDATES:
             out.append(configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1))
     return out
 
@@ -409,8 +451,8 @@ def _expect_one_warning_and_defaults(match):
 
 @pytest.mark.parametrize("change,match", [
     ({"triton": "0.0.1"}, "stale: made for Triton 0.0.1"),
-    ({"kernel_hashes": {k: "0123456789abcdef" for k in configs.CANDIDATES}}, "other sources or candidate lists of every kernel"),
-    ({"candidates": {k: "x" for k in configs.CANDIDATES}}, "other sources or candidate lists of every kernel"),
+    ({"kernel_hashes": {k: "0123456789abcdef" for k in candidates.CANDIDATES}}, "other sources or candidate lists of every kernel"),
+    ({"candidates": {k: "x" for k in candidates.CANDIDATES}}, "other sources or candidate lists of every kernel"),
     ({"format": 1}, "meta.format must be 2"),
 ], ids=["triton-version", "every-kernel-source", "every-candidate-list", "old-format"])
 def test_stale_file_warns_once_and_falls_back(monkeypatch, tmp_path, change, match):
@@ -459,7 +501,7 @@ def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
     not); a comment or docstring edit changes nothing."""
     from gsa_kernels.kernel_hashes import kernel_hashes
     now = kernel_hashes()
-    assert set(now) == set(configs.CANDIDATES)
+    assert set(now) == set(candidates.CANDIDATES)
 
     decode = _edited_kernel_hashes(tmp_path / "a", "decode.py", "z = tl.where(mask_m, z * scale",
                                    "z = tl.where(mask_m, z * scale * 1.0")
@@ -483,7 +525,7 @@ def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
 
 
 def test_foreign_arch_file_warns_once_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
+    monkeypatch.setattr(tuned_file, "current_arch", lambda: "sm90")
     key = shape_key(*SMALL, "float32")
     doc = {"meta": meta(arch="sm80"), "entries": [entry(key, non_default_configs(16, 16, 16))]}
     use_file(monkeypatch, write(tmp_path / "sm80.yaml", doc))
@@ -491,7 +533,7 @@ def test_foreign_arch_file_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_dry_run_file_is_refused_on_a_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(tuned, "current_arch", lambda: "sm90")
+    monkeypatch.setattr(tuned_file, "current_arch", lambda: "sm90")
     key = shape_key(*SMALL, "float32")
     doc = {"meta": meta(arch="sm90", dry_run=True), "entries": [entry(key, non_default_configs(16, 16, 16))]}
     use_file(monkeypatch, write(tmp_path / "dry.yaml", doc))
@@ -566,13 +608,13 @@ SCHEMA_BREAKS = _schema_breaks()
 @pytest.mark.parametrize("where", ["tuned-file", "user-cache"])
 def test_schema_break_anywhere_warns_once_and_falls_back(monkeypatch, tmp_path, content, where):
     """A file that parses but breaks the schema, as the tuned file or as the user cache (read even
-    with GSA_TUNED_CONFIGS=none): one RuntimeWarning, the defaults, never an exception."""
+    with GSA_KERNELS_TUNED_CONFIGS=none): one RuntimeWarning, the defaults, never an exception."""
     if where == "tuned-file":
         use_file(monkeypatch, write(tmp_path / "bad.yaml", content))
     else:
-        tuned.user_cache_path().parent.mkdir(parents=True, exist_ok=True)
-        write(tuned.user_cache_path(), content)
-        tuned.reset()
+        tuned_file.user_cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write(tuned_file.user_cache_path(), content)
+        configs.reset()
     _expect_one_warning_and_defaults("malformed")
     run_and_check(inputs(*SMALL))          # and chunk_gsa itself runs
 
@@ -581,10 +623,10 @@ def test_deeply_nested_or_oversized_file_warns_once_and_falls_back(monkeypatch, 
     use_file(monkeypatch, write(tmp_path / "deep.yaml", "[" * 20000 + "]" * 20000))
     _expect_one_warning_and_defaults("malformed")
     big = tmp_path / "big.yaml"
-    big.write_text("# padding\n" * (tuned.MAX_FILE_BYTES // 10 + 1))
+    big.write_text("# padding\n" * (tuned_file.MAX_FILE_BYTES // 10 + 1))
     use_file(monkeypatch, big)
     _expect_one_warning_and_defaults("byte limit")
-    assert tuned.stats()["files_read"] == 0          # refused by its size, never parsed
+    assert launches.stats()["files_read"] == 0          # refused by its size, never parsed
 
 
 @pytest.mark.parametrize("broken", ["file-as-folder", "read-only-folder", "cache-file-is-a-folder"])
@@ -598,15 +640,15 @@ def test_unusable_user_cache_location_keeps_the_autotuned_config(monkeypatch, tm
         calls.append(kw)
         return {"entry": copy.deepcopy(tuned_entry)}
     monkeypatch.setattr(search, "tune_shape", fake_tune)
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
     if broken == "file-as-folder":
         (tmp_path / "blocker").write_text("a file where the cache folder should be")
-        monkeypatch.setenv(tuned.ENV_CACHE_DIR, str(tmp_path / "blocker" / "cache"))
+        monkeypatch.setenv(tuned_file.ENV_CACHE_DIR, str(tmp_path / "blocker" / "cache"))
     elif broken == "read-only-folder":
         monkeypatch.setattr(yamlio, "atomic_write_yaml", _raise(PermissionError(13, "Permission denied")))
     else:
-        tuned.user_cache_path().mkdir(parents=True)
-    tuned.reset()
+        tuned_file.user_cache_path().mkdir(parents=True)
+    configs.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seed in range(3):
@@ -620,17 +662,22 @@ def test_unusable_user_cache_location_keeps_the_autotuned_config(monkeypatch, tm
         assert info["config"] == tuned_entry["configs"][kernel], kernel
 
 
-def test_backward_on_another_thread_keeps_the_forward_threads_override():
+@pytest.mark.parametrize("path", ["autograd-function", "custom-op"])
+def test_backward_on_another_thread_keeps_the_forward_threads_override(path):
     """PyTorch runs a CUDA backward on its own worker thread: the backward kernels must still launch
     with the override of the thread that ran the forward, and be recorded there. Emulated on any
-    device by running the backward from a second thread."""
+    device by running the backward from a second thread; the same for eager calls (the autograd
+    Function) and for the custom op called eagerly (both share autograd.chunk_gsa_backward)."""
     import threading
     forced = non_default_configs(16, 16, 16)
     bwd_kernels = ("states_bwd", "chunk_bwd_dscores", "chunk_bwd_keys", "chunk_bwd_values")
     ins = [x.to(DEVICE).requires_grad_() for x in inputs(*SMALL)]
-    configs.clear_last_configs()
-    with configs.override({k: forced[k] for k in bwd_kernels}):
-        o, _ = chunk_gsa(*ins, chunk_size=32)
+    clear_launches()
+    with launches.override({k: forced[k] for k in bwd_kernels}):
+        if path == "custom-op":
+            o = ops.chunk_gsa_fwd_op(*ins, None, None, None, 0.25, 32, False)[0]
+        else:
+            o, _ = chunk_gsa(*ins, chunk_size=32)
     worker = threading.Thread(target=lambda: o.sum().backward())
     worker.start()
     worker.join(120)
@@ -638,6 +685,19 @@ def test_backward_on_another_thread_keeps_the_forward_threads_override():
     for kernel in bwd_kernels:
         assert launched[kernel]["source"] == "override", kernel
         assert launched[kernel]["config"] == forced[kernel], kernel
+    assert all(x.grad is not None for x in ins)
+
+
+def test_recurrent_backward_on_another_thread_is_recorded_in_the_forward_thread():
+    """The token-by-token op's backward carries the forward thread's launch scope too."""
+    import threading
+    ins = [x.to(DEVICE).requires_grad_() for x in inputs(1, 3, 1, 16, 16, 16)]
+    clear_launches()
+    o, _ = fused_recurrent_gsa(*ins)
+    worker = threading.Thread(target=lambda: o.sum().backward())
+    worker.start()
+    worker.join(120)
+    assert {"recurrent_bwd_dp", "recurrent_bwd_gates"} <= set(last_launches())
     assert all(x.grad is not None for x in ins)
 
 
@@ -657,12 +717,12 @@ def test_overrides_and_launch_records_are_per_thread(monkeypatch, tmp_path):
     seen = {}
 
     def tuner():
-        with configs.override({kernel: forced}):
+        with launches.override({kernel: forced}):
             configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
             seen["tuner"] = last_launches()[kernel]
             inside.set()
             release.wait(10)
-        seen["tuner_after"] = tuned.current_override()
+        seen["tuner_after"] = launches.current_override()
 
     t = threading.Thread(target=tuner)
     t.start()
@@ -670,7 +730,7 @@ def test_overrides_and_launch_records_are_per_thread(monkeypatch, tmp_path):
     try:
         cfg = configs.launch_config(kernel, K=16, V=16, M=16, dtype=torch.float32, tokens=32, seqs=1)
         assert cfg == configs.default_config(kernel, 16, 16, 16, seqs=1)
-        assert tuned.current_override() is None
+        assert launches.current_override() is None
         assert last_launches()[kernel]["source"] == "default"
     finally:
         release.set()
@@ -695,7 +755,7 @@ def test_torch_compile_backend_is_dispatched_for_an_exact_entry(monkeypatch, tmp
     def fake_compiled(*a, **k):      # stands in for torch.compile(chunk_gsa_torch): same function, eager
         calls.append(k.get("chunk_size"))
         return chunk_gsa_torch(*a, **k)
-    monkeypatch.setattr(tuned, "_compiled", fake_compiled)
+    monkeypatch.setattr(torch_chunked, "_compiled", fake_compiled)
     key = shape_key(*SMALL, "float32")
     doc = {"meta": meta(), "entries": [entry(key, non_default_configs(16, 16, 16), backend="torch_compile")]}
     use_file(monkeypatch, write(tmp_path / "tc.yaml", doc))
@@ -747,7 +807,7 @@ def test_sweep_dry_run_end_to_end_with_budget_resume_and_runtime_load(monkeypatc
     assert sorted(e["shape"] for e in doc2["entries"]) == sorted(s.as_list() for s in tiny)
     for e in doc2["entries"]:
         assert e["times_ms"]["triton_fwd_bwd"] > 0 and e["backend"] == "triton"
-        assert set(e["configs"]) == set(configs.CANDIDATES)
+        assert set(e["configs"]) == set(candidates.CANDIDATES)
         assert any("torch_compile" in n for n in e["notes"])
     assert not list(tmp_path.glob(".*.tmp"))               # atomic writes leave no temp files
     # the runtime loads it: the tuned shape launches its entry's configs with zero benchmarks
@@ -773,8 +833,8 @@ def test_sweep_dry_run_end_to_end_with_budget_resume_and_runtime_load(monkeypatc
 def test_sweep_refuses_an_arch_that_is_not_present(monkeypatch, capsys):
     from tuning import sweep as sweep_cli
     if not ON_GPU:
-        monkeypatch.setattr(tuned, "current_arch", lambda: "sm80")
-    present = tuned.current_arch()
+        monkeypatch.setattr(problem_keys, "current_arch", lambda: "sm80")
+    present = problem_keys.current_arch()
     other = "sm100" if present != "sm100" else "sm90"
     assert sweep_cli.main(["--arch", other]) == 2
     err = capsys.readouterr().err
@@ -817,12 +877,12 @@ def test_correctness_gate_rejects_a_wrong_candidate(monkeypatch):
     param = two_valued_param(kernel)
     small = small_space({kernel: param})
     good, bad = small[kernel][param]
-    monkeypatch.setattr(configs, "CANDIDATES", small)
+    monkeypatch.setattr(candidates, "CANDIDATES", small)
     real = search.chunk_gsa
 
     def faulty(*a, **k):
         o, states = real(*a, **k)
-        if tuned.current_override() and tuned.current_override()[kernel][param] == bad:
+        if launches.current_override() and launches.current_override()[kernel][param] == bad:
             o = o * 1.01                                # 1% off: over the 1e-5 bound
         return o, states
     monkeypatch.setattr(search, "chunk_gsa", faulty)
@@ -844,13 +904,13 @@ def test_seeded_search_retunes_only_the_named_kernels(monkeypatch):
     kept_param = two_valued_param(kept)
     small = small_space({kernel: param, kept: kept_param})
     small["chunk"] = {"BT": [16, 32]}
-    monkeypatch.setattr(configs, "CANDIDATES", small)
+    monkeypatch.setattr(candidates, "CANDIDATES", small)
     seed_cfgs = {name: {p: vals[0] for p, vals in space.items()} for name, space in small.items()}
     seed_cfgs["chunk"] = {"BT": 16}
     default = configs.default_config(kept, 16, 16, 16, 16, seqs=1)[kept_param]
     seed_cfgs[kept][kept_param] = next(v for v in small[kept][kept_param] if v != default)
     others = [k for k in small if k not in (kernel, "chunk")]
-    key = tuned.problem_key(K=16, V=16, M=16, dtype="float32", tokens=32, seqs=1)
+    key = problem_keys.problem_key(K=16, V=16, M=16, dtype="float32", tokens=32, seqs=1)
     st = search.Settings(kernels=(kernel,), compile_backend=False, seed={key: seed_cfgs}, seeded_from="abc")
     res = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float32, device=DEVICE, settings=st)
     e = res["entry"]
@@ -912,13 +972,59 @@ def test_failed_opt_in_autotuning_warns_once_and_is_not_retried(monkeypatch):
         calls.append(kw)
         return {"entry": None, "failed": "no candidate passed"}
     monkeypatch.setattr(search, "tune_shape", failing)
-    monkeypatch.setenv(tuned.ENV_AUTOTUNE, "1")
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
     with pytest.warns(RuntimeWarning, match="autotuning .* failed"):
         run_and_check(inputs(*SMALL))
     run_and_check(inputs(*SMALL, seed=1))
-    assert len(calls) == 1 and tuned.stats()["autotune_runs"] == 1
+    assert len(calls) == 1 and launches.stats()["autotune_runs"] == 1
     assert {info["source"] for info in last_launches().values()} == {"default"}
-    assert not tuned.user_cache_path().exists()
+    assert not tuned_file.user_cache_path().exists()
+
+
+def test_opt_in_without_an_autotuner_warns_once_and_uses_the_defaults(monkeypatch):
+    """GSA_KERNELS_AUTOTUNE=1 where no autotuner is registered and no entry point offers one: one
+    warning, nothing tuned, the defaults."""
+    monkeypatch.setattr(autotune, "_autotuner", None)
+    monkeypatch.setattr(autotune, "entry_points", lambda group: [])
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_and_check(inputs(*SMALL))
+        run_and_check(inputs(*SMALL, seed=1))
+    ours = [str(w.message) for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and "no autotuner is available" in ours[0], ours
+    assert launches.stats()["autotune_runs"] == 0
+    assert {info["source"] for info in last_launches().values()} == {"default"}
+
+
+def test_autotuner_is_found_through_its_entry_point(monkeypatch):
+    """With nothing registered, the first call that wants to tune loads the entry points of the group
+    (what an installed gsa-kernels declares: see the next test) and tunes with what they register."""
+    calls = []
+
+    def fake_tune(**kw):
+        calls.append(kw)
+        return {"entry": entry(shape_key(*SMALL, "float32"), non_default_configs(16, 16, 16))}
+    monkeypatch.setattr(search, "tune_shape", fake_tune)
+    monkeypatch.setattr(autotune, "_autotuner", None)
+    point = importlib.metadata.EntryPoint(name="search", value="tuning.autotuner:register",
+                                          group=autotune.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(autotune, "entry_points", lambda group: [point] if group == point.group else [])
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    run_and_check(inputs(*SMALL))
+    assert len(calls) == 1 and autotune._autotuner is not None
+    assert {info["source"] for info in last_launches().values()} == {"user-cache"}
+
+
+def test_packaging_declares_the_autotuner_entry_point():
+    """pyproject.toml declares tuning's autotuner in the group gsa_kernels loads (an editable install
+    made before the declaration does not list it: reinstall to refresh the metadata)."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    points = project["entry-points"][autotune.ENTRY_POINT_GROUP]
+    assert points == {"search": "tuning.autotuner:register"}
+    assert importlib.metadata.EntryPoint("search", points["search"], autotune.ENTRY_POINT_GROUP).load() \
+        is tuning.autotuner.register
 
 
 def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
@@ -928,14 +1034,14 @@ def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
     benchmark shape and common head dim in bf16 and fp16."""
     from gsa_kernels._paths import tuned_configs_dir
     doc = yaml.safe_load((tuned_configs_dir() / "sm90.yaml").read_text())
-    meta, entries, stale = tuned.validate(doc, arch="sm90")      # raises FileProblem if malformed
+    meta, entries, stale = tuned_file.validate(doc, arch="sm90")      # raises FileProblem if malformed
     assert stale == (), f"stale configs for {stale}: re-run the sweep for them"
     assert meta["complete"] and not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H100")
     have = {e.key for e in entries}
     for shape in shapes.parse_shapes("bench,common"):
         for dtype in ("bfloat16", "float16"):
-            key = tuned.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
-                                    tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
+            key = problem_keys.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
+                                           tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
             assert key in have, (shape, dtype)
 
 
@@ -956,10 +1062,10 @@ def test_forward_only_kernels_are_tuned_on_a_no_grad_forward(monkeypatch):
     them with a no-grad forward and times them on one ("infer"), gated on o."""
     kernel = "states_fwd_compact"
     param = two_valued_param(kernel)
-    monkeypatch.setattr(configs, "CANDIDATES", small_space({kernel: param}))
+    monkeypatch.setattr(candidates, "CANDIDATES", small_space({kernel: param}))
     st = search.Settings(kernels=(kernel,), compile_backend=False)
     res = search.tune_shape(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float16, device=DEVICE, settings=st)
     e = res["entry"]
     assert e["times_ms"][kernel]["op"] == "infer"
     assert e["candidates"][kernel] == {"timed": 2, "pruned": 0, "rejected": 0}
-    assert e["configs"][kernel][param] in configs.CANDIDATES[kernel][param]
+    assert e["configs"][kernel][param] in candidates.CANDIDATES[kernel][param]

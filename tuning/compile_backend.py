@@ -1,10 +1,10 @@
-"""The competing backend: torch.compile of reference.chunk_gsa_torch, timed per shape.
+"""The competing backend: torch.compile of the pure-PyTorch chunked form, timed per shape.
 
 Run in a subprocess with a time limit (`--compile-timeout`, default 300 s): the chunk loop of
 chunk_gsa_torch unrolls, so max-autotune compilation of a long sequence can take minutes, and a
-sweep slice must not die inside it. The subprocess compiles with gsa_kernels.tuned.COMPILE_MODE
-(what chunk_gsa dispatches to), checks forward and gradients against the float64 reference (the
-same gate as the Triton candidates), then times forward and forward+backward like the kernels.
+sweep slice must not die inside it. The subprocess takes gsa_kernels.torch_chunked.compiled() (what
+chunk_gsa dispatches to), checks forward and gradients against the float64 reference (the same
+gate as the Triton candidates), then times forward and forward+backward like the kernels.
 
     python -m tuning.compile_backend '{"shape": [B, T, H, K, V, M], "dtype": "bfloat16", ...}'
 prints one JSON line: {"fwd_ms", "fwd_bwd_ms"} or {"error"}.
@@ -33,7 +33,7 @@ def measure_in_subprocess(shape, dtype: str, settings) -> dict:
 
 def main(argv=None):
     import torch
-    from gsa_kernels import tuned
+    from gsa_kernels import torch_chunked
     from tuning import measure
     from tuning.shapes import Shape
     cfg = json.loads((argv or sys.argv[1:])[0])
@@ -41,7 +41,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = measure.Inputs(shape, dtype, device)
     ref = measure.Reference(inputs)
-    fn = tuned.compiled_reference()
+    fn = torch_chunked.compiled()
     do = inputs.do
 
     def fwd(xs):

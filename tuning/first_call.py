@@ -10,7 +10,7 @@ second_call_s (the same call again: the run alone), and for gsa_kernels the auto
 and where each launch's config came from.
 
     yaml      the shipped tuned_configs/<arch>.yaml, opt-in autotuning off: compile time alone
-    autotune  no tuned file (GSA_TUNED_CONFIGS=none), GSA_KERNELS_AUTOTUNE=1: the run-time tuner
+    autotune  no tuned file (GSA_KERNELS_TUNED_CONFIGS=none), GSA_KERNELS_AUTOTUNE=1: the run-time tuner
     default   no tuned file, no autotuning: the default configs' compile time
     fla       flash-linear-attention's chunk_gsa (fla.ops.gsa), its own autotuning, if importable
 
@@ -42,6 +42,9 @@ def child(mode: str, shape: str):
         from fla.ops.gsa import chunk_gsa
     else:
         from gsa_kernels import chunk_gsa
+    if mode == "autotune":
+        # a checkout has no installed entry point that would lead gsa_kernels to the search
+        import tuning.autotuner  # noqa: F401
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
     v = torch.randn(B, T, H, V, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -64,10 +67,10 @@ def child(mode: str, shape: str):
            "imports_and_inputs_s": round(t_ready - T_START, 2), "first_call_s": round(first, 2),
            "second_call_s": round(call(), 4), "gpu": torch.cuda.get_device_name()}
     if mode != "fla":
-        from gsa_kernels import tuned
-        out["autotune_benchmarks"] = tuned.stats()["autotune_benchmarks"]
-        out["config_sources"] = sorted({i["source"] for i in tuned.last_launches().values()})
-        out["tuned_file"] = str(tuned.tuned_file_path())
+        from gsa_kernels import launches, tuned_file
+        out["autotune_benchmarks"] = launches.stats()["autotune_benchmarks"]
+        out["config_sources"] = sorted({i["source"] for i in launches.last_launches().values()})
+        out["tuned_file"] = str(tuned_file.tuned_file_path())
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -77,9 +80,10 @@ def run_mode(mode: str, shape: str, timeout: float) -> dict:
            "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
            "GSA_KERNELS_CACHE_DIR": os.path.join(tmp, "gsa"), "PYTHONUNBUFFERED": "1"}
     env.pop("GSA_KERNELS_AUTOTUNE", None)
-    env.pop("GSA_TUNED_CONFIGS", None)
+    env.pop("GSA_KERNELS_TUNED_CONFIGS", None)
+    env.pop("GSA_TUNED_CONFIGS", None)        # the deprecated name, which would still be read
     if mode in ("autotune", "default"):
-        env["GSA_TUNED_CONFIGS"] = "none"
+        env["GSA_KERNELS_TUNED_CONFIGS"] = "none"
     if mode == "autotune":
         env["GSA_KERNELS_AUTOTUNE"] = "1"
     t0 = time.perf_counter()

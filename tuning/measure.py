@@ -7,8 +7,9 @@ the L2 cache, so no repetition finds its inputs cached by the previous one. In T
 
 Correctness gate: the float64 chunkwise reference (reference.chunk_gsa_torch, itself tested against
 the recurrence) on batch element 0 of the same rounded inputs; batch elements are independent, so
-the op's output and gradients on element 0 must match it within SPEC section 3: float32 1e-5; half
-precision o 5e-3, gradients 1e-2 (relative L2). A candidate that fails, or raises, never wins.
+the op's output and gradients on element 0 must match it within the bounds of docs/contract.md,
+"Numerical contract": float32 1e-5; half precision o 5e-3, gradients 1e-2 (relative L2). A
+candidate that fails, or raises, never wins.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ GRAD_NAMES = ("q", "k", "v", "s", "g")
 
 
 def bounds(dtype_name: str) -> dict:
-    """SPEC section 3, relative L2 error against the float64 reference."""
+    """docs/contract.md, "Numerical contract": relative L2 error against the float64 reference."""
     if dtype_name == "float32":
         return {"o": 1e-5, "grad": 1e-5}
     return {"o": 5e-3, "grad": 1e-2}

@@ -6,7 +6,7 @@ once per candidate on a small problem with the same compile-time constants (H, K
 config; T only enters through Triton's divisibility-by-16 specialisation, which the small T keeps),
 so the compiled kernels land in Triton's on-disk cache (TRITON_CACHE_DIR, written atomically by
 Triton) and the sweep's own first launch is a cache hit. Generic: the workers only call chunk_gsa
-under `configs.override`, they never see a kernel's arguments. A candidate that fails to compile in a
+under `launches.override`, they never see a kernel's arguments. A candidate that fails to compile in a
 worker is still tried by the sweep itself, which alone decides rejections: a worker that fails for
 its own reasons (no CUDA context, out of memory) can never reject a good config. Whether it pays off depends on
 the CPU count and on how much of the compile holds the GIL; `--jobs 0` turns it off (same results).
@@ -29,12 +29,12 @@ def _small(shape: Shape) -> Shape:
 def _task(args):
     label, cfgs, phase, shape_list, dtype = args
     import torch
-    from gsa_kernels import configs
     from gsa_kernels.chunk import chunk_gsa
+    from gsa_kernels.launches import override
     from tuning import measure
     try:
         xs = measure.make_inputs(Shape(*shape_list), dtype, "cuda")
-        with configs.override(cfgs):
+        with override(cfgs):
             if phase == "infer":
                 with torch.no_grad():
                     chunk_gsa(*xs)

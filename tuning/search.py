@@ -1,11 +1,11 @@
 """Tuning one problem shape: the candidate space, pruning, coordinate descent, tie-break.
 
-Everything is driven by `gsa_kernels.configs.CANDIDATES` (kernel -> parameter -> values) and by the
-names the launchers pass to `launch_config`; nothing here knows a kernel's arguments. The unit timed
-is the real op, `chunk_gsa`, with `configs.override` fixing every kernel's config:
+Everything is driven by `gsa_kernels.candidates.CANDIDATES` (kernel -> parameter -> values) and by
+the names the launchers pass to `launch_config`; nothing here knows a kernel's arguments. The unit
+timed is the real op, `chunk_gsa`, with `launches.override` fixing every kernel's config:
 
 1. Which kernel runs where: one forward and one backward with every kernel at its default config;
-   `configs.last_configs()` lists the kernels each launched, in launch order. A kernel launched only
+   `last_launches()` lists the kernels each launched, in launch order. A kernel launched only
    by the forward is timed by the forward; one launched only by the backward is timed by the backward
    alone (`torch.autograd.grad` on graphs retained from forwards made with the current forward
    configs, so the forward is not in its time); one launched by both is timed by forward+backward.
@@ -22,7 +22,7 @@ are pruned only as a known miscompile): a tile (BK, BV, BM) larger than the padd
 16) unless it is the smallest candidate; a chunk BT longer than the padded T unless it is the smallest
 candidate; a sub-chunk BC larger than BT; a known Triton miscompile (`configs.miscompiled`: it can
 give wrong results without an error, which no timing would notice); a config over
-`gsa_kernels.tuned.fits`'s shared memory or register estimate. A candidate that then fails to
+`gsa_kernels.resources.fits`'s shared memory or register estimate. A candidate that then fails to
 compile or to launch is rejected with the error.
 
 Near-ties: among the candidates within `tie` (default 2%) of the fastest, the default config wins if
@@ -41,10 +41,14 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from gsa_kernels import configs, tuned
+from gsa_kernels import candidates, configs, launches
+from gsa_kernels.chunk import chunk_gsa
 from gsa_kernels.intmath import pow2_at_least
 from gsa_kernels.kernel_hashes import kernel_hashes
-from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.problem_keys import bucket, current_arch, dtype_name, problem_key
+from gsa_kernels.resources import fits, resource_estimate
+from gsa_kernels.torch_chunked import COMPILE_MODE
+from gsa_kernels.tuned_file import FORMAT
 from tuning import measure
 from tuning.shapes import Shape
 
@@ -64,16 +68,16 @@ class Settings:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     kernels: tuple | None = None         # kernels to tune; others stay at their start configs
-    # start configs per problem key (tuned.problem_key) instead of the defaults, from an earlier
-    # tuned file (sweep --seed): with `kernels`, the kernels not tuned keep that file's configs (and
-    # its chunk size, unless "chunk" is tuned), so a change to some kernels re-tunes only theirs
+    # start configs per problem key (problem_keys.problem_key) instead of the defaults, from an
+    # earlier tuned file (sweep --seed): with `kernels`, the kernels not tuned keep that file's configs
+    # (and its chunk size, unless "chunk" is tuned), so a change to some kernels re-tunes only theirs
     seed: dict | None = None
     seeded_from: str | None = None       # that file's date, recorded in the meta
 
     def as_meta(self) -> dict:
         meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
                 "tie": self.tie, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
-                "compile_backend": self.compile_backend, "compile_mode": tuned.COMPILE_MODE,
+                "compile_backend": self.compile_backend, "compile_mode": COMPILE_MODE,
                 "kernels": list(self.kernels) if self.kernels else "all"}
         if self.seed is not None:
             meta["seeded_from"] = self.seeded_from
@@ -88,11 +92,11 @@ def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = No
         gpu, sm_count = props.name, props.multi_processor_count
     else:
         gpu, sm_count = f"none (Triton interpreter on {platform.machine()} CPU)", 0
-    meta = {"format": tuned.FORMAT, "arch": arch, "gpu": gpu, "sm_count": sm_count,
+    meta = {"format": FORMAT, "arch": arch, "gpu": gpu, "sm_count": sm_count,
             "device": device.type, "triton": str(triton.__version__), "torch": str(torch.__version__),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dry_run": bool(dry_run), "complete": False, "kernel_hashes": dict(kernel_hashes()),
-            "candidates": {k: tuned.candidates_hash(k) for k in configs.CANDIDATES}}
+            "candidates": {k: candidates.candidates_hash(k) for k in candidates.CANDIDATES}}
     if settings is not None:
         meta["search"] = settings.as_meta()
     return meta
@@ -103,14 +107,14 @@ def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = No
 # ---------------------------------------------------------------------------------------------
 
 def enumerate_space(kernel: str) -> list[dict]:
-    params = configs.CANDIDATES[kernel]
+    params = candidates.CANDIDATES[kernel]
     return [dict(zip(params, values)) for values in itertools.product(*params.values())]
 
 
 def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | None,
           arch: str | None) -> tuple[list[dict], list[str]]:
     """(kept, reasons pruned) by the rules of the module docstring."""
-    params = configs.CANDIDATES[kernel]
+    params = candidates.CANDIDATES[kernel]
     dims = {"K": shape.K, "V": shape.V, "M": shape.M}
     kept, pruned = [], []
     for cfg in cfgs:
@@ -126,8 +130,8 @@ def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | 
             why = f"num_warps=8 at BT={BT}: a Triton 3.6 miscompile (configs.miscompiled)"
         if why is None and kernel != CHUNK:
             bt = BT if BT is not None else 64
-            if not tuned.fits(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype, arch=arch):
-                smem, regs = tuned.resource_estimate(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype)
+            if not fits(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype, arch=arch):
+                smem, regs = resource_estimate(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype)
                 why = f"estimate smem {smem} B / {regs:.0f} regs per thread does not fit"
         if why is None:
             kept.append(cfg)
@@ -196,9 +200,9 @@ class ShapeSearch:
         self.inputs = measure.Inputs(shape, dtype, self.device)
         self.ref = measure.Reference(self.inputs)
         self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
-        self.tunable = [k for k in configs.CANDIDATES if settings.kernels is None or k in settings.kernels]
-        key = tuned.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
-                                seqs=shape.B * shape.H)
+        self.tunable = [k for k in candidates.CANDIDATES if settings.kernels is None or k in settings.kernels]
+        key = problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
+                          seqs=shape.B * shape.H)
         self.seed = (settings.seed or {}).get(key)    # this shape's configs in the seed file, if any
         self.checked: dict = {}              # (BT, kernel, cfg) -> None or reason
         self._graphs = None                  # (fwd-config key, [(o, xs)]) retained for backward timing
@@ -217,7 +221,7 @@ class ShapeSearch:
 
     def _run(self, cfgs: dict, fn):
         try:
-            with configs.override(cfgs):
+            with launches.override(cfgs):
                 return fn()
         except torch.OutOfMemoryError:
             raise
@@ -229,7 +233,7 @@ class ShapeSearch:
 
     def _full(self, BT, current: dict) -> dict:
         out = {k: dict(v) for k, v in current.items()}
-        if CHUNK in configs.CANDIDATES:
+        if CHUNK in candidates.CANDIDATES:
             out[CHUNK] = {"BT": BT}
         return out
 
@@ -257,20 +261,20 @@ class ShapeSearch:
 
     def discover(self, BT0) -> None:
         """Which kernels the forward and the backward launch, in launch order (module docstring, 1)."""
-        start = {k: self.space(k, BT0)[2] for k in configs.CANDIDATES if k != CHUNK}
+        start = {k: self.space(k, BT0)[2] for k in candidates.CANDIDATES if k != CHUNK}
         cfgs = self._full(BT0, start)
         xs, do = self.inputs.sets[0], self.inputs.do
-        configs.clear_last_configs()
+        launches.clear_launches()
         o = self._run(cfgs, lambda: self._fwd(xs))
         if isinstance(o, _Failure):
             raise RuntimeError(f"the default configs do not run at {self.shape} {self.dtype}: {o.reason}")
-        fwd = list(configs.last_configs())
-        configs.clear_last_configs()
+        fwd = list(launches.last_launches())
+        launches.clear_launches()
         self._run(cfgs, lambda: torch.autograd.grad(o, xs, do))
-        bwd = list(configs.last_configs())
-        configs.clear_last_configs()
+        bwd = list(launches.last_launches())
+        launches.clear_launches()
         self._run(cfgs, lambda: self._infer(xs))
-        infer = [name for name in configs.last_configs() if name not in fwd]
+        infer = [name for name in launches.last_launches() if name not in fwd]
         self.kernels = []
         for name in dict.fromkeys(fwd + bwd + infer):
             if name == CHUNK:
@@ -281,7 +285,7 @@ class ShapeSearch:
                 phase = "fwd+bwd" if (name in fwd and name in bwd) else ("fwd" if name in fwd else "bwd")
             self.kernels.append(_Kernel(name, phase))
         launched = {k.name for k in self.kernels} | {CHUNK}
-        for name in configs.CANDIDATES:
+        for name in candidates.CANDIDATES:
             if name not in launched:
                 self.notes.append(f"{name}: not launched by chunk_gsa; default config kept")
 
@@ -332,7 +336,7 @@ class ShapeSearch:
         elif self.checked[gate_key] is not None:
             return None, self.checked[gate_key]
         ms = self._run(cfgs, lambda: self.timer(measure.rotating(fns)))
-        tuned.count_benchmark()
+        launches.count("autotune_benchmarks")
         self.progress(1)
         if isinstance(ms, _Failure):
             return None, ms.reason
@@ -340,7 +344,7 @@ class ShapeSearch:
 
     # -- the search ----------------------------------------------------------------------------
     def run(self) -> dict:
-        bt_space = self.space(CHUNK, None) if CHUNK in configs.CANDIDATES else ([{"BT": None}], [], {"BT": None})
+        bt_space = self.space(CHUNK, None) if CHUNK in candidates.CANDIDATES else ([{"BT": None}], [], {"BT": None})
         bts, bt_pruned, bt_start = bt_space
         self.discover(bt_start["BT"])
         precompile = self._precompiler()
@@ -421,7 +425,7 @@ class ShapeSearch:
                bt_timed) -> dict:
         sh = self.shape
         all_cfgs = {}
-        for name in configs.CANDIDATES:
+        for name in candidates.CANDIDATES:
             if name == CHUNK:
                 all_cfgs[name] = dict(bt_win)
             elif name in current:
@@ -429,7 +433,7 @@ class ShapeSearch:
             else:
                 all_cfgs[name] = self.default_start(name, bt_win["BT"])
         times_ms = {}
-        if CHUNK in configs.CANDIDATES:
+        if CHUNK in candidates.CANDIDATES:
             times_ms[CHUNK] = {"winner": round(bt_win_ms, 4), "runner_up": _r(bt_ru), "op": op}
         times_ms.update(times)
         times_ms["triton_fwd"] = _r(fwd)
@@ -442,7 +446,7 @@ class ShapeSearch:
                 rejected[k.name] = k.rejected
         entry = {
             "key": {"K": sh.K, "V": sh.V, "M": sh.M, "dtype": self.dtype,
-                    "tokens": tuned.bucket(sh.B * sh.T * sh.H), "seqs": tuned.bucket(sh.B * sh.H)},
+                    "tokens": bucket(sh.B * sh.T * sh.H), "seqs": bucket(sh.B * sh.H)},
             "shape": sh.as_list(),
             "backend": "triton",
             "configs": all_cfgs,
@@ -486,10 +490,10 @@ def _r(x):
 def units(shape: Shape, dtype: str, settings: Settings, arch=None) -> int:
     """How many timings tuning this shape will take (for the progress bar's ETA); an estimate."""
     bts = [c["BT"] for c in prune(CHUNK, enumerate_space(CHUNK), shape=shape, dtype=dtype, BT=None,
-                                  arch=arch)[0]] if CHUNK in configs.CANDIDATES else [None]
+                                  arch=arch)[0]] if CHUNK in candidates.CANDIDATES else [None]
     n = len(bts) + 2 * min(settings.bt_top, len(bts))
     BT = bts[0]
-    for k in configs.CANDIDATES:
+    for k in candidates.CANDIDATES:
         if k == CHUNK or (settings.kernels and k not in settings.kernels):
             continue
         kept = prune(k, enumerate_space(k), shape=shape, dtype=dtype, BT=BT, arch=arch)[0]
@@ -506,10 +510,10 @@ def tune_shape(*, B, T, H, K, V, M, dtype, device, settings: Settings | None = N
         settings = Settings(jobs=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0,
                             compile_backend=False)
     shape = Shape(B, T, H, K, V, M)
-    arch = tuned.current_arch() if device.type == "cuda" else None
+    arch = current_arch() if device.type == "cuda" else None
     try:
         with torch.enable_grad():      # the run-time autotuner may be called under no_grad
-            search = ShapeSearch(shape, tuned.dtype_name(dtype), device, settings, progress, arch=arch)
+            search = ShapeSearch(shape, dtype_name(dtype), device, settings, progress, arch=arch)
             return search.run()
     except _CudaBroken as e:
         raise RuntimeError(f"CUDA failed while tuning {shape} {dtype}: {e}") from e

@@ -95,7 +95,7 @@ def parse_args(argv):
                         "of the defaults; with --kernels the others keep FILE's configs, so after a change to "
                         "some kernels only theirs are re-tuned (FILE may be stale; it must be a GPU sweep)")
     p.add_argument("--kernels", default=None, help="comma-separated kernels to tune (default: all of "
-                                                   "configs.CANDIDATES); the others keep their defaults, or "
+                                                   "gsa_kernels/candidates.py); the others keep their defaults, or "
                                                    "--seed's configs")
     p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>.yaml; a temp "
                                                   "file with --dry-run)")
@@ -190,16 +190,17 @@ def main(argv=None) -> int:
                     "`python -m tuning.sweep --dry-run ...`")
 
     import torch
-    from gsa_kernels import configs, tuned
+    from gsa_kernels import candidates
     from gsa_kernels._paths import tuned_configs_dir
+    from gsa_kernels.problem_keys import bucket, current_arch, problem_key
     from tuning import search, yamlio
 
     kernels = None
     if args.kernels:
         kernels = tuple(k.strip() for k in args.kernels.split(","))
-        unknown = [k for k in kernels if k not in configs.CANDIDATES]
+        unknown = [k for k in kernels if k not in candidates.CANDIDATES]
         if unknown:
-            return fail(f"--kernels: unknown {unknown}; known: {sorted(configs.CANDIDATES)}")
+            return fail(f"--kernels: unknown {unknown}; known: {sorted(candidates.CANDIDATES)}")
 
     shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
     if args.output:
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     if unwritable:
         return fail(f"--output {output}{'' if args.output else ' (the default)'}: {unwritable}")
 
-    present = tuned.current_arch()
+    present = current_arch()
     if not args.dry_run:
         if present is None:
             return fail(f"--arch {args.arch}: no CUDA GPU is present here, so nothing can be tuned for it "
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
             seed_meta = seed_doc["meta"]
             if not isinstance(seed_meta, dict):
                 raise TypeError(f"meta must be a mapping, got {type(seed_meta).__name__}")
-            seed = {tuned.problem_key(**e["key"]): e["configs"] for e in seed_doc["entries"]}
+            seed = {problem_key(**e["key"]): e["configs"] for e in seed_doc["entries"]}
         except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
             return fail(f"--seed {args.seed}: not a tuned file ({type(e).__name__}: {e})")
         if bool(seed_meta.get("dry_run")) != args.dry_run or seed_meta.get("arch") != args.arch:
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         # the kernels this run does not tune keep the seed's configs, measured on the seed's source of
         # them: carry its hashes, so that they count as stale wherever that source has changed since
         seed_hashes = seed_meta.get("kernel_hashes") if isinstance(seed_meta.get("kernel_hashes"), dict) else {}
-        for kernel in configs.CANDIDATES:
+        for kernel in candidates.CANDIDATES:
             if kernel not in kernels:
                 meta["kernel_hashes"][kernel] = str(seed_hashes.get(kernel, "unknown"))
 
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
 
     def key_of(shape, dtype):
         return {"K": shape.K, "V": shape.V, "M": shape.M, "dtype": dtype,
-                "tokens": tuned.bucket(shape.B * shape.T * shape.H), "seqs": tuned.bucket(shape.B * shape.H)}
+                "tokens": bucket(shape.B * shape.T * shape.H), "seqs": bucket(shape.B * shape.H)}
 
     have = [e["key"] for e in entries] + [f["key"] for f in failed if "key" in f]
     jobs, seen = [], []

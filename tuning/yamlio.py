@@ -1,6 +1,6 @@
 """The tuned file on disk: atomic writes, reading for --resume, merging one entry (the user cache).
 
-Schema (format 2), written by the sweep and by the opt-in autotuner, read by gsa_kernels/tuned.py:
+Schema (format 2), written by the sweep and by the opt-in autotuner, read by gsa_kernels/tuned_file.py:
 
     meta:     format, arch, gpu, sm_count, device, triton, torch, date, dry_run, complete,
               kernel_hashes {kernel: hash}, candidates {kernel: hash}, search {settings of the run}
@@ -162,14 +162,14 @@ def resume_parts(doc) -> tuple[dict, list, list]:
 
 def check_resume_items(entries: list, failed: list):
     """ValueError naming the first entry or failed shape that the sweep could not keep: entries as the
-    run-time loader reads them (gsa_kernels.tuned.parse_entry), failed shapes as mappings whose key,
+    run-time loader reads them (gsa_kernels.tuned_file.parse_entry), failed shapes as mappings whose key,
     where present, is a problem key (the sweep skips shapes by it)."""
-    from gsa_kernels import tuned
+    from gsa_kernels import tuned_file
 
     for i, entry in enumerate(entries):
         try:
-            tuned.parse_entry(entry, i)
-        except tuned.FileProblem as e:
+            tuned_file.parse_entry(entry, i)
+        except tuned_file.FileProblem as e:
             raise ValueError(str(e).removeprefix("malformed: ")) from None
         except (TypeError, ValueError, KeyError) as e:     # a shape the loader's checks did not foresee
             raise ValueError(f"entries[{i}] cannot be read ({type(e).__name__}: {e})") from None
@@ -179,6 +179,6 @@ def check_resume_items(entries: list, failed: list):
             raise ValueError(f"{where} must be a mapping, got {_kind(item)}")
         if "key" in item:
             try:
-                tuned.parse_key(item["key"], where)
-            except tuned.FileProblem as e:
+                tuned_file.parse_key(item["key"], where)
+            except tuned_file.FileProblem as e:
                 raise ValueError(str(e).removeprefix("malformed: ")) from None

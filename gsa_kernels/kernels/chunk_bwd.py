@@ -7,9 +7,9 @@
    dz and p (float32) feed the reverse walk and kernels 2.
 2. chunk_bwd_keys_kernel, then chunk_bwd_values_kernel (per chunk; need Hk, Hv at the chunk start and
    dHk', dHv' at its end). One program doing both sides held too many [BT, BT] and [BT, BM] tiles at
-   once and spilled (docs/perf-notes.md); split, the keys side hands its share of ds (float32) and of
-   the state carry to the values side, which finishes ds and dg. With w = s * exp(Gend - G),
-   A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
+   once and spilled (docs/design.md, "Tried and rejected"); split, the keys side hands its share of
+   ds (float32) and of the state carry to the values side, which finishes ds and dg. With
+   w = s * exp(Gend - G), A = q k^T, Av = matrix_causal(p, s, G), dA = matrix_causal(dz, s, G):
        dq = (dz * exp(G)) Hk^T + dA k                   dk = dA^T q + w dHk'^T
        dv = Av^T do + w dHv'                             dAv = do v^T
        ds = apply_anticausal(A, dz, G) + apply_anticausal(dAv, p, G)

@@ -3,7 +3,7 @@
 A tl.dot on float32 operands runs in tf32 for half inputs (PREC), and the GPU truncates each operand
 to 11 significant bits. That is too coarse for the slot scores: a softmax turns a relative error of
 q Hk into an absolute error of the probabilities, and its backward subtracts nearly equal terms
-(perf-notes v14: at scale 1 with no forgetting, dq was 1.6e-2 off against the 1e-2 bound). Here the
+(at scale 1 with no forgetting, dq was 1.6e-2 off against the 1e-2 bound). Here the
 16-bit tile goes to the tensor cores as loaded (its products are exact) and the float32 one as two
 16-bit halves hi + lo, hi = x rounded and lo = what that rounding left: 16 significant bits in
 bfloat16, 22 in float16, for two 16-bit dots (the tensor cores run 16-bit dots at twice tf32's rate).

@@ -19,7 +19,7 @@ scores, p the slot softmax, do the output gradient):
 
 States are float32 throughout: the slot scores feed a softmax, which turns any relative error of
 Hk into an absolute error of the probabilities. For half inputs the walks' dots take the 16-bit
-tile as it is and split the float32 one into two 16-bit halves (dots.py `dot_acc`, perf-notes v13): the
+tile as it is and split the float32 one into two 16-bit halves (dots.py `dot_acc`): the
 states come out ~2e-6 from float64 where tf32 dots left them ~4e-4 off, and the step is shorter.
 """
 import triton
@@ -102,7 +102,7 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
             hk += tl.load(hk0 + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
         if DO_VALUES:
             hv += tl.load(hv0 + nh.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
-    # Software prefetch (perf-notes v10): the walk's only serial dependence is the state, yet Triton's
+    # Software prefetch: the walk's only serial dependence is the state, yet Triton's
     # pipeliner issues the k / v tile at the end of the previous step and reloads Gend unpipelined,
     # which left ~1 us of memory latency in each step. So the k / v tiles and Gend of chunk c + 1
     # are loaded by hand at the top of step c; G and s go through the pipeliner's async copies

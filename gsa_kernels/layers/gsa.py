@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.norms import RMSNorm
-from gsa_kernels.recurrent import fused_recurrent_gsa
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x, None: lambda x: x}
 

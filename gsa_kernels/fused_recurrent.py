@@ -1,11 +1,13 @@
-"""fused_recurrent_gsa: the token-by-token path (decode steps and short sequences).
+"""fused_recurrent_gsa, the public token-by-token op (decode steps and short sequences).
 
-Three ways through, picked per call:
+Four ways through, picked per call:
   * decode step: T == 1, no cu_seqlens, nothing needs a gradient -> one launch of decode_kernel
     (kernels/decode.py): both memories, the slot softmax and o, with float32 states.
   * inference on T > 1 (nothing needs a gradient) -> the two forward launches, no autograd.
-  * training -> FusedRecurrentGSAFunction: forward 2 launches (scores by slot tiles, then softmax and
-    o by V tiles), backward 4 (dp, keys side, values side, gates); see kernels/recurrent.py.
+  * training -> FusedRecurrentGSAFunction (autograd.py): forward 2 launches (scores by slot tiles,
+    then softmax and o by V tiles), backward 4 (dp, keys side, values side, gates); see
+    launchers/recurrent.py.
+  * inside torch.compile: the custom ops of ops.py (the decode step among them).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M], the initial states and (with
 output_final_state) the final states; no per-step states.
 
@@ -20,145 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels import tuned
+from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
-from gsa_kernels.chunk import final_state_grads
-from gsa_kernels.configs import launch_config
-from gsa_kernels.intmath import cdiv, next_pow2
-from gsa_kernels.kernels.decode import decode_kernel
-from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
-                                           recurrent_bwd_keys_kernel, recurrent_bwd_values_kernel,
-                                           recurrent_fwd_keys_kernel, recurrent_fwd_values_kernel)
-
-
-def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N):
-    """o [B, T, H, V] (q's dtype) and the float32 scores [B, T, H, M]; the final states are written
-    into hk_final / hv_final when those are tensors (they may be hk0 / hv0: every program reads its
-    tile of the initial state before it writes the same tile of the final one)."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    dummy = q
-    cu = cu_seqlens if cu_seqlens is not None else dummy
-    use_h0, store = hk0 is not None, hk_final is not None
-    scores = torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    flags = dict(USE_INITIAL_STATE=use_h0, STORE_FINAL_STATE=store, IS_VARLEN=cu_seqlens is not None)
-
-    cfg = launch_config("recurrent_fwd_keys", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_fwd_keys_kernel[(cdiv(M, cfg["BMS"]), N * H)](
-        q, k, s, g, hk0 if use_h0 else dummy, scores, hk_final if store else dummy, cu, scale, T,
-        H=H, K=K, M=M, BK=next_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
-    cfg = launch_config("recurrent_fwd_values", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_fwd_values_kernel[(cdiv(V, cfg["BV"]), N * H)](
-        v, s, g, scores, hv0 if use_h0 else dummy, o, hv_final if store else dummy, cu, T,
-        H=H, V=V, M=M, BM=next_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
-    return o, scores
-
-
-def recurrent_bwd(q, k, v, s, g, scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
-                  cu_seqlens, N):
-    """dq, dk, dv, ds, dg (input dtypes) and dhk0, dhv0 (float32, None without initial states)."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    dummy = q
-    cu = cu_seqlens if cu_seqlens is not None else dummy
-    use_h0, use_dht = hk0 is not None, dhk_final is not None
-    varlen = cu_seqlens is not None
-    f32 = dict(dtype=torch.float32, device=q.device)
-    part_stride = B * T * H * M
-
-    dp = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("recurrent_bwd_dp", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_bwd_dp_kernel[(cdiv(M, cfg["BMS"]), N * H)](
-        v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, V=V, M=M, BMS=cfg["BMS"], BV=next_pow2(V),
-        USE_INITIAL_STATE=use_h0, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
-
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    ds, dg = torch.empty_like(s), torch.empty_like(g)
-    dhk0 = torch.empty(N, H, K, M, **f32) if use_h0 else None
-    dhv0 = torch.empty(N, H, M, V, **f32) if use_h0 else None
-
-    cfg_k = launch_config("recurrent_bwd_keys", K=K, V=V, M=M, dtype=q.dtype)
-    NK = cdiv(K, cfg_k["BKS"])
-    dsk_parts = torch.empty(NK, B, T, H, M, **f32)
-    recurrent_bwd_keys_kernel[(NK, N * H)](
-        q, k, s, g, scores, dp, hk0 if use_h0 else dummy, dhk_final if use_dht else dummy,
-        dq, dk, dsk_parts, dhk0 if use_h0 else dummy, cu, scale, T, part_stride,
-        H=H, K=K, M=M, BKS=cfg_k["BKS"], BM=next_pow2(M), USE_INITIAL_STATE=use_h0,
-        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_k["num_warps"])
-
-    cfg_v = launch_config("recurrent_bwd_values", K=K, V=V, M=M, dtype=q.dtype)
-    NV = cdiv(V, cfg_v["BVS"])
-    dsv_parts = torch.empty(NV, B, T, H, M, **f32)
-    recurrent_bwd_values_kernel[(NV, N * H)](
-        v, s, g, scores, do, dhv_final if use_dht else dummy, dv, dsv_parts, dhv0 if use_h0 else dummy,
-        cu, T, part_stride, H=H, V=V, M=M, BM=next_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
-        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_v["num_warps"])
-
-    cfg = launch_config("recurrent_bwd_gates", K=K, V=V, M=M, dtype=q.dtype)
-    recurrent_bwd_gates_kernel[(N * H,)](
-        s, scores, dp, dsk_parts, dsv_parts, hk_final if use_dht else dummy, hv_final if use_dht else dummy,
-        dhk_final if use_dht else dummy, dhv_final if use_dht else dummy, ds, dg, cu, T, part_stride, NK, NV,
-        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
-        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
-    return dq, dk, dv, ds, dg, dhk0, dhv0
-
-
-# (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first call
-_decode_configs: dict = {}
-
-
-def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None):
-    """One token per sequence: o [B, 1, H, V]; new states into hk_new / hv_new (None: not stored).
-    Inputs contiguous [B, 1, H, *]. `config` (a full decode config: BK, BV, SPLIT, num_warps,
-    num_stages) overrides the lookup, for tests and sweeps; writing in place forces SPLIT = 1."""
-    B, _, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    cfg = config
-    if cfg is None:
-        key = (K, V, M, q.dtype, B * H)
-        cfg = _decode_configs.get(key)
-        if cfg is None:
-            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * H)
-    split = cfg["SPLIT"]
-    if hk_new is not None and hk0 is not None and (hk_new.data_ptr() == hk0.data_ptr()
-                                                   or hv_new.data_ptr() == hv0.data_ptr()):
-        split = 1   # in place: see kernels/decode.py
-    o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
-    use_h0, store = hk0 is not None, hk_new is not None
-    decode_kernel[(split, B * H)](
-        q, k, v, s, g, hk0 if use_h0 else q, hv0 if use_h0 else q, o,
-        hk_new if store else q, hv_new if store else q, scale,
-        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
-        USE_INITIAL_STATE=use_h0, STORE_STATE=store, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return o
-
-
-class FusedRecurrentGSAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, cu_seqlens, N):
-        B, T, H, K = q.shape
-        V, M = v.shape[-1], s.shape[-1]
-        f32 = dict(dtype=torch.float32, device=q.device)
-        hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
-        hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
-        o, scores = recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N)
-        ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens)
-        ctx.scale, ctx.N = scale, N
-        ctx.launch_scope = tuned.launch_scope()
-        return o, hk_final, hv_final
-
-    @staticmethod
-    def backward(ctx, do, dhk_final, dhv_final):
-        q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, cu_seqlens = ctx.saved_tensors
-        do = torch.zeros_like(v, dtype=q.dtype) if do is None else do.contiguous()
-        dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
-            dhk_final, dhv_final, hk_final.shape, hv_final.shape, q.device)
-        with tuned.in_launch_scope(ctx.launch_scope):
-            dq, dk, dv, ds, dg, dhk0, dhv0 = recurrent_bwd(
-                q, k, v, s, g, ctx.scale, scores, hk0, hv0, hk_final, hv_final, do, dhk_final, dhv_final,
-                cu_seqlens, ctx.N)
-        return dq, dk, dv, ds, dg, dhk0, dhv0, None, None, None, None
+from gsa_kernels.launchers.recurrent import decode_step, recurrent_fwd
+from gsa_kernels.ops import fused_recurrent_compiled
 
 
 def _check_state_buffers(out, N, H, K, M, V, device):
@@ -236,7 +103,8 @@ def _check_out_aliasing(out, initial_state, inputs, inplace):
 
 def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None, *, inplace=False, out=None, **kwargs):
-    """Gated Slot Attention token by token (SPEC section 2): same arguments and results as chunk_gsa.
+    """Gated Slot Attention token by token, with chunk_gsa's arguments and results (docs/contract.md,
+    "API").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
     GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError). Returns o [B, T, H, V] in q's dtype and
@@ -293,7 +161,6 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
 
     if torch.compiler.is_compiling():
         # inside torch.compile: the custom ops of gsa_kernels/ops.py; `out` / `inplace` become copies
-        from gsa_kernels.ops import fused_recurrent_compiled
         o, hk_new, hv_new = fused_recurrent_compiled(
             q, k, v, s, g, None if hk0 is None else hk0.float(), None if hv0 is None else hv0.float(),
             cu, scale, bool(output_final_state), decode=(T == 1 and cu is None and not needs_grad))

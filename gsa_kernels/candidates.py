@@ -1,0 +1,60 @@
+"""The candidate launch configs of every kernel: the search space of the sweep and of a tuned file.
+
+Every tunable of every kernel (block sizes, num_warps, num_stages, and the chunk size BT, which is
+shared by all kernels of one call because it fixes the layout of the saved states) is named here and
+nowhere else. The sweep (tuning/) times these candidates; a tuned file may only name values listed
+here, and records a hash of each kernel's lists (`candidates_hash`), so that a changed list makes
+that kernel's tuned configs stale. Readers take `CANDIDATES` from this module at call time (never a
+copy of it), so that the tests can narrow the space.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+# kernel -> parameter -> candidate values (the sweep's search space)
+CANDIDATES: dict[str, dict[str, list[int]]] = {
+    "chunk": {"BT": [32, 64]},
+    # the state walks: SPLIT 0 pairs an Hk and an Hv tile per program, 1 gives each its own program;
+    # 2 warps and 1 stage (no prefetch) were never close on the H100
+    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
+    "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    # the forward-only path (no input requires grad, half inputs): the same kernels with scaled float16
+    # chunk states (kernels/states.py `_store_scaled`), tuned on their own: the walk's row maxima add
+    # a step to its serial path, so it may want other warps than the training walk
+    "states_fwd_compact": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8],
+                           "num_stages": [2, 3]},
+    "chunk_fwd_compact": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
+    "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+    "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
+}
+
+KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
+# launched only by the forward-only path of half inputs (a call where no input requires grad)
+FORWARD_ONLY = ("states_fwd_compact", "chunk_fwd_compact")
+
+# The token-by-token and decode kernels: their search space, for `benchmarks/bench_decode.py --sweep`.
+# The tuning sweep does not cover them yet, so they launch with `configs.default_config` (no tuned
+# lookup).
+RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
+    # fused_recurrent (token by token): slot tiles BMS, K / V tiles BKS / BVS; the other axis is whole
+    "recurrent_fwd_keys": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_fwd_values": {"BV": [16, 32, 64, 128], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_dp": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_keys": {"BKS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_values": {"BVS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
+    "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
+    # the T = 1 decode step; SPLIT 0 means "pick from the batch": programs per (batch, head).
+    # num_stages stays 1: its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS
+    # is the same for 1, 2 and 3 stages; the compiler unrolls the constant-trip tile loops instead)
+    "decode": {"BK": [32, 64, 128], "BV": [32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
+               "num_warps": [2, 4, 8], "num_stages": [1]},
+}
+
+
+def candidates_hash(kernel: str) -> str:
+    """A hash of `kernel`'s candidate lists, as a tuned file records it per kernel."""
+    text = json.dumps(CANDIDATES[kernel], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

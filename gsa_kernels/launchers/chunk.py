@@ -1,0 +1,190 @@
+"""Launchers of the chunkwise kernels: chunk tables, grids and launch configs, then the launches.
+
+Forward, 3 launches:  chunk_cumsum (G) -> states_fwd (hk, hv at every chunk start, and the final
+                      states) -> chunk_fwd (scores, softmax, o per chunk).
+Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_bwd_dscores (p, dz,
+                      dG_loc per chunk) -> states_bwd (dhk, dhv at every chunk end, and the
+                      initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
+                      -> chunk_bwd_values (dv, ds, dg).
+Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
+No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
+"""
+from __future__ import annotations
+
+import torch
+
+from gsa_kernels.configs import launch_config
+from gsa_kernels.intmath import cdiv, pow2_at_least
+from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
+from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
+from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
+from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get IEEE float32 dots (the contract is 1e-5); half inputs get tf32 for the dots
+    whose operands are float32 intermediates (states, probabilities), which bf16 would round (the
+    state walks and chunk_fwd's q Hk do better: kernels/dots.py)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_chunk_slots(B: int, T: int, BT: int, N: int, is_varlen: bool):
+    """Chunk slots of the saved states: B * ceil(T / BT); packed (varlen), the host-known bound
+    T // BT + N >= sum_n ceil(len_n / BT), so no sync sizes the grid. Also takes symbolic sizes."""
+    return T // BT + N if is_varlen else B * ((T + BT - 1) // BT)
+
+
+class ChunkLayout:
+    """Where every chunk lives: the chunk slots of the saved states, and for varlen the device tables
+    (sequence offsets, first slot of each sequence, and (sequence, chunk) of every slot)."""
+
+    def __init__(self, B: int, T: int, BT: int, cu_seqlens: torch.Tensor | None, device):
+        self.BT, self.T = BT, T
+        self.is_varlen = cu_seqlens is not None
+        if not self.is_varlen:
+            self.N = B
+            self.num_slots = num_chunk_slots(B, T, BT, B, False)
+            self.cu = self.chunk_offsets = self.table = None
+            return
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        self.N = cu.numel() - 1
+        lengths = cu[1:] - cu[:-1]
+        chunks = (lengths + BT - 1) // BT
+        offsets = torch.zeros(self.N + 1, dtype=torch.int32, device=device)
+        offsets[1:] = torch.cumsum(chunks, 0)
+        self.num_slots = num_chunk_slots(B, T, BT, self.N, True)
+        slot = torch.arange(self.num_slots, dtype=torch.int32, device=device)
+        seq = torch.searchsorted(offsets[1:].contiguous(), slot, right=True).to(torch.int32)
+        valid = slot < offsets[-1]
+        seq_c = seq.clamp(max=self.N - 1)
+        within = slot - offsets[seq_c.long()]
+        table = torch.stack([torch.where(valid, seq_c, -1), torch.where(valid, within, 0)], 1)
+        self.cu, self.chunk_offsets, self.table = cu, offsets, table.to(torch.int32).contiguous()
+
+    def ptrs(self, dummy):
+        """(cu_seqlens, chunk_offsets, chunk_table) kernel arguments; a dummy where not varlen."""
+        if self.is_varlen:
+            return self.cu, self.chunk_offsets, self.table
+        return dummy, dummy, dummy
+
+
+def _grid_states(K, V, cfg, N, H):
+    """The state walks: per sequence-head, one program per (Hk tile, Hv tile) pair, or with SPLIT one
+    per Hk tile plus one per Hv tile (kernels/states.py)."""
+    nk, nv = cdiv(K, cfg["BK"]), cdiv(V, cfg["BV"])
+    return (nk + nv if cfg["SPLIT"] else max(nk, nv), N * H)
+
+
+def _warps(cfg):
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def chunk_gates(g, layout: ChunkLayout):
+    """G = within-chunk cumulative sum of g, float32 [B, T, H, M]."""
+    B, T, H, M = g.shape
+    G = torch.empty(B, T, H, M, dtype=torch.float32, device=g.device)
+    cu, _, table = layout.ptrs(g)
+    chunk_cumsum_kernel[(layout.num_slots, H)](
+        g, G, cu, table, T, H=H, M=M, BT=layout.BT, BM=pow2_at_least(M),
+        IS_VARLEN=layout.is_varlen, num_warps=4)
+    return G
+
+
+def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
+    """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
+    float16, half the bytes of float32 at the same precision as the tf32 dots that read them
+    (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
+    prec = dot_precision(q.dtype)
+    cu, offsets, table = layout.ptrs(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    states = dict(dtype=torch.float16 if compact else torch.float32, device=q.device)
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
+    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else q
+    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else q
+    if layout.is_varlen:
+        # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
+        # every output of the op is defined (the custom op returns these states)
+        hk_chunks[-N:].zero_()
+        hv_chunks[-N:].zero_()
+    hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
+    hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
+    G = chunk_gates(g, layout)
+
+    suffix = "_compact" if compact else ""
+    cfg = launch_config("states_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
+        k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
+        hk_chunks, hv_chunks, hk_scales, hv_scales,
+        hk_final if output_final_state else q, hv_final if output_final_state else q,
+        cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        SPLIT=cfg["SPLIT"], USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
+
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    scores = None if compact else torch.empty(B, T, H, M, **f32)
+    cfg = launch_config("chunk_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    chunk_fwd_kernel[(layout.num_slots, H)](
+        q, k, v, s, G, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,
+        scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
+    return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
+
+
+def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks,
+                  layout: ChunkLayout, scale: float, use_initial_state: bool):
+    """The backward launches: (dq, dk, dv, ds, dg) in the inputs' dtypes and the float32 initial-state
+    gradients (dhk0, dhv0), written whether or not there were initial states. dhk_final / dhv_final:
+    float32 contiguous final-state gradients, or both None."""
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
+    prec = dot_precision(q.dtype)
+    cu, offsets, table = layout.ptrs(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+
+    G = chunk_gates(g, layout)
+    p = torch.empty(B, T, H, M, **f32)
+    dz = torch.empty(B, T, H, M, **f32)
+    dG_loc = torch.empty(B, T, H, M, **f32)
+    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    chunk_bwd_dscores_kernel[(layout.num_slots, H)](
+        v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+
+    dhk_chunks = torch.empty_like(hk_chunks)
+    dhv_chunks = torch.empty_like(hv_chunks)
+    dhk0 = torch.empty(N, H, K, M, **f32)
+    dhv0 = torch.empty(N, H, M, V, **f32)
+    use_dht = dhk_final is not None
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
+        q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
+        dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
+        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"], SPLIT=cfg["SPLIT"],
+        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ds, dg = torch.empty_like(s), torch.empty_like(g)
+    ds_keys = torch.empty(B, T, H, M, **f32)
+    carry_keys = torch.empty(layout.num_slots, H, M, **f32)
+    cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    chunk_bwd_keys_kernel[(layout.num_slots, H)](
+        q, k, s, G, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
+        H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
+                        tokens=B * T * H, seqs=N * H)
+    chunk_bwd_values_kernel[(layout.num_slots, H)](
+        v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=use_initial_state,
+        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    return dq, dk, dv, ds, dg, dhk0, dhv0
