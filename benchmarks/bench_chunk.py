@@ -1,7 +1,7 @@
 """chunk_gsa forward and forward+backward, side by side with flash-linear-attention and SDPA, on a GPU.
 
     python -m benchmarks.bench_chunk [--shapes a,b,c,d] [--dtype bf16] [--no-fla] [--rounds 3] [--graph]
-                                     [--json PATH]
+                                     [--levels 0,2] [--memory] [--json PATH]
 
 Times are medians of triton.testing.do_bench after a warm-up call. With --rounds R each op is timed R
 times, alternating between the implementations, and the median of the R medians is reported (FLA's
@@ -61,9 +61,16 @@ def floor_bytes(B, T, H, D, M, dtype, backward):
     return fwd + el * B * T * H * D + el * B * T * H * (3 * D + 2 * M)   # read do, write 5 grads
 
 
-def providers(include_fla):
+def provider_name(level):
+    """Our provider at a checkpoint level: the default (2, as FLA's) is plain "gsa_kernels"."""
+    return "gsa_kernels" if level == 2 else f"gsa_kernels_level{level}"
+
+
+def providers(include_fla, levels=(2,)):
     from gsa_kernels import chunk_gsa
-    out = {"gsa_kernels": lambda q, k, v, s, g: chunk_gsa(q, k, v, s, g)[0]}
+    out = {provider_name(level): (lambda q, k, v, s, g, level=level: chunk_gsa(q, k, v, s, g,
+                                                                              checkpoint_level=level)[0])
+           for level in levels}
     if include_fla:
         try:
             from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
@@ -78,6 +85,28 @@ def sdpa_inputs(B, T, H, D, dtype):
     hd = min(D, 256)                       # same hidden size H*D, in heads the attention kernels take
     heads = H * D // hd
     return [torch.randn(B, heads, T, hd, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def peak_memory_mib(fn, inputs, backward: bool) -> float:
+    """Most memory allocated during one call (forward, or forward+backward) beyond the inputs."""
+    out = fn(*inputs)
+    do = torch.randn_like(out)
+    del out
+    for x in inputs:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if backward:
+        fn(*inputs).backward(do)
+    else:
+        with torch.no_grad():
+            fn(*inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for x in inputs:
+        x.grad = None
+    return peak / 2**20
 
 
 def time_op(fn, inputs, backward, graph=False):
@@ -146,6 +175,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="time each op this many times, alternating implementations; report the median")
     ap.add_argument("--graph", action="store_true", help="also time each op replayed from a CUDA graph")
+    ap.add_argument("--levels", default="2",
+                    help="our checkpoint levels to run, comma-separated (2, the default, is 'gsa_kernels')")
+    ap.add_argument("--memory", action="store_true",
+                    help="also the peak memory of each op beyond its inputs (MiB)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -155,7 +188,10 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s, {args.dtype}")
-    provs = providers(not args.no_fla)
+    levels = [int(x) for x in args.levels.split(",")]
+    if any(level not in (0, 1, 2) for level in levels) or 2 not in levels:
+        ap.error(f"--levels takes 0, 1 and 2 and must include 2 (the default call), got {args.levels}")
+    provs = providers(not args.no_fla, levels)
     rows = []
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
@@ -185,6 +221,15 @@ def main(argv=None):
                    "floor_ms": floor_ms, "ms": times, "rounds_ms": rounds,
                    "speedup_vs_fla": times["fla"] / ours if "fla" in times else None,
                    "ours_GBps": nbytes / (ours * 1e-3) / 1e9, "ours_x_floor": ours / floor_ms}
+            if args.memory:
+                row["peak_MiB"] = {}
+                for pname, fn in provs.items():
+                    inputs = make_inputs(B, T, H, D, M, dtype)
+                    row["peak_MiB"][pname] = peak_memory_mib(fn, inputs, backward)
+                    del inputs
+                    torch.cuda.empty_cache()
+                print(f"{name} {mode:8s} peak MiB: " + " ".join(f"{p}={v:.0f}" for p, v in row["peak_MiB"].items()),
+                      flush=True)
             rows.append(row)
             fla = f"{times['fla']:.3f}" if "fla" in times else "-"
             spd = f"{row['speedup_vs_fla']:.2f}x" if row["speedup_vs_fla"] else "-"

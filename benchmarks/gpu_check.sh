@@ -14,6 +14,10 @@
 #               the decode config sweep)
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
 #               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile)
+#     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
+#               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
+#               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
+#               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log
 #     report    python -m benchmarks.report --json-only into $OUT (REPORT_ARGS, REPORT_TIMEOUT seconds,
 #               REPORT_RESUME=1 to continue docs/benchmarks/report.json), then packs FLA's autotune results
 #   The whole suite does not fit one 10-minute call: test_chunk_matches_naive alone takes ~420 s at
@@ -74,6 +78,17 @@ for step in ${steps//,/ }; do
       python3 -m pytest -q -rs --durations=10 tests/test_compile.py 2>&1 | tee "$OUT/tests_compile.log" || status=1
       python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \
         | tee "$OUT/bench_compile.log" || status=1 ;;
+    ab)
+      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels benchmarks tuned_configs /tmp/ab/
+      if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
+        for side in base patched; do
+          root=$PWD; [ $side = patched ] && root=/tmp/ab
+          (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=none PYTHONPATH=$root:/tmp/site python3 -m benchmarks.bench_chunk \
+            --graph ${AB_ARGS:---shapes a,e --no-fla --no-sdpa} --json "$OUT/ab_$side.json") 2>&1 | tee "$OUT/ab_$side.log"
+        done
+      else
+        echo "AB_PATCH does not apply" | tee "$OUT/ab_base.log"; status=1
+      fi ;;
     report)
       # rows are saved as they come, so a call cut short keeps them; REPORT_RESUME=1 continues from the
       # committed docs/benchmarks/report.json. Only the JSON comes back: draw with --plot-only here.

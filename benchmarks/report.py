@@ -87,30 +87,8 @@ def op_providers(include_fla: bool) -> dict:
     return out
 
 
-def peak_memory_mib(fn, inputs, backward: bool) -> float:
-    """Most memory allocated during one call (forward, or forward+backward) beyond the inputs."""
-    out = fn(*inputs)
-    do = torch.randn_like(out)
-    del out
-    for x in inputs:
-        x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    if backward:
-        fn(*inputs).backward(do)
-    else:
-        with torch.no_grad():
-            fn(*inputs)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    for x in inputs:
-        x.grad = None
-    return peak / 2**20
-
-
 def measure_op(make, fn, B, T, H, D, M, mode):
-    from benchmarks.bench_chunk import time_op
+    from benchmarks.bench_chunk import peak_memory_mib, time_op
     inputs = make(B, T, H, D, M)
     backward = mode == "fwd+bwd"
     ms = time_op(fn, inputs, backward)

@@ -32,21 +32,24 @@ def final_state_grads(dhk, dhv, hk_shape, hv_shape, device):
     return dhk, dhv
 
 
-def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int, use_initial_state: bool):
+def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
     """(dq, dk, dv, ds, dg, dhk0, dhv0) of chunk_gsa; dhk0, dhv0 None without initial states.
 
-    saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks) as the forward left them; do, dhk_final,
-    dhv_final: the incoming gradients (None where nothing flows back); N: the number of sequences.
-    bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks) -> the seven gradients.
+    saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0) as the forward left them, the chunk
+    states None at checkpoint level 2 (the backward rebuilds them) and the initial states None when
+    there were none; do, dhk_final, dhv_final: the incoming gradients (None where nothing flows back);
+    N: the number of sequences.
+    bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0) -> the seven
+    gradients.
     """
-    q, k, v, s, g, scores, hk_chunks, hv_chunks = saved
+    q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0 = saved
     H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
     with in_launch_scope(scope):
         dq, dk, dv, ds, dg, dhk0, dhv0 = bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks,
-                                             hv_chunks)
-    if not use_initial_state:
+                                             hv_chunks, hk0, hv0)
+    if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
@@ -76,21 +79,22 @@ class ChunkGSAFunction(torch.autograd.Function):
     """chunk_gsa with gradients, eager. Inputs contiguous, initial states float32 or None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout):
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout, checkpoint_level):
         o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
             q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
-        ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks)
-        ctx.scale, ctx.layout, ctx.use_initial_state = scale, layout, hk0 is not None
+        if checkpoint_level == 2:
+            hk_chunks = hv_chunks = None
+        ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0)
+        ctx.scale, ctx.layout = scale, layout
         ctx.launch_scope = launch_scope()
         return o, hk_final, hv_final
 
     @staticmethod
     def backward(ctx, do, dhk_final, dhv_final):
         grads = chunk_gsa_backward(
-            lambda *tensors: chunk_gsa_bwd(*tensors, ctx.layout, ctx.scale, ctx.use_initial_state),
-            ctx.launch_scope, ctx.saved_tensors, do, dhk_final, dhv_final,
-            N=ctx.layout.N, use_initial_state=ctx.use_initial_state)
-        return (*grads, None, None, None)
+            lambda *tensors: chunk_gsa_bwd(*tensors, ctx.layout, ctx.scale),
+            ctx.launch_scope, ctx.saved_tensors, do, dhk_final, dhv_final, N=ctx.layout.N)
+        return (*grads, None, None, None, None)
 
 
 class FusedRecurrentGSAFunction(torch.autograd.Function):

@@ -23,8 +23,8 @@ from gsa_kernels.ops import chunk_gsa_compiled
 from gsa_kernels.problem_keys import problem_key
 
 
-def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-              **kwargs):
+def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, checkpoint_level=2,
+              cu_seqlens=None, **kwargs):
     """Gated Slot Attention by the chunkwise algorithm (docs/contract.md, "API").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16.
@@ -33,6 +33,11 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it.
     Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
     when output_final_state, else (None, None).
+    checkpoint_level (flash-linear-attention's argument, same default and position): what a training
+    call keeps for its backward. 0 keeps the float32 chunk states ([chunks, H, K, M] and
+    [chunks, H, M, V], most of a call's memory); 2 keeps only the inputs and the float32 slot scores
+    and runs the forward state walk again in the backward (one more launch). 1 (FLA: recompute the
+    gate cumsum) is 0 here: the cumsum is never kept. Calls without gradients keep nothing at any level.
     `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
     """
     chunk_size = kwargs.pop("chunk_size", None)
@@ -43,6 +48,8 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
     if chunk_size is not None and (chunk_size not in (16, 32, 64)):
         raise ValueError(f"chunk_size must be 16, 32 or 64, got {chunk_size}")
+    if isinstance(checkpoint_level, bool) or checkpoint_level not in (0, 1, 2):
+        raise ValueError(f"checkpoint_level must be 0, 1 or 2, got {checkpoint_level!r}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):
@@ -59,7 +66,8 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
         # static dims (ops.compiled_chunk_size) and the kernels' configs are looked up when the graph
         # runs, so a new T does not recompile; opt-in autotuning and the torch_compile backend are
         # eager-only (the graph runs what the tuned file and the user cache already hold)
-        o, hk, hv = chunk_gsa_compiled(*tensors, cu_seqlens, scale, chunk_size or 0, bool(output_final_state))
+        o, hk, hv = chunk_gsa_compiled(*tensors, cu_seqlens, scale, chunk_size or 0, bool(output_final_state),
+                                       int(checkpoint_level))
         return o, (hk, hv)
 
     sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
@@ -79,5 +87,5 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
         o, _, _, _, hk, hv = chunk_gsa_fwd(*tensors[:5], scale, tensors[5], tensors[6], bool(output_final_state),
                                            layout, compact=True)
         return o, (hk, hv)
-    o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout)
+    o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout, int(checkpoint_level))
     return o, (hk, hv)

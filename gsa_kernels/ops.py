@@ -67,26 +67,30 @@ def _chunk_layout(q, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
 @torch.library.custom_op("gsa_kernels::chunk_gsa_fwd", mutates_args=())
 def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
                      hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
-                     scale: float, chunk_size: int, output_final_state: bool
+                     scale: float, chunk_size: int, output_final_state: bool, checkpoint_level: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's.
-    chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out
-    flat (1-D): a [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T
-    crosses one chunk."""
+    """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's, the
+    chunk states empty at checkpoint level 2 (the backward rebuilds them). chunk_size 0: the tuned one
+    for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out flat (1-D): a
+    [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T crosses one
+    chunk."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
     layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
     o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
         q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
-    return (o, scores, hk_chunks.view(-1), hv_chunks.view(-1), _or_empty(hk_final, q),
-            _or_empty(hv_final, q))
+    if checkpoint_level == 2:
+        hk_chunks = hv_chunks = None
+    return (o, scores, _or_empty(hk_chunks, q).view(-1), _or_empty(hv_chunks, q).view(-1),
+            _or_empty(hk_final, q), _or_empty(hv_final, q))
 
 
 @chunk_gsa_fwd_op.register_fake
-def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state):
+def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state, checkpoint_level):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N, cu_seqlens is not None)
+    slots = 0 if checkpoint_level == 2 else num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N,
+                                                            cu_seqlens is not None)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
@@ -97,46 +101,50 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
 @torch.library.custom_op("gsa_kernels::chunk_gsa_bwd", mutates_args=())
 def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: Tensor,
                      dhk_final: Tensor | None, dhv_final: Tensor | None, scores: Tensor,
-                     hk_chunks: Tensor, hv_chunks: Tensor, cu_seqlens: Tensor | None,
-                     scale: float, chunk_size: int, use_initial_state: bool
+                     hk_chunks: Tensor, hv_chunks: Tensor, hk0: Tensor | None, hv0: Tensor | None,
+                     cu_seqlens: Tensor | None, scale: float, chunk_size: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states."""
-    q, k, v, s, g, do, dhk_final, dhv_final = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final)
+    """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states. Empty
+    chunk states (checkpoint level 2): rebuilt from hk0, hv0."""
+    q, k, v, s, g, do, dhk_final, dhv_final, hk0, hv0 = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final,
+                                                                    hk0, hv0)
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
     H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
-    if hk_chunks.numel() != layout.num_slots * H * K * M:
+    if hk_chunks.numel() == 0:
+        hk_chunks = hv_chunks = None
+    elif hk_chunks.numel() != layout.num_slots * H * K * M:
         raise RuntimeError(f"chunk_gsa backward: the saved chunk states hold {hk_chunks.numel()} values, "
                            f"chunk size {layout.BT} needs {layout.num_slots} x {H * K * M}: the tuned "
                            f"table changed between the forward and the backward")
-    hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
+    else:
+        hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, layout, scale,
-        use_initial_state)
-    if not use_initial_state:
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale)
+    if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
 
 
 @chunk_gsa_bwd_op.register_fake
-def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, cu_seqlens, scale,
-      chunk_size, use_initial_state):
+def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens, scale,
+      chunk_size):
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
-    dhk0 = q.new_empty(N, H, K, M, **f32) if use_initial_state else q.new_empty(NONE, **f32)
-    dhv0 = q.new_empty(N, H, M, V, **f32) if use_initial_state else q.new_empty(NONE, **f32)
+    dhk0 = q.new_empty(N, H, K, M, **f32) if hk0 is not None else q.new_empty(NONE, **f32)
+    dhv0 = q.new_empty(N, H, M, V, **f32) if hk0 is not None else q.new_empty(NONE, **f32)
     return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, s, g)),
             dhk0, dhv0)
 
 
 def _chunk_setup_context(ctx, inputs, output):
-    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _ = inputs
+    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _, _ = inputs
     _, scores, hk_chunks, hv_chunks, _, _ = output
-    ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, cu_seqlens)
-    ctx.scale, ctx.chunk_size, ctx.use_initial_state = scale, chunk_size, hk0 is not None
+    ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
     # holds for an eager call of the op; inside a compiled graph this runs once, at trace time, and
     # the graph's backward kernels see the thread that runs them
     ctx.launch_scope = launch_scope()
@@ -148,19 +156,19 @@ def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_
     q = saved[0]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     grads = chunk_gsa_backward(
-        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size,
-                                          ctx.use_initial_state),
-        ctx.launch_scope, saved, do, dhk_final, dhv_final, N=N, use_initial_state=ctx.use_initial_state)
-    return (*grads, None, None, None, None)
+        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size),
+        ctx.launch_scope, saved, do, dhk_final, dhv_final, N=N)
+    return (*grads, None, None, None, None, None)
 
 
 chunk_gsa_fwd_op.register_autograd(_chunk_backward, setup_context=_chunk_setup_context)
 
 
-def chunk_gsa_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state):
+def chunk_gsa_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state,
+                       checkpoint_level):
     """chunk_gsa as custom ops: (o, hk_final or None, hv_final or None)."""
     o, _, _, _, hk, hv = chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size,
-                                          output_final_state)
+                                          output_final_state, checkpoint_level)
     return o, (hk if output_final_state else None), (hv if output_final_state else None)
 
 

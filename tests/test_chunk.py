@@ -81,7 +81,8 @@ def backward_both(ours_out, ref_out, ours_in, ref_in, gen):
     return ours, ref, (do, dhk, dhv)
 
 
-def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1):
+def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=None, seed=1,
+             checkpoint_level=None):
     """Forward + backward of chunk_gsa on DEVICE and of the float64 naive recurrence on the same
     (already rounded) inputs, with the same random upstream gradients. Returns (ours, ref) dicts;
     for float32 inputs ref["fp32_baseline"] also gives the errors of the same computation done by
@@ -95,6 +96,8 @@ def run_both(q, k, v, s, g, hk0, hv0, scale=None, cu_seqlens=None, chunk_size=No
     kw = dict(scale=scale, output_final_state=True)
     cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    if checkpoint_level is not None:
+        extra["checkpoint_level"] = checkpoint_level
     o, (hk, hv) = chunk_gsa(*ours_in[:5], initial_state=tuple(ours_in[5:]) if has_h0 else None,
                             cu_seqlens=cu_dev, **kw, **extra)
     ro, (rhk, rhv) = naive_recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]) if has_h0 else None,
@@ -442,6 +445,8 @@ def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_
     dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
     h0 = None if hk0 is None else (hk0.to(DEVICE), hv0.to(DEVICE))
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    if checkpoint_level is not None:
+        extra["checkpoint_level"] = checkpoint_level
     cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
     with torch.no_grad():
         o, (hk, hv) = chunk_gsa(*dev, initial_state=h0, output_final_state=True, cu_seqlens=cu_dev, **extra)

@@ -55,8 +55,9 @@ def _opcheck(op, args):
     torch.library.opcheck(op, args, raise_exception=True)
 
 
+@pytest.mark.parametrize("level", [0, 2])
 @pytest.mark.parametrize("case", ["plain", "states", "varlen", "chunk16"])
-def test_opcheck_chunk_fwd(case):
+def test_opcheck_chunk_fwd(case, level):
     q, k, v, s, g = gsa_inputs(T=37, requires_grad=True)
     hk0 = hv0 = cu = None
     chunk_size, final = 0, case != "plain"
@@ -66,18 +67,20 @@ def test_opcheck_chunk_fwd(case):
         cu = torch.tensor([0, 1, 18, 37], dtype=torch.int32, device=DEVICE)
     if case == "chunk16":
         chunk_size = 16
-    _opcheck(ops.chunk_gsa_fwd_op, (q, k, v, s, g, hk0, hv0, cu, 0.25, chunk_size, final))
+    _opcheck(ops.chunk_gsa_fwd_op, (q, k, v, s, g, hk0, hv0, cu, 0.25, chunk_size, final, level))
 
 
+@pytest.mark.parametrize("level", [0, 2])
 @pytest.mark.parametrize("case", ["plain", "states-final"])
-def test_opcheck_chunk_bwd(case):
+def test_opcheck_chunk_bwd(case, level):
     q, k, v, s, g = gsa_inputs(T=37)
     hk0, hv0 = states() if case != "plain" else (None, None)
-    o, scores, hk_chunks, hv_chunks, _, _ = ops.chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25, 0, True)
+    o, scores, hk_chunks, hv_chunks, _, _ = ops.chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25, 0, True,
+                                                                 level)
     do = torch.randn_like(o)
     dhk, dhv = states(seed=2) if case != "plain" else (None, None)
-    _opcheck(ops.chunk_gsa_bwd_op, (q, k, v, s, g, do, dhk, dhv, scores, hk_chunks, hv_chunks, None,
-                                    0.25, 0, hk0 is not None))
+    _opcheck(ops.chunk_gsa_bwd_op, (q, k, v, s, g, do, dhk, dhv, scores, hk_chunks, hv_chunks, hk0, hv0,
+                                    None, 0.25, 0))
 
 
 @pytest.mark.parametrize("case", ["plain", "states", "varlen"])

@@ -675,7 +675,7 @@ def test_backward_on_another_thread_keeps_the_forward_threads_override(path):
     clear_launches()
     with launches.override({k: forced[k] for k in bwd_kernels}):
         if path == "custom-op":
-            o = ops.chunk_gsa_fwd_op(*ins, None, None, None, 0.25, 32, False)[0]
+            o = ops.chunk_gsa_fwd_op(*ins, None, None, None, 0.25, 32, False, 2)[0]
         else:
             o, _ = chunk_gsa(*ins, chunk_size=32)
     worker = threading.Thread(target=lambda: o.sum().backward())

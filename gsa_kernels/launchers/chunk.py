@@ -6,7 +6,9 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       dG_loc per chunk) -> states_bwd (dhk, dhv at every chunk end, and the
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
-Saved for the backward: the inputs, the float32 scores [B, T, H, M] and the float32 chunk states.
+Saved for the backward: the inputs, the float32 scores [B, T, H, M] and, at checkpoint level 0 or 1,
+the float32 chunk states; at level 2 the backward runs the forward state walk again instead (one
+more launch, 6 in all) and nothing of size [chunks, H, K, M] lives between forward and backward.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 """
 from __future__ import annotations
@@ -90,21 +92,21 @@ def chunk_gates(g, layout: ChunkLayout):
     return G
 
 
-def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
-    """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
-    float16, half the bytes of float32 at the same precision as the tf32 dots that read them
-    (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
-    B, T, H, K = q.shape
+def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_state=False, compact=False):
+    """The forward state walk: (hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final), Hk and
+    Hv at every chunk start. compact: scaled float16 states with their float32 scales (else the scales
+    are None). The backward of checkpoint level 2 runs it again, on the same G, with the same config:
+    it rebuilds the forward's states bit for bit."""
+    B, T, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
-    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
-    prec = dot_precision(q.dtype)
-    cu, offsets, table = layout.ptrs(q)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    states = dict(dtype=torch.float16 if compact else torch.float32, device=q.device)
+    N, BT = layout.N, layout.BT
+    cu, offsets, _ = layout.ptrs(k)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    states = dict(dtype=torch.float16 if compact else torch.float32, device=k.device)
     hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
     hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
-    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else q
-    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else q
+    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else None
+    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else None
     if layout.is_varlen:
         # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
         # every output of the op is defined (the custom op returns these states)
@@ -112,35 +114,50 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
         hv_chunks[-N:].zero_()
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
-    G = chunk_gates(g, layout)
-
-    suffix = "_compact" if compact else ""
-    cfg = launch_config("states_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
+    cfg = launch_config("states_fwd_compact" if compact else "states_fwd", K=K, V=V, M=M, dtype=k.dtype,
+                        BT=BT, tokens=B * T * H, seqs=N * H)
+    dummy = k     # the pointer passed for an absent tensor; the kernel never reads it
     states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
-        k, v, s, G, hk0 if hk0 is not None else q, hv0 if hv0 is not None else q,
-        hk_chunks, hv_chunks, hk_scales, hv_scales,
-        hk_final if output_final_state else q, hv_final if output_final_state else q,
-        cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+        k, v, s, G, dummy if hk0 is None else hk0, dummy if hv0 is None else hv0,
+        hk_chunks, hv_chunks, dummy if hk_scales is None else hk_scales,
+        dummy if hv_scales is None else hv_scales,
+        dummy if hk_final is None else hk_final, dummy if hv_final is None else hv_final,
+        cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
         SPLIT=cfg["SPLIT"], USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=dot_precision(k.dtype), COMPACT=compact, **_warps(cfg))
+    return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
+
+
+def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
+    """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
+    float16, half the bytes of float32 at the same precision as the tf32 dots that read them
+    (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
+    cu, _, table = layout.ptrs(q)
+    G = chunk_gates(g, layout)
+    hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final = chunk_states_fwd(
+        k, v, s, G, hk0, hv0, layout, output_final_state, compact)
 
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    scores = None if compact else torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_fwd" + suffix, K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
+    scores = None if compact else torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
+    cfg = launch_config("chunk_fwd_compact" if compact else "chunk_fwd", K=K, V=V, M=M, dtype=q.dtype,
+                        BT=BT, tokens=B * T * H, seqs=N * H)
     chunk_fwd_kernel[(layout.num_slots, H)](
-        q, k, v, s, G, hk_chunks, hv_chunks, hk_scales, hv_scales, o, q if compact else scores, cu, table,
+        q, k, v, s, G, hk_chunks, hv_chunks, q if hk_scales is None else hk_scales,
+        q if hv_scales is None else hv_scales, o, q if compact else scores, cu, table,
         scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, COMPACT=compact, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
-def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks,
-                  layout: ChunkLayout, scale: float, use_initial_state: bool):
+def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0,
+                  layout: ChunkLayout, scale: float):
     """The backward launches: (dq, dk, dv, ds, dg) in the inputs' dtypes and the float32 initial-state
     gradients (dhk0, dhv0), written whether or not there were initial states. dhk_final / dhv_final:
-    float32 contiguous final-state gradients, or both None."""
+    float32 contiguous final-state gradients, or both None. hk_chunks, hv_chunks None (checkpoint
+    level 2): the forward state walk runs again from hk0, hv0 (None: zeros)."""
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
@@ -149,6 +166,8 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     f32 = dict(dtype=torch.float32, device=q.device)
 
     G = chunk_gates(g, layout)
+    if hk_chunks is None:
+        hk_chunks, hv_chunks, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout)
     p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
@@ -185,6 +204,6 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_values_kernel[(layout.num_slots, H)](
         v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
-        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=use_initial_state,
+        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=hk0 is not None,
         IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0

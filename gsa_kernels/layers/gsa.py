@@ -18,7 +18,8 @@ Choices (and where they differ from FLA):
     silu(g_proj(x)); FLA stores the flag but never uses it. use_norm=False skips g_norm.
   * Kernel choice: fused_recurrent_gsa for T <= recurrent_threshold (64) outside training (decode
     steps and short prompts); chunk_gsa otherwise (training, long prefill). mode="fused_recurrent"
-    forces the token-by-token kernel everywhere (it has a backward too).
+    forces the token-by-token kernel everywhere (it has a backward too). checkpoint_level (default 2,
+    as FLA's op) is chunk_gsa's: 2 rebuilds the chunk states in the backward instead of keeping them.
   * No short convolution (FLA's use_short_conv): the state is exactly the two slot memories.
   * Padding: `attention_mask` [B, T] (1 keep, 0 pad; left, right or anywhere) packs the kept tokens
     into one varlen batch (one host sync) so padded tokens never enter the memories; their outputs
@@ -45,7 +46,7 @@ class GatedSlotAttention(nn.Module):
                  gate_logit_normalizer: float = 8.0, feature_map: str | None = "swish",
                  use_output_gate: bool = False, use_norm: bool = True, elementwise_affine: bool = True,
                  norm_eps: float = 1e-5, scale: float = 1.0, mode: str = "chunk",
-                 recurrent_threshold: int = 64, layer_idx: int | None = None):
+                 recurrent_threshold: int = 64, layer_idx: int | None = None, checkpoint_level: int = 2):
         super().__init__()
         hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
         num_heads = _args.integer("num_heads", num_heads, minimum=1)
@@ -71,6 +72,8 @@ class GatedSlotAttention(nn.Module):
             raise ValueError(f"feature_map must be one of {sorted(str(k) for k in FEATURE_MAPS)}, got {feature_map!r}")
         if mode not in ("chunk", "fused_recurrent"):
             raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
+        if isinstance(checkpoint_level, bool) or checkpoint_level not in (0, 1, 2):
+            raise ValueError(f"checkpoint_level must be 0, 1 or 2, got {checkpoint_level!r}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.num_kv_groups = num_heads // num_kv_heads
         self.num_slots, self.key_dim, self.value_dim = num_slots, key_dim, value_dim
@@ -78,6 +81,7 @@ class GatedSlotAttention(nn.Module):
         self.gate_logit_normalizer, self.feature_map = gate_logit_normalizer, feature_map
         self.use_output_gate, self.use_norm, self.scale = use_output_gate, use_norm, scale
         self.mode, self.recurrent_threshold, self.layer_idx = mode, recurrent_threshold, layer_idx
+        self.checkpoint_level = checkpoint_level
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_k_dim, bias=False)
@@ -137,9 +141,13 @@ class GatedSlotAttention(nn.Module):
 
         # (training first: a compiled training graph then never guards on T)
         recurrent = self.mode == "fused_recurrent" or (not self.training and T <= self.recurrent_threshold)
-        op = fused_recurrent_gsa if recurrent else chunk_gsa
-        o, new_state = op(q, k, v, s, g, scale=self.scale, initial_state=state,
-                          output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        if recurrent:
+            o, new_state = fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=state,
+                                               output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        else:
+            o, new_state = chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=state,
+                                     output_final_state=use_cache, checkpoint_level=self.checkpoint_level,
+                                     cu_seqlens=cu_seqlens)
         if indices is not None:
             o = o.new_zeros(B * T, self.num_heads, self.head_v_dim).index_copy(0, indices, o[0]).view(B, T, -1, self.head_v_dim)
 

@@ -1,0 +1,132 @@
+"""chunk_gsa's checkpoint_level: what a training call keeps for its backward, and that keeping less
+changes nothing else.
+
+Level 0 (and 1: the gate cumsum is never kept) saves the float32 chunk states; level 2 (the default,
+as flash-linear-attention's) saves the inputs and the float32 slot scores only, and the backward runs
+the forward state walk again. The rebuilt states are the forward's bit for bit (same kernel, same G,
+same config), so every level gives the same gradients exactly, eager and through the custom ops.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from gsa_kernels import chunk_gsa, ops
+from gsa_kernels.launchers.chunk import num_chunk_slots
+from gsa_kernels.layers import GatedSlotAttention
+from test_chunk import DTYPES, assert_close, make_inputs, run_both
+
+LEVELS = (0, 1, 2)
+
+
+def _grads_at(level, ins, cu_seqlens=None, chunk_size=16, compiled_ops=False):
+    """(o, hk, hv) and the gradients of every input (with initial states) at a checkpoint level."""
+    xs = [x.detach().clone().to(DEVICE).requires_grad_() for x in ins]
+    cu = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
+    if compiled_ops:    # the custom ops that torch.compile runs, called eagerly
+        o, hk, hv = ops.chunk_gsa_compiled(*xs, cu, 0.5, chunk_size, True, level)
+    else:
+        o, (hk, hv) = chunk_gsa(*xs[:5], scale=0.5, initial_state=(xs[5], xs[6]), output_final_state=True,
+                                checkpoint_level=level, cu_seqlens=cu, chunk_size=chunk_size)
+    gen = torch.Generator().manual_seed(7)
+    ups = [torch.randn(t.shape, generator=gen).to(device=DEVICE, dtype=t.dtype) for t in (o, hk, hv)]
+    torch.autograd.backward([o, hk, hv], ups)
+    return [o.detach(), hk.detach(), hv.detach()] + [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_every_level_gives_the_same_results_bit_for_bit(dtype, varlen):
+    B = 1 if varlen else 2
+    ins = make_inputs(B, 37, 2, 16, 24, 8, dtype, gates="mixed", seed=3)
+    cu = torch.tensor([0, 5, 21, 37], dtype=torch.int32) if varlen else None
+    if varlen:   # one initial state per sequence
+        gen = torch.Generator().manual_seed(4)
+        ins = ins[:5] + (torch.randn(3, 2, 16, 8, generator=gen), torch.randn(3, 2, 8, 24, generator=gen))
+    names = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
+    results = {level: _grads_at(level, ins, cu) for level in LEVELS}
+    for level in (1, 2):
+        for name, a, b in zip(names, results[0], results[level]):
+            assert torch.equal(a, b), f"level {level} differs from level 0 in {name}"
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_custom_ops_match_the_eager_path_at_each_level(level):
+    ins = make_inputs(2, 29, 2, 16, 16, 8, torch.float32, gates="model", seed=5)
+    eager = _grads_at(level, ins)
+    compiled = _grads_at(level, ins, compiled_ops=True)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_each_level_matches_the_float64_recurrence(level):
+    q, k, v, s, g, hk0, hv0 = make_inputs(2, 45, 2, 16, 16, 12, torch.float32, gates="steep", seed=11)
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, chunk_size=16, checkpoint_level=level)
+    assert_close(ours, ref, torch.float32, f"checkpoint_level={level}")
+
+
+def _saved_bytes(level, B, T, H, K, V, M, chunk_size):
+    """Bytes the forward of one training call keeps for its backward (autograd's saved tensors)."""
+    ins = make_inputs(B, T, H, K, V, M, torch.float32, seed=1)
+    xs = [x.to(DEVICE).requires_grad_() for x in ins]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, _ = chunk_gsa(*xs[:5], initial_state=(xs[5], xs[6]), checkpoint_level=level, chunk_size=chunk_size)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in saved if t.numel()}
+    return sum(unique.values()), o
+
+
+def test_level_2_keeps_no_chunk_states():
+    B, T, H, K, V, M, BT = 2, 40, 2, 16, 24, 8, 16
+    inputs = 4 * (B * T * H * (2 * K + V + 2 * M) + B * H * (K * M + M * V))   # float32 q k v s g hk0 hv0
+    scores = 4 * B * T * H * M
+    states = 4 * num_chunk_slots(B, T, BT, B, False) * H * (K * M + M * V)
+    level2, _ = _saved_bytes(2, B, T, H, K, V, M, BT)
+    level0, _ = _saved_bytes(0, B, T, H, K, V, M, BT)
+    assert level2 == inputs + scores
+    assert level0 == inputs + scores + states
+
+
+def test_positional_order_is_flash_linear_attentions():
+    """fla.ops.gsa.chunk_gsa(q, k, v, s, g, scale, initial_state, output_final_state,
+    checkpoint_level, cu_seqlens): the same positions work here."""
+    q, k, v, s, g, _, _ = make_inputs(1, 20, 1, 8, 8, 4, torch.float32, seed=2)
+    xs = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    o_pos, (hk_pos, _) = chunk_gsa(*xs, None, None, True, 0, cu)
+    o_kw, (hk_kw, _) = chunk_gsa(*xs, output_final_state=True, checkpoint_level=0, cu_seqlens=cu)
+    assert torch.equal(o_pos, o_kw) and hk_pos.shape[0] == 2 and torch.equal(hk_pos, hk_kw)
+
+
+@pytest.mark.parametrize("bad", [3, -1, 1.5, True, "2", None])
+def test_bad_levels_are_refused_by_name(bad):
+    q, k, v, s, g, _, _ = make_inputs(1, 8, 1, 8, 8, 4, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="checkpoint_level"):
+        chunk_gsa(*(x.to(DEVICE) for x in (q, k, v, s, g)), checkpoint_level=bad)
+    with pytest.raises(ValueError, match="checkpoint_level"):
+        GatedSlotAttention(hidden_size=32, num_heads=2, num_slots=4, checkpoint_level=bad)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="peak memory of the CUDA caching allocator")
+def test_level_2_lowers_what_lives_between_forward_and_backward():
+    B, T, H, D, M = 2, 2048, 4, 128, 64
+    held = {}
+    for level in (0, 2):
+        ins = [x.to("cuda", torch.bfloat16).requires_grad_() for x in make_inputs(B, T, H, D, D, M,
+                                                                                   torch.float32, seed=1)[:5]]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        o, _ = chunk_gsa(*ins, checkpoint_level=level)
+        torch.cuda.synchronize()
+        held[level] = torch.cuda.memory_allocated() - before
+        o.sum().backward()
+        del o, ins
+    states = 4 * B * (T // 16) * H * 2 * D * M      # the float32 chunk states at the smallest chunk
+    assert held[0] - held[2] >= states // 4, held   # at least the states of the largest chunk (64)
