@@ -445,8 +445,6 @@ def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_
     dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
     h0 = None if hk0 is None else (hk0.to(DEVICE), hv0.to(DEVICE))
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
-    if checkpoint_level is not None:
-        extra["checkpoint_level"] = checkpoint_level
     cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
     with torch.no_grad():
         o, (hk, hv) = chunk_gsa(*dev, initial_state=h0, output_final_state=True, cu_seqlens=cu_dev, **extra)
