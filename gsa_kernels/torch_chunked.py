@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gsa_kernels.kernels import cumsum
-from gsa_kernels.torch_common import check_inputs, compute_dtype, initial_states, masked_exp, sequence_bounds
+from gsa_kernels.torch_common import masked_exp, run_per_sequence
 
 SUB_CHUNK = 16
 # gates below -FORGET_ALL are summed as -FORGET_ALL, the Triton kernels' rule (kernels/cumsum.py)
@@ -134,27 +134,8 @@ def chunk_gsa_torch(q, k, v, s, g, scale=None, initial_state=None, output_final_
             or chunk_size % min(SUB_CHUNK, chunk_size):
         raise ValueError(f"chunk_size must be a positive int, at most {SUB_CHUNK} or a multiple of "
                          f"{SUB_CHUNK}, got {chunk_size!r}")
-    N = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = compute_dtype(q), q.dtype
-    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
-    hk0, hv0 = initial_states(initial_state, N, H, K, M, V, dt, q.device)
-
-    if cu_seqlens is None:
-        o, hk, hv = _chunk_core(q, k, v, s, g, scale, hk0, hv0, chunk_size)
-    else:
-        # sequences differ in length: one batch of one per sequence
-        parts = [_chunk_core(*(x[:, start:end] for x in (q, k, v, s, g)), scale,
-                             hk0[n:n + 1], hv0[n:n + 1], chunk_size)
-                 for n, (_, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens))]
-        o = torch.cat([part[0] for part in parts], 1)
-        hk = torch.cat([part[1] for part in parts], 0)
-        hv = torch.cat([part[2] for part in parts], 0)
-
-    o = o.to(out_dtype)
-    return (o, (hk, hv)) if output_final_state else (o, (None, None))
+    return run_per_sequence(_chunk_core, q, k, v, s, g, scale, initial_state, output_final_state,
+                            cu_seqlens, chunk_size)
 
 
 def compiled():

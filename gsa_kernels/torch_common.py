@@ -104,3 +104,28 @@ def masked_exp(diff: torch.Tensor, keep: torch.Tensor | None = None, unit: torch
     if unit is not None:
         diff = diff.masked_fill(unit, 0.0)
     return diff.exp()
+
+
+def run_per_sequence(core, q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens, *core_args):
+    """The contract shared by the PyTorch forms around their `core(q, k, v, s, g, scale, hk0, hv0,
+    *core_args) -> (o, hk, hv)`: input checks, the compute dtype, the default scale and initial states,
+    and packed sequences run as one batch of one each. Returns o in q's dtype and the final states
+    in the compute dtype, or (None, None) without output_final_state."""
+    N = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], s.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = compute_dtype(q), q.dtype
+    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
+    hk0, hv0 = initial_states(initial_state, N, H, K, M, V, dt, q.device)
+    if cu_seqlens is None:
+        o, hk, hv = core(q, k, v, s, g, scale, hk0, hv0, *core_args)
+    else:
+        # sequences differ in length: one batch of one per sequence
+        parts = [core(*(x[:, start:end] for x in (q, k, v, s, g)), scale, hk0[n:n + 1], hv0[n:n + 1],
+                      *core_args)
+                 for n, (_, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens))]
+        o = torch.cat([part[0] for part in parts], 1)
+        hk = torch.cat([part[1] for part in parts], 0)
+        hv = torch.cat([part[2] for part in parts], 0)
+    return o.to(out_dtype), ((hk, hv) if output_final_state else (None, None))

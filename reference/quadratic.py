@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.torch_common import check_inputs, compute_dtype, initial_states, masked_exp, sequence_bounds
+from gsa_kernels.torch_common import masked_exp, run_per_sequence
 
 
 def _causal_decay(gc: torch.Tensor) -> torch.Tensor:
@@ -59,24 +59,5 @@ def quadratic_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_st
     float32 otherwise; o is returned in q's dtype, the final states [N, H, K, M] and [N, H, M, V]
     in the compute dtype (or (None, None) without output_final_state).
     """
-    N = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = compute_dtype(q), q.dtype
-    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
-    hk0, hv0 = initial_states(initial_state, N, H, K, M, V, dt, q.device)
-
-    if cu_seqlens is None:
-        o, hk, hv = _quadratic_core(q, k, v, s, g, scale, hk0, hv0)
-    else:
-        # sequences differ in length: one batch of one per sequence
-        parts = [_quadratic_core(*(x[:, start:end] for x in (q, k, v, s, g)), scale,
-                                 hk0[n:n + 1], hv0[n:n + 1])
-                 for n, (_, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens))]
-        o = torch.cat([part[0] for part in parts], 1)
-        hk = torch.cat([part[1] for part in parts], 0)
-        hv = torch.cat([part[2] for part in parts], 0)
-
-    o = o.to(out_dtype)
-    return (o, (hk, hv)) if output_final_state else (o, (None, None))
+    return run_per_sequence(_quadratic_core, q, k, v, s, g, scale, initial_state, output_final_state,
+                            cu_seqlens)
