@@ -85,12 +85,22 @@ def check_interpreter(dtype, *, bf16_dots=True):
             "float16/float32 on CPU, or a GPU")
 
 
-def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=True) -> Problem:
+def gate_dtype_ok(x_dtype, q_dtype) -> bool:
+    """s and g may be in q's dtype, or in float32 when q is float16 / bfloat16 (the kernels read the
+    gates in their own dtype and compute them in float32)."""
+    return x_dtype == q_dtype or (x_dtype == torch.float32 and q_dtype in (torch.float16, torch.bfloat16))
+
+
+def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=True,
+                 cu_seqlens_cpu=None) -> Problem:
     """Validates one call's arguments and returns its sizes. `bf16_dots`: the op's kernels take tl.dot
     on bfloat16 operands (chunk_gsa's do; fused_recurrent_gsa's do not), which Triton's interpreter
-    gets wrong: see check_interpreter."""
+    gets wrong: see check_interpreter. g None: ABC mode (checked as s is, before the gates exist).
+    cu_seqlens_cpu: a host copy of cu_seqlens, used for its value checks instead of a device sync."""
     names = ("q", "k", "v", "s", "g")
     for name, x in zip(names, (q, k, v, s, g)):
+        if name == "g" and x is None:
+            continue
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -101,10 +111,16 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
     V, M = v.shape[-1], s.shape[-1]
     expected = {"k": (B, T, H, K), "v": (B, T, H, V), "s": (B, T, H, M), "g": (B, T, H, M)}
     for name, x in zip(names[1:], (k, v, s, g)):
+        if x is None:
+            continue
         if tuple(x.shape) != expected[name]:
             raise ValueError(f"{_describe(name, x)}: expected shape {expected[name]} to match "
                              f"q {tuple(q.shape)}, v {tuple(v.shape)} and s {tuple(s.shape)}")
-        if x.dtype != q.dtype:
+        if name in ("s", "g"):
+            if not gate_dtype_ok(x.dtype, q.dtype):
+                also = " or float32" if q.dtype in (torch.float16, torch.bfloat16) else ""
+                raise TypeError(f"{_describe(name, x)}: expected q's dtype {q.dtype}{also}")
+        elif x.dtype != q.dtype:
             raise TypeError(f"{_describe(name, x)}: expected q's dtype {q.dtype}")
         if x.device != q.device:
             raise ValueError(f"{_describe(name, x)}: expected q's device {q.device}")
@@ -118,11 +134,13 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
 
-    if validating():
+    if validating() and g is not None:
         check_gate_values(g)
     N = B
+    if cu_seqlens_cpu is not None and cu_seqlens is None:
+        raise ValueError("cu_seqlens_cpu given without cu_seqlens: it is a host copy of cu_seqlens")
     if cu_seqlens is not None:
-        N = check_cu_seqlens(cu_seqlens, B, T, q.device)
+        N = check_cu_seqlens(cu_seqlens, B, T, q.device, cu_seqlens_cpu)
     check_initial_state(initial_state, N, H, K, M, V, q.device)
     return Problem(B, T, H, K, V, M, N, q.dtype)
 
@@ -145,9 +163,17 @@ def check_gate_values(g):
                          f"[-inf, 0] (exp(g) <= 1; -inf resets a slot)")
 
 
-def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
+def check_cu_seqlens(cu_seqlens, B, T, device, cu_seqlens_cpu=None) -> int:
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens_cpu is not None:
+        if not isinstance(cu_seqlens_cpu, torch.Tensor):
+            raise TypeError(f"cu_seqlens_cpu must be a torch.Tensor, got {type(cu_seqlens_cpu).__name__}")
+        if cu_seqlens_cpu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{_describe('cu_seqlens_cpu', cu_seqlens_cpu)}: expected int32 or int64 offsets")
+        if cu_seqlens_cpu.shape != cu_seqlens.shape:
+            raise ValueError(f"{_describe('cu_seqlens_cpu', cu_seqlens_cpu)}: expected the shape of "
+                             f"{_describe('cu_seqlens', cu_seqlens)}, of which it is a host copy")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{_describe('cu_seqlens', cu_seqlens)}: expected int32 or int64 offsets")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -157,15 +183,26 @@ def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
     if cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"{_describe('cu_seqlens', cu_seqlens)}: expected the CPU or q's device {device}")
     # reading the offsets inside torch.compile would be a graph break: a compiled graph checks shapes only
-    if not torch.compiler.is_compiling() and (cu_seqlens.device.type == "cpu" or validating()):
-        c = cu_seqlens.cpu()
-        if c[0].item() != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {c[0].item()}")
-        if bool((c[1:] < c[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {c.tolist()}")
-        if c[-1].item() != T:
-            raise ValueError(f"cu_seqlens must end at T = {T} (q's length), got {c[-1].item()}")
+    # cu_seqlens_cpu, the caller's host copy, is checked in its place (free: no sync); it is trusted
+    # to hold cu_seqlens's values, which only GSA_KERNELS_VALIDATE=1 compares
+    if not torch.compiler.is_compiling() and cu_seqlens_cpu is not None:
+        c = cu_seqlens_cpu.cpu()
+        if validating() and not torch.equal(c.long(), cu_seqlens.cpu().long()):
+            raise ValueError(f"cu_seqlens_cpu {c.tolist()} differs from cu_seqlens {cu_seqlens.tolist()}")
+        _check_offsets(c, T)
+    elif not torch.compiler.is_compiling() and (cu_seqlens.device.type == "cpu" or validating()):
+        _check_offsets(cu_seqlens.cpu(), T)
     return cu_seqlens.numel() - 1
+
+
+def _check_offsets(c, T):
+    """The offsets' values, from a host tensor: start at 0, never decrease, end at T."""
+    if c[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {c[0].item()}")
+    if bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {c.tolist()}")
+    if c[-1].item() != T:
+        raise ValueError(f"cu_seqlens must end at T = {T} (q's length), got {c[-1].item()}")
 
 
 def check_initial_state(initial_state, N, H, K, M, V, device):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels import torch_chunked
+from gsa_kernels.abc_gates import abc_gates
 from gsa_kernels.autograd import ChunkGSAFunction
 from gsa_kernels.autotune import maybe_autotune
 from gsa_kernels.checks import check_inputs
@@ -23,14 +24,33 @@ from gsa_kernels.ops import chunk_gsa_compiled
 from gsa_kernels.problem_keys import problem_key
 
 
-def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, checkpoint_level=2,
-              cu_seqlens=None, **kwargs):
+def kernel_chunk_size(chunk_size):
+    """FLA's chunk_size (a power of two, or None: the tuned one) as one the kernels run: 16, 32 or 64."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 \
+            or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two (run as 16, 32 or 64), got {chunk_size!r}")
+    return min(max(chunk_size, 16), 64)
+
+
+def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False, checkpoint_level=2,
+              cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
     """Gated Slot Attention by the chunkwise algorithm (docs/contract.md, "API").
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16.
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16,
+    except that s and g may also be float32 with float16 / bfloat16 q, k, v (their gradients come back
+    in their own dtypes).
     g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
     computed as the recurrence does. g > 0 (a decay above 1) is outside GSA's domain and its result
     undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it.
+    g=None is ABC mode (FLA 0.6.0): s are slot logits, written with the weights exp(s_t - z_t) and
+    forgotten with g_t = z_{t-1} - z_t (float32), z the running logsumexp of s over each sequence, g = 0
+    at its first token also with an initial state (gsa_kernels/abc_gates.py); gradients reach s
+    through both.
+    cu_seqlens_cpu: a host copy of cu_seqlens (FLA's argument), read for its value checks (and in ABC
+    mode for the sequence bounds) instead of copying cu_seqlens to the host; a ValueError if its shape
+    differs from cu_seqlens's.
     Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
     when output_final_state, else (None, None).
     checkpoint_level (flash-linear-attention's argument, same default and position): what a training
@@ -38,16 +58,19 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     [chunks, H, M, V], most of a call's memory); 2 keeps only the inputs and the float32 slot scores
     and runs the forward state walk again in the backward (one more launch). 1 (FLA: recompute the
     gate cumsum) is 0 here: the cumsum is never kept. Calls without gradients keep nothing at any level.
-    `chunk_size` (keyword: 16, 32 or 64) overrides the tuned chunk length.
+    `chunk_size` (keyword) overrides the tuned chunk length: any power of two, as FLA accepts; the
+    kernels run 16, 32 or 64, so a smaller one runs as 16 and a larger one as 64. Results do not depend
+    on the chunk size beyond rounding (equal within the bounds of docs/contract.md).
     """
-    chunk_size = kwargs.pop("chunk_size", None)
+    chunk_size = kernel_chunk_size(kwargs.pop("chunk_size", None))
     if "head_first" in kwargs:
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
         raise TypeError(f"chunk_gsa got unexpected keyword arguments {sorted(kwargs)}")
-    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
-    if chunk_size is not None and (chunk_size not in (16, 32, 64)):
-        raise ValueError(f"chunk_size must be 16, 32 or 64, got {chunk_size}")
+    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+    if g is None:
+        # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
+        s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     if isinstance(checkpoint_level, bool) or checkpoint_level not in (0, 1, 2):
         raise ValueError(f"checkpoint_level must be 0, 1 or 2, got {checkpoint_level!r}")
     scale = problem.K ** -0.5 if scale is None else float(scale)

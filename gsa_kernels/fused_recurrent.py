@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from gsa_kernels.abc_gates import abc_gates
 from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_fwd
@@ -101,13 +102,14 @@ def _check_out_aliasing(out, initial_state, inputs, inplace):
                                  f"{name} while the kernels read it; give a buffer apart from the inputs")
 
 
-def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None, *, inplace=False, out=None, **kwargs):
     """Gated Slot Attention token by token, with chunk_gsa's arguments and results (docs/contract.md,
     "API").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
-    GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError). Returns o [B, T, H, V] in q's dtype and
+    GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError; s and g may be float32 with half q, k, v;
+    g=None is ABC mode and cu_seqlens_cpu a host copy of cu_seqlens, both as for chunk_gsa). Returns o [B, T, H, V] in q's dtype and
     (hk [N, H, K, M], hv [N, H, M, V]) float32 when output_final_state, else (None, None). For
     T == 1 without gradients this is the single-launch decode step. The initial state is only read.
 
@@ -117,6 +119,7 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
       out=(hk, hv)     write the new states into these float32 buffers and return them (use two
                        pairs alternately for a state that stays at fixed addresses, e.g. CUDA graphs).
     """
+    cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
     if kwargs.pop("reverse", False):
         raise ValueError("reverse=True is not supported: fused_recurrent_gsa runs forward in time")
     if "head_first" in kwargs:
@@ -125,7 +128,11 @@ def fused_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
         raise TypeError(f"fused_recurrent_gsa got unexpected keyword arguments {sorted(kwargs)}")
     # bf16_dots=False: these kernels upcast bfloat16 loads to float32 and take no tl.dot, so
     # Triton's interpreter runs them correctly in bfloat16 (checks.check_interpreter)
-    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False)
+    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False,
+                           cu_seqlens_cpu=cu_seqlens_cpu)
+    if g is None:
+        # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
+        s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     B, T, H, K, V, M, N = problem.B, problem.T, problem.H, problem.K, problem.V, problem.M, problem.N
     scale = K ** -0.5 if scale is None else float(scale)
 

@@ -122,11 +122,12 @@ def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
     return o, hk, hv
 
 
-def chunk_gsa_torch(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+def chunk_gsa_torch(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
                     cu_seqlens=None, chunk_size=64):
     """o, (hk, hv) = GSA by the chunkwise algorithm; same contract as naive_recurrent_gsa.
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; chunk_size C is 16 or smaller, or a
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g None: ABC mode, gates from s by
+    gsa_kernels/abc_gates.py); chunk_size C is 16 or smaller, or a
     multiple of 16 (the sub-chunk). Computed in float64 for float64 inputs, float32 otherwise (the
     slot softmax included); o is returned in q's dtype, the final states in the compute dtype.
     """

@@ -44,6 +44,8 @@ def _describe(x) -> str:
 def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> int:
     """Raise TypeError/ValueError on malformed inputs; return N, the number of sequences."""
     named = dict(q=q, k=k, v=v, s=s, g=g)
+    if g is None:   # ABC mode: the gates come from s
+        del named["g"]
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {_describe(x)}")
@@ -57,6 +59,8 @@ def check_inputs(q, k, v, s, g, initial_state, cu_seqlens) -> int:
     V, M = v.shape[-1], s.shape[-1]
     expected = dict(k=(B, T, H, K), v=(B, T, H, V), s=(B, T, H, M), g=(B, T, H, M))
     for name, shape in expected.items():
+        if name not in named:
+            continue
         if tuple(named[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape} (from q [B, T, H, K] = {tuple(q.shape)}, "
                              f"v [.., V] and s [.., M]), got {_describe(named[name])}")
@@ -110,8 +114,12 @@ def run_per_sequence(core, q, k, v, s, g, scale, initial_state, output_final_sta
     """The contract shared by the PyTorch forms around their `core(q, k, v, s, g, scale, hk0, hv0,
     *core_args) -> (o, hk, hv)`: input checks, the compute dtype, the default scale and initial states,
     and packed sequences run as one batch of one each. Returns o in q's dtype and the final states
-    in the compute dtype, or (None, None) without output_final_state."""
+    in the compute dtype, or (None, None) without output_final_state. g None: ABC mode, its gates
+    from s by gsa_kernels/abc_gates.py."""
     N = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
+    if g is None:
+        from gsa_kernels.abc_gates import abc_gates
+        s, g = abc_gates(s, cu_seqlens)
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     scale = K ** -0.5 if scale is None else scale

@@ -6,18 +6,24 @@ import torch
 from gsa_kernels.torch_common import compute_dtype, initial_states, sequence_bounds
 
 
-def naive_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None):
     """o, (hk, hv) = GSA by its recurrence, one token at a time (docs/contract.md, "Math").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
     float32 otherwise; o is returned in q's dtype, the final states in the compute dtype.
+    g None is ABC mode (FLA 0.6.0), computed here from its definition, step by step and independently
+    of gsa_kernels/abc_gates.py: a running log-normaliser z per slot, restarted at every sequence's
+    first token (an initial state included); the token writes with the weight exp(s_t - z_t) and
+    forgets with exp(z_{t-1} - z_t), nothing at the first token.
     """
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dt, out_dtype = compute_dtype(q), q.dtype
-    q, k, v, s, g = (x.to(dt) for x in (q, k, v, s, g))
+    abc = g is None
+    q, k, v, s = (x.to(dt) for x in (q, k, v, s))
+    g = None if abc else g.to(dt)
     bounds = sequence_bounds(B, T, cu_seqlens)
     hk0, hv0 = initial_states(initial_state, len(bounds), H, K, M, V, dt, q.device)
 
@@ -25,10 +31,18 @@ def naive_recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_fi
     for n, (b, start, end) in enumerate(bounds):
         hk, hv = hk0[n], hv0[n]                              # [H, K, M], [H, M, V]
         seq_out = []
+        z = None                                             # ABC: log sum_{j <= t} exp(s_j) [H, M]
         for t in range(start, end):
-            alpha = g[b, t].exp()                            # [H, M]
-            hk = hk * alpha[:, None, :] + k[b, t, :, :, None] * s[b, t, :, None, :]
-            hv = hv * alpha[:, :, None] + s[b, t, :, :, None] * v[b, t, :, None, :]
+            if abc:
+                z_new = s[b, t] if z is None else torch.logaddexp(z, s[b, t])
+                alpha = torch.ones_like(z_new) if z is None else (z - z_new).exp()
+                st = (s[b, t] - z_new).exp()                 # the write weight, in (0, 1]
+                z = z_new
+            else:
+                alpha = g[b, t].exp()                        # [H, M]
+                st = s[b, t]
+            hk = hk * alpha[:, None, :] + k[b, t, :, :, None] * st[:, None, :]
+            hv = hv * alpha[:, :, None] + st[:, :, None] * v[b, t, :, None, :]
             scores = scale * torch.einsum('hk,hkm->hm', q[b, t], hk)
             p = scores.softmax(-1)
             seq_out.append(torch.einsum('hm,hmv->hv', p, hv))

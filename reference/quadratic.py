@@ -51,11 +51,12 @@ def _quadratic_core(q, k, v, s, g, scale, hk0, hv0):
     return o.transpose(1, 2), hk, hv
 
 
-def quadratic_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False,
+def quadratic_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
                   cu_seqlens=None):
     """o, (hk, hv) = GSA by the masked quadratic form; same contract as naive_recurrent_gsa.
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
+    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g None: ABC mode, gates from s by
+    gsa_kernels/abc_gates.py). Computed in float64 for float64 inputs,
     float32 otherwise; o is returned in q's dtype, the final states [N, H, K, M] and [N, H, M, V]
     in the compute dtype (or (None, None) without output_final_state).
     """
