@@ -68,11 +68,11 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     if kwargs:
         raise TypeError(f"chunk_gsa got unexpected keyword arguments {sorted(kwargs)}")
     problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+    if isinstance(checkpoint_level, bool) or checkpoint_level not in (0, 1, 2):
+        raise ValueError(f"checkpoint_level must be 0, 1 or 2, got {checkpoint_level!r}")
     if g is None:
         # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
         s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
-    if isinstance(checkpoint_level, bool) or checkpoint_level not in (0, 1, 2):
-        raise ValueError(f"checkpoint_level must be 0, 1 or 2, got {checkpoint_level!r}")
     scale = problem.K ** -0.5 if scale is None else float(scale)
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):

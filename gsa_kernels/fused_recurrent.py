@@ -109,9 +109,10 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
     GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError; s and g may be float32 with half q, k, v;
-    g=None is ABC mode and cu_seqlens_cpu a host copy of cu_seqlens, both as for chunk_gsa). Returns o [B, T, H, V] in q's dtype and
-    (hk [N, H, K, M], hv [N, H, M, V]) float32 when output_final_state, else (None, None). For
-    T == 1 without gradients this is the single-launch decode step. The initial state is only read.
+    g=None is ABC mode and cu_seqlens_cpu a host copy of cu_seqlens, both as for chunk_gsa).
+    Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 when
+    output_final_state, else (None, None). For T == 1 without gradients this is the single-launch
+    decode step. The initial state is only read.
 
     Inference only (nothing may require a gradient):
       inplace=True     write the new states into initial_state (float32, contiguous) and return it;
