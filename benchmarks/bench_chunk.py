@@ -30,6 +30,7 @@ SHAPES = {  # [B, T, H, K=V, M]
     "c": (2, 8192, 4, 512, 64),
     "d": (32, 512, 4, 256, 64),
     "e": (8, 2048, 32, 64, 64),   # many small heads: the intra-chunk (slot) work outweighs the K, V work
+    "f": (1, 32768, 4, 512, 64),  # one long sequence: the state walks' serial chain is the time
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

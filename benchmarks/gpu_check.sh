@@ -7,6 +7,9 @@
 #     fla-wait  wait for that warm-up (DEADLINE) and pack it, so that a bench step after it times FLA
 #               with its tuned configs and nothing else on the GPU while FLA tunes
 #     tests     the test suite on CUDA (default targets: tests)
+#     sweep     python -m tuning.sweep --arch sm90 SWEEP_ARGS into $OUT/sm90.yaml (e.g. "--seed
+#               tuned_configs/sm90.yaml --kernels states_bwd --shapes bench --dtypes bf16 --max-candidates 1
+#               --compile-backend off"); the steps after it read that file (GSA_KERNELS_TUNED_CONFIGS)
 #     bench     benchmarks/bench_chunk.py (BENCH_ARGS, e.g. "--shapes a --no-fla")
 #     profile   benchmarks/profile_kernels.py (PROFILE_ARGS)
 #     decode    the token-by-token, decode and layer tests, then benchmarks/bench_decode.py (vs FLA,
@@ -65,6 +68,9 @@ for step in ${steps//,/ }; do
     tests)
       [ $# -gt 0 ] || set -- tests
       python3 -m pytest -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+    sweep)
+      python3 -m tuning.sweep --arch sm90 ${SWEEP_ARGS:-} --output "$OUT/sm90.yaml" 2>&1 | tee "$OUT/sweep.log" || status=1
+      export GSA_KERNELS_TUNED_CONFIGS=$OUT/sm90.yaml ;;
     bench)
       python3 -m benchmarks.bench_chunk ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     profile)

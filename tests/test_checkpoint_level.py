@@ -3,8 +3,10 @@ changes nothing else.
 
 Level 0 (and 1: the gate cumsum is never kept) saves the float32 chunk states; level 2 (the default,
 as flash-linear-attention's) saves the inputs and the float32 slot scores only, and the backward runs
-the forward state walk again. The rebuilt states are the forward's bit for bit (same kernel, same G,
-same config), so every level gives the same gradients exactly, eager and through the custom ops.
+the forward state walk again. For float32 inputs the rebuilt states are the forward's bit for bit
+(same kernel, same G, same config), so both levels give the same gradients exactly, eager and through
+the custom ops. For half inputs level 2 rebuilds them as scaled float16, which the backward's tf32
+dots read without loss: the forward is the same bit for bit and each level meets the contract.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from conftest import DEVICE, ON_GPU
 from gsa_kernels import chunk_gsa, ops
 from gsa_kernels.launchers.chunk import num_chunk_slots
 from gsa_kernels.layers import GatedSlotAttention
-from test_chunk import DTYPES, assert_close, make_inputs, run_both
+from test_chunk import HALF, assert_close, make_inputs, run_both
 
 
 
@@ -34,19 +36,37 @@ def _grads_at(level, ins, cu_seqlens=None, chunk_size=16, compiled_ops=False):
     return [o.detach(), hk.detach(), hv.detach()] + [x.grad for x in xs]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("varlen", [False, True])
-def test_every_level_gives_the_same_results_bit_for_bit(dtype, varlen):
+def _level_inputs(dtype, varlen):
     B = 1 if varlen else 2
     ins = make_inputs(B, 37, 2, 16, 24, 8, dtype, gates="mixed", seed=3)
     cu = torch.tensor([0, 5, 21, 37], dtype=torch.int32) if varlen else None
     if varlen:   # one initial state per sequence
         gen = torch.Generator().manual_seed(4)
         ins = ins[:5] + (torch.randn(3, 2, 16, 8, generator=gen), torch.randn(3, 2, 8, 24, generator=gen))
-    names = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
+    return ins, cu
+
+
+NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_float32_levels_give_the_same_results_bit_for_bit(varlen):
+    ins, cu = _level_inputs(torch.float32, varlen)
     level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
-    for name, a, b in zip(names, level0, level2):
+    for name, a, b in zip(NAMES, level0, level2):
         assert torch.equal(a, b), f"level 2 differs from level 0 in {name}"
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_half_levels_share_the_forward_and_each_meets_the_contract(dtype, varlen):
+    ins, cu = _level_inputs(dtype, varlen)
+    level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
+    for name, a, b in zip(NAMES[:3], level0, level2):
+        assert torch.equal(a, b), f"level 2 changes the forward's {name}"
+    for level in (0, 2):
+        ours, ref = run_both(*ins, scale=0.5, cu_seqlens=cu, chunk_size=16, checkpoint_level=level)
+        assert_close(ours, ref, dtype, f"checkpoint_level={level}")
 
 
 @pytest.mark.parametrize("level", [0, 2])
@@ -129,3 +149,28 @@ def test_level_2_lowers_what_lives_between_forward_and_backward():
         del o, ins
     states = 4 * B * (T // 16) * H * 2 * D * M      # the float32 chunk states at the smallest chunk
     assert held[0] - held[2] >= states // 4, held   # at least the states of the largest chunk (64)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="peak memory of the CUDA caching allocator")
+def test_level_2_backward_peak_holds_three_compact_state_tensors_at_most():
+    """The level-2 backward's own peak (beyond what lives before it) is the input gradients, the float32
+    per-slot temporaries and at most three of the four state-sized tensors (hk, hv, dhk, dhv) as scaled
+    float16: the keys' side is freed before the values' reverse walk (launchers/chunk.py)."""
+    B, T, H, D, M, BT = 1, 4096, 2, 512, 64, 32
+    q, k, v, s, g = (x.to("cuda", torch.bfloat16).requires_grad_()
+                     for x in make_inputs(B, T, H, D, D, M, torch.float32, seed=1)[:5])
+    o, _ = chunk_gsa(q, k, v, s, g, checkpoint_level=2, chunk_size=BT)
+    do = torch.randn_like(o)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    o.backward(do)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    tokens, slots = B * T * H, B * (T // BT) * H
+    one_state = slots * (D * M * 2 + D * 4)             # float16 values + float32 scales, one memory
+    grads = tokens * (3 * D + 2 * M) * 2                # dq, dk, dv, ds, dg (bfloat16)
+    temporaries = 5 * tokens * M * 4 + 2 * slots * M * 4  # G, p, dz, dG_loc, ds_keys; the carry
+    budget = 3 * one_state + grads + temporaries
+    assert peak <= budget * 1.05, f"backward peak {peak / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB"
+    assert peak >= 0.5 * budget, "the case no longer measures the state tensors"

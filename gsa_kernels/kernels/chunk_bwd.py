@@ -24,15 +24,15 @@ import triton.language as tl
 
 from gsa_kernels.kernels.indexing import chunk_coords, starts_sequence
 from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, load_rows, matrix_causal
-from gsa_kernels.kernels.states import chunk_gates
+from gsa_kernels.kernels.states import chunk_gates, load_state
 
 
 @triton.jit
-def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_loc, cu_seqlens, chunk_table,
-                             scale, T,
+def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, hv_scales, scores, p_all, dz, dG_loc, cu_seqlens,
+                             chunk_table, scale, T,
                              H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                              BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                             IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                             IS_VARLEN: tl.constexpr, PREC: tl.constexpr, STATES_COMPACT: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
     if exists:
@@ -59,8 +59,9 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
             voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
             doc = tl.load(do + voff, mask=vmask, other=0.0)
             vc = tl.load(v + voff, mask=vmask, other=0.0)
-            hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
-                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
+            hv = load_state(hv_chunks, hv_scales, (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
+                            (m < M)[:, None] & (vv < V)[None, :], (slot * H + h) * V + vv, vv < V, False,
+                            STATES_COMPACT)
             dph += tl.dot(doc.to(tl.float32), tl.trans(hv), input_precision=PREC)
             dAv += tl.dot(doc, tl.trans(vc), input_precision=PREC)
         dp = tl.exp(G) * dph + apply_causal(dAv, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
@@ -71,11 +72,12 @@ def chunk_bwd_dscores_kernel(v, s, G_all, do, hv_chunks, scores, p_all, dz, dG_l
 
 
 @triton.jit
-def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys,
-                          cu_seqlens, chunk_table, T,
+def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, hk_scales, dhk_scales, dz, dq, dk, ds_keys,
+                          carry_keys, cu_seqlens, chunk_table, T,
                           H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                           BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                          IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+                          STATES_COMPACT: tl.constexpr, DSTATES_COMPACT: tl.constexpr):
     """Keys side: dq, dk; and the keys' share of ds (float32, to ds_keys) and of the state carry."""
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -104,8 +106,9 @@ def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_
             st_off = (slot * H + h) * K * M + kk[:, None] * M + m[None, :]
             qc = tl.load(q + koff, mask=kmask, other=0.0)
             kc = tl.load(k + koff, mask=kmask, other=0.0)
-            hk = tl.load(hk_chunks + st_off, mask=st_mask, other=0.0)
-            dhk = tl.load(dhk_chunks + st_off, mask=st_mask, other=0.0)
+            sc_off = (slot * H + h) * K + kk
+            hk = load_state(hk_chunks, hk_scales, st_off, st_mask, sc_off, kk < K, True, STATES_COMPACT)
+            dhk = load_state(dhk_chunks, dhk_scales, st_off, st_mask, sc_off, kk < K, True, DSTATES_COMPACT)
             dqc = tl.dot(dze, tl.trans(hk), input_precision=PREC) \
                 + tl.dot(dA, kc.to(tl.float32), input_precision=PREC)
             dkc = tl.dot(tl.trans(dA), qc.to(tl.float32), input_precision=PREC) \
@@ -124,11 +127,12 @@ def chunk_bwd_keys_kernel(q, k, s, G_all, hk_chunks, dhk_chunks, dz, dq, dk, ds_
 
 
 @triton.jit
-def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_loc, ds_keys, carry_keys,
-                            dv, ds, dg, cu_seqlens, chunk_table, T,
+def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, hv_scales, dhv_scales, p_all, dG_loc,
+                            ds_keys, carry_keys, dv, ds, dg, cu_seqlens, chunk_table, T,
                             H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                             BT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                            USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                            USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+                            STATES_COMPACT: tl.constexpr, DSTATES_COMPACT: tl.constexpr):
     """Values side: dv; then ds (both shares) and dg, the reverse cumulative sum of dG plus the carry."""
     pid, h = tl.program_id(0), tl.program_id(1)
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
@@ -157,8 +161,9 @@ def chunk_bwd_values_kernel(v, s, G_all, do, hv_chunks, dhv_chunks, p_all, dG_lo
             st_off = (slot * H + h) * M * V + m[:, None] * V + vv[None, :]
             vc = tl.load(v + voff, mask=vmask, other=0.0)
             doc = tl.load(do + voff, mask=vmask, other=0.0)
-            hv = tl.load(hv_chunks + st_off, mask=st_mask, other=0.0)
-            dhv = tl.load(dhv_chunks + st_off, mask=st_mask, other=0.0)
+            sc_off = (slot * H + h) * V + vv
+            hv = load_state(hv_chunks, hv_scales, st_off, st_mask, sc_off, vv < V, False, STATES_COMPACT)
+            dhv = load_state(dhv_chunks, dhv_scales, st_off, st_mask, sc_off, vv < V, False, DSTATES_COMPACT)
             dvc = tl.dot(tl.trans(Av), doc.to(tl.float32), input_precision=PREC) \
                 + tl.dot(sc * tl.exp(Gend[None, :] - G), dhv, input_precision=PREC)
             tl.store(dv + voff, dvc.to(dv.dtype.element_ty), mask=vmask)

@@ -67,6 +67,22 @@ def _store_scaled(x, values, scales, off, mask, scale_off, scale_mask):
 
 
 @triton.jit
+def load_state(values, scales, off, mask, scale_off, scale_mask, PER_ROW: tl.constexpr, COMPACT: tl.constexpr):
+    """A tile of chunk states (or their gradients) as float32: as stored, or COMPACT (`_store_scaled`)
+    float16 values times their scales, one per row of the tile (PER_ROW: Hk's [BK, BM] tiles) or one
+    per column (Hv's [BM, BV] tiles). The product is exact and within the 11 significant bits the
+    tf32 dots that read it keep, so a compact state loses nothing they would use."""
+    x = tl.load(values + off, mask=mask, other=0.0).to(tl.float32)
+    if COMPACT:
+        scale = tl.load(scales + scale_off, mask=scale_mask, other=0.0)
+        if PER_ROW:
+            x = x * scale[:, None]
+        else:
+            x = x * scale[None, :]
+    return x
+
+
+@triton.jit
 def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
               cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
@@ -181,14 +197,15 @@ def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales,
 
 
 @triton.jit
-def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
-              cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
+def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+              dhk0, dhv0, cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
               DO_VALUES: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, COMPACT: tl.constexpr):
     """Walk dHk row tile `key_tile` (if DO_KEYS) and dHv column tile `value_tile` (if DO_VALUES)
-    backwards; dhk_chunks[c] / dhv_chunks[c] get the gradient w.r.t. the state at the END of chunk c."""
+    backwards; dhk_chunks[c] / dhv_chunks[c] get the gradient w.r.t. the state at the END of chunk c.
+    COMPACT: those go out as scaled float16, as the forward walk's (dHv carried transposed)."""
     n, h = nh // H, nh % H
     bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, n, T, BT, IS_VARLEN)
     num_chunks = tl.cdiv(eos - bos, BT)
@@ -201,7 +218,12 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
     hk_off = kk[:, None] * M + m[None, :]
     hv_off = m[:, None] * V + vv[None, :]
     dhk = tl.zeros((BK, BM), dtype=tl.float32)
-    dhv = tl.zeros((BM, BV), dtype=tl.float32)
+    if COMPACT:     # dHv carried transposed: [BV, BM]
+        hv_mask = (vv < V)[:, None] & (m < M)[None, :]
+        hv_off = m[None, :] * V + vv[:, None]
+        dhv = tl.zeros((BV, BM), dtype=tl.float32)
+    else:
+        dhv = tl.zeros((BM, BV), dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         if DO_KEYS:
             dhk += tl.load(dhk_final + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
@@ -227,10 +249,18 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         if DO_VALUES:
             doc_next = _prefetch_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0_prev, nvalid_prev, h, H, M, BM, BT)
-        if DO_KEYS:
-            tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
-        if DO_VALUES:
-            tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
+        if COMPACT:
+            if DO_KEYS:
+                _store_scaled(dhk, dhk_chunks, dhk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
+                              (slot * H + h) * K + kk, kk < K)
+            if DO_VALUES:
+                _store_scaled(dhv, dhv_chunks, dhv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
+                              (slot * H + h) * V + vv, vv < V)
+        else:
+            if DO_KEYS:
+                tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
+            if DO_VALUES:
+                tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
         eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM))
         decay = tl.exp(Gend)
         if DO_KEYS:
@@ -243,8 +273,11 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             dhk = dot_acc(tl.trans(qk), dzc * eG, dhk * decay[None, :], PREC)
             qc = qc_next
         if DO_VALUES:
-            p = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
-            dhv = dot_acc(tl.trans(p * eG), doc, decay[:, None] * dhv, PREC)
+            pe = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM) * eG
+            if COMPACT:
+                dhv = dot_acc(tl.trans(doc), pe, dhv * decay[None, :], PREC)
+            else:
+                dhv = dot_acc(tl.trans(pe), doc, decay[:, None] * dhv, PREC)
             doc = doc_next
         Gend = Gend_next
     if DO_KEYS:
@@ -254,24 +287,37 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
 
 
 @triton.jit
-def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
-                      cu_seqlens, chunk_offsets, T,
+def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                      dhk0, dhv0, cu_seqlens, chunk_offsets, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SPLIT: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Grid and owned tiles as in states_fwd_kernel."""
+                      SPLIT: tl.constexpr, DO_KEYS: tl.constexpr, DO_VALUES: tl.constexpr,
+                      USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+                      COMPACT: tl.constexpr):
+    """Grid and owned tiles as in states_fwd_kernel when the launch walks both memories; a launch of one
+    (DO_KEYS or DO_VALUES alone: the backward of checkpoint level 2, which frees one side's states
+    before it builds the other's gradients) has one program per tile of that memory. COMPACT: the
+    chunk gradients as scaled float16 with float32 scales per row of dHk and per column of dHv
+    (dhk_scales [slots, H, K], dhv_scales [slots, H, V])."""
     tile, nh = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
-    if not SPLIT:
-        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
-                  cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC)
+    if not DO_VALUES:
+        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
+                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+    elif not DO_KEYS:
+        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, 0, tile, nh, H, K, V, M, BT, BM, BK, BV, False, True,
+                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+    elif not SPLIT:
+        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
+                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
     elif tile < NK:
-        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
-                  cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC)
+        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
+                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
     else:
-        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk0, dhv0,
-                  cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC)
+        _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
+                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
+                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)

@@ -7,8 +7,10 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and, at checkpoint level 0 or 1,
-the float32 chunk states; at level 2 the backward runs the forward state walk again instead (one
-more launch, 6 in all) and nothing of size [chunks, H, K, M] lives between forward and backward.
+the float32 chunk states. At level 2 nothing of size [chunks, H, K, M] lives between forward and
+backward: the backward runs the forward state walk again first and walks the two memories' gradients
+in two launches (7 in all), keys then values, freeing the keys' states before the values' walk.
+For half inputs the state gradients (and at level 2 the rebuilt states) are scaled float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 """
 from __future__ import annotations
@@ -152,58 +154,108 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
+def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: ChunkLayout,
+                     keys=True, values=True, compact=False):
+    """The reverse state walk of the keys' memory, the values' memory or both: (dhk_chunks, dhv_chunks,
+    dhk_scales, dhv_scales), the gradients w.r.t. the state at every chunk end (None for a memory not
+    walked; the scales None unless compact), and the initial-state gradients written into dhk0 / dhv0.
+    dz may be None when the keys' memory is not walked."""
+    B, T, H, K = q.shape
+    V, M = do.shape[-1], p.shape[-1]
+    N, BT = layout.N, layout.BT
+    cu, offsets, _ = layout.ptrs(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    states = dict(dtype=torch.float16 if compact else torch.float32, device=q.device)
+    dhk_chunks = torch.empty(layout.num_slots, H, K, M, **states) if keys else None
+    dhv_chunks = torch.empty(layout.num_slots, H, M, V, **states) if values else None
+    dhk_scales = torch.empty(layout.num_slots, H, K, **f32) if keys and compact else None
+    dhv_scales = torch.empty(layout.num_slots, H, V, **f32) if values and compact else None
+    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
+    if keys and values:
+        grid = _grid_states(K, V, cfg, N, H)
+    else:
+        grid = (cdiv(K, cfg["BK"]) if keys else cdiv(V, cfg["BV"]), N * H)
+    use_dht = dhk_final is not None
+    dummy = q     # the pointer passed for an absent tensor; the kernel never reads it
+    opt = lambda x: dummy if x is None else x   # noqa: E731
+    states_bwd_kernel[grid](
+        q, do, opt(dz), p, G, opt(dhk_final), opt(dhv_final), opt(dhk_chunks), opt(dhv_chunks),
+        opt(dhk_scales), opt(dhv_scales), dhk0, dhv0, cu, offsets, T,
+        H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=cfg["SPLIT"],
+        DO_KEYS=keys, DO_VALUES=values, USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen,
+        PREC=dot_precision(q.dtype), COMPACT=compact, **_warps(cfg))
+    return dhk_chunks, dhv_chunks, dhk_scales, dhv_scales
+
+
 def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0,
                   layout: ChunkLayout, scale: float):
     """The backward launches: (dq, dk, dv, ds, dg) in the inputs' dtypes and the float32 initial-state
     gradients (dhk0, dhv0), written whether or not there were initial states. dhk_final / dhv_final:
-    float32 contiguous final-state gradients, or both None. hk_chunks, hv_chunks None (checkpoint
-    level 2): the forward state walk runs again from hk0, hv0 (None: zeros)."""
+    float32 contiguous final-state gradients, or both None.
+
+    hk_chunks, hv_chunks None (checkpoint level 2): the forward state walk runs again from hk0, hv0
+    (None: zeros), and the backward keeps its peak memory low: the keys' side runs first, from its own
+    reverse walk, and its states and their gradients are freed before the values' reverse walk, so at
+    most three of the four [chunks, H, K, M]-sized tensors live at once. For half inputs the rebuilt
+    states and every state gradient are scaled float16 (kernels/states.py `_store_scaled`): the tf32
+    dots that read them keep no more bits. float32 inputs keep float32 states (their dots are IEEE)."""
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
+    compact = q.dtype != torch.float32
+    dummy = q
+    opt = lambda x: dummy if x is None else x   # noqa: E731
 
     G = chunk_gates(g, layout)
-    if hk_chunks is None:
-        hk_chunks, hv_chunks, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout)
+    recomputed = hk_chunks is None
+    hk_scales = hv_scales = None
+    if recomputed:
+        hk_chunks, hv_chunks, hk_scales, hv_scales, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout,
+                                                                          compact=compact)
+    states_compact = recomputed and compact
     p = torch.empty(B, T, H, M, **f32)
     dz = torch.empty(B, T, H, M, **f32)
     dG_loc = torch.empty(B, T, H, M, **f32)
     cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_dscores_kernel[(layout.num_slots, H)](
-        v, s, G, do, hv_chunks, scores, p, dz, dG_loc, cu, table, scale, T,
+        v, s, G, do, hv_chunks, opt(hv_scales), scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, **_warps(cfg))
 
-    dhk_chunks = torch.empty_like(hk_chunks)
-    dhv_chunks = torch.empty_like(hv_chunks)
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
-    use_dht = dhk_final is not None
-    cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
-    states_bwd_kernel[_grid_states(K, V, cfg, N, H)](
-        q, do, dz, p, G, dhk_final if use_dht else q, dhv_final if use_dht else q,
-        dhk_chunks, dhv_chunks, dhk0, dhv0, cu, offsets, T,
-        H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"], SPLIT=cfg["SPLIT"],
-        USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+    walk = dict(layout=layout, compact=compact)
+    if recomputed:
+        dhk_chunks, _, dhk_scales, _ = chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0,
+                                                        values=False, **walk)
+    else:
+        dhk_chunks, dhv_chunks, dhk_scales, dhv_scales = chunk_states_bwd(
+            q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, **walk)
 
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    ds, dg = torch.empty_like(s), torch.empty_like(g)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
     ds_keys = torch.empty(B, T, H, M, **f32)
     carry_keys = torch.empty(layout.num_slots, H, M, **f32)
     cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_keys_kernel[(layout.num_slots, H)](
-        q, k, s, G, hk_chunks, dhk_chunks, dz, dq, dk, ds_keys, carry_keys, cu, table, T,
-        H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        q, k, s, G, hk_chunks, dhk_chunks, opt(hk_scales), opt(dhk_scales), dz, dq, dk, ds_keys, carry_keys,
+        cu, table, T, H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec,
+        STATES_COMPACT=states_compact, DSTATES_COMPACT=compact, **_warps(cfg))
+    del hk_chunks, hk_scales, dhk_chunks, dhk_scales, dz   # the keys' side is done: free it
+    if recomputed:
+        _, dhv_chunks, _, dhv_scales = chunk_states_bwd(q, do, None, p, G, dhk_final, dhv_final, dhk0, dhv0,
+                                                        keys=False, **walk)
+
+    dv, ds, dg = torch.empty_like(v), torch.empty_like(s), torch.empty_like(g)
     cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
                         tokens=B * T * H, seqs=N * H)
     chunk_bwd_values_kernel[(layout.num_slots, H)](
-        v, s, G, do, hv_chunks, dhv_chunks, p, dG_loc, ds_keys, carry_keys, dv, ds, dg, cu, table, T,
-        H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=hk0 is not None,
-        IS_VARLEN=layout.is_varlen, PREC=prec, **_warps(cfg))
+        v, s, G, do, hv_chunks, dhv_chunks, opt(hv_scales), opt(dhv_scales), p, dG_loc, ds_keys, carry_keys,
+        dv, ds, dg, cu, table, T, H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=hk0 is not None,
+        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, DSTATES_COMPACT=compact,
+        **_warps(cfg))
     return dq, dk, dv, ds, dg, dhk0, dhv0
