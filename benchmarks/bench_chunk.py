@@ -31,6 +31,8 @@ SHAPES = {  # [B, T, H, K=V, M]
     "d": (32, 512, 4, 256, 64),
     "e": (8, 2048, 32, 64, 64),   # many small heads: the intra-chunk (slot) work outweighs the K, V work
     "f": (1, 32768, 4, 512, 64),  # one long sequence: the state walks' serial chain is the time
+    "g": (1, 65536, 4, 512, 64),  # the long-sequence rows of the two-level walk (docs/design.md)
+    "h": (4, 16384, 4, 512, 64),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

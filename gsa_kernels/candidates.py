@@ -16,16 +16,19 @@ import json
 CANDIDATES: dict[str, dict[str, list[int]]] = {
     "chunk": {"BT": [32, 64]},
     # the state walks: SPLIT 0 pairs an Hk and an Hv tile per program, 1 gives each its own program;
-    # 2 warps and 1 stage (no prefetch) were never close on the H100
-    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
+    # SEGMENT: chunks per segment of the two-level walk, 0 from the work, 1 one level
+    # (configs.walk_segment_chunks); 2 warps and 1 stage (no prefetch) were never close on the H100
+    "states_fwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "SEGMENT": [0, 1, 16, 32, 64],
+                   "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_fwd": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     # the forward-only path (no input requires grad, half inputs): the same kernels with scaled float16
     # chunk states (kernels/states.py `_store_scaled`), tuned on their own: the walk's row maxima add
     # a step to its serial path, so it may want other warps than the training walk
-    "states_fwd_compact": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8],
-                           "num_stages": [2, 3]},
+    "states_fwd_compact": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "SEGMENT": [0, 1, 16, 32, 64],
+                           "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_fwd_compact": {"BK": [32, 64, 128], "BV": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
-    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "num_warps": [4, 8], "num_stages": [2, 3]},
+    "states_bwd": {"BK": [32, 64], "BV": [32, 64], "SPLIT": [0, 1], "SEGMENT": [0, 1, 16, 32, 64],
+                   "num_warps": [4, 8], "num_stages": [2, 3]},
     "chunk_bwd_dscores": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_keys": {"BK": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},
     "chunk_bwd_values": {"BV": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]},

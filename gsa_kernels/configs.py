@@ -78,13 +78,15 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     # and a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
     cfg = {
         "chunk": {"BT": 32},
-        "states_fwd": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 8 if split else 4,
+        "states_fwd": {"BK": SK, "BV": SV, "SPLIT": split, "SEGMENT": 0, "num_warps": 8 if split else 4,
                        "num_stages": deep},
-        "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "num_warps": 4, "num_stages": bwd_stages},
+        "states_bwd": {"BK": DK, "BV": DV, "SPLIT": split, "SEGMENT": 0, "num_warps": 4,
+                       "num_stages": bwd_stages},
         "chunk_fwd": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         # H100, shape c: the compact walk is fastest at 4 warps (split 64-tiles, 3 stages: 0.384 ms
         # against 0.417 at 8); a, d keep their paired 4-warp walk
-        "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "num_warps": 4, "num_stages": deep},
+        "states_fwd_compact": {"BK": SK, "BV": SV, "SPLIT": split, "SEGMENT": 0, "num_warps": 4,
+                               "num_stages": deep},
         "chunk_fwd_compact": {"BK": BK, "BV": BV, "num_warps": 4, "num_stages": 3},
         "chunk_bwd_dscores": {"BV": min(32, BV), "num_warps": 4, "num_stages": 3},
         "chunk_bwd_keys": {"BK": min(64, BK), "num_warps": 4, "num_stages": 3},
@@ -136,6 +138,32 @@ def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
     tiles = max(cdiv(K, BK), cdiv(V, BV))
     want = next_pow2(cdiv(2 * _num_sms(), max(NH, 1)))
     return max(1, min(want, next_pow2(tiles)))
+
+
+def walk_segment_chunks(segment: int, programs: int, chunks: int) -> int:
+    """Chunks per segment of a state walk (0: walk each sequence whole) for its config value
+    `segment`, `programs` the one-level walk's programs (tiles x sequence-heads) and `chunks` the
+    chunks of a sequence (varlen: of the longest there could be, all tokens in one).
+
+    segment 1 means one level; L >= 2 means segments of L chunks (one level when a sequence has no
+    more). 0 picks from the work: one level unless the one-level walk leaves at least half the SMs
+    without a program; then at most two programs per SM (one wave), the segments no shorter than 16 chunks and
+    shorter than half a sequence. The two-level walk walks every chunk twice, so its serial chain is
+    two segments long and its work twice the walk's: on the H200 it took [1, 32768, 4, 512, 64]
+    from 1.93 to 1.05 ms forward (with paired tiles; longer segments were faster: 128 chunks over 64
+    and 32), and lost 8% at [2, 8192, 4, 512, 64] (128 programs at one level) and 30-40% where the
+    GPU was full (docs/history/perf-notes.md, "v15")."""
+    if segment == 0:
+        sms = _num_sms()
+        if 2 * programs > sms:
+            return 0
+        segments = max(2, 2 * sms // max(programs, 1))     # all in one wave: a second wave doubles the time
+        segment = max(16, cdiv(chunks, segments))
+        if 2 * segment >= chunks:
+            return 0
+    if segment == 1 or segment >= chunks:
+        return 0
+    return segment
 
 
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,

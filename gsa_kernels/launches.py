@@ -59,6 +59,12 @@ def record_launch(kernel: str, cfg: dict, source: str, entry):
     this_thread.launches[kernel] = {"config": dict(cfg), "source": source, "entry": entry}
 
 
+def amend_launch(kernel: str, cfg: dict):
+    """Record the config `kernel` really launched with, after its launcher resolved an automatic
+    choice of the looked-up one (a state walk's SEGMENT 0: launchers/chunk.py)."""
+    this_thread.launches[kernel]["config"] = dict(cfg)
+
+
 def last_launches() -> dict[str, dict]:
     """Per kernel, this thread's most recent launch of it, in first-launch order: {"config", "source",
     "entry"}; source is one of override / tuned / user-cache / autotuned / nearest / default, entry the

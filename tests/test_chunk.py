@@ -239,7 +239,7 @@ def test_state_walk_ownership(split, varlen):
     """Both ways of owning the state tiles (SPLIT of states_fwd / states_bwd), whichever the defaults
     pick for a shape. K = 20 and V = 40 with 32-tiles: one Hk tile and two Hv tiles, so a paired
     program past K walks only its Hv tile, and the split grid has three programs per sequence-head."""
-    walk = {"BK": 32, "BV": 32, "SPLIT": split, "num_warps": 4, "num_stages": 2}
+    walk = {"BK": 32, "BV": 32, "SPLIT": split, "SEGMENT": 1, "num_warps": 4, "num_stages": 2}
     B, T = (1, 46) if varlen else (2, 37)
     q, k, v, s, g, hk0, hv0 = make_inputs(B, T, 2, 20, 40, 24, torch.float32, "mixed", seed=7 + split)
     cu = torch.tensor([0, 5, 45, 46]) if varlen else None        # lengths 5, 40, 1

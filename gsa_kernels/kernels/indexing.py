@@ -46,3 +46,33 @@ def starts_sequence(chunk_table, pid, T, BT: tl.constexpr, IS_VARLEN: tl.constex
     else:
         c = pid % tl.cdiv(T, BT)
     return c == 0
+
+
+@triton.jit
+def walk_span(cu_seqlens, chunk_offsets, segment_table, row, T, segment_chunks, H: tl.constexpr,
+              BT: tl.constexpr, SEGMENTED: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What state-walk program row `row` walks: (first token, end token of its sequence, first chunk
+    slot, number of chunks, head). Not SEGMENTED: row = n * H + h walks sequence n whole. SEGMENTED:
+    row = segment * H + h walks one segment, `segment_chunks` chunks of one sequence (fewer at its
+    end); segment_table[segment] = (sequence, segment in it) when varlen, sequence -1 (nothing to
+    walk) for a padding slot, else the segments of each sequence are numbered in order."""
+    h = row % H
+    if SEGMENTED:
+        segment = row // H
+        if IS_VARLEN:
+            n = tl.load(segment_table + 2 * segment)
+            j = tl.load(segment_table + 2 * segment + 1)
+            exists = n >= 0
+            n = tl.maximum(n, 0)
+        else:
+            per_sequence = tl.cdiv(tl.cdiv(T, BT), segment_chunks)
+            n, j = segment // per_sequence, segment % per_sequence
+            exists = n >= 0
+        bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, n, T, BT, IS_VARLEN)
+        first = bos + j.to(tl.int64) * segment_chunks * BT
+        num_chunks = tl.minimum(tl.cdiv(eos - first, BT), segment_chunks)
+        num_chunks = tl.where(exists, tl.maximum(num_chunks, 0), 0)
+        return first, eos, chunk0 + j * segment_chunks, num_chunks, h
+    else:
+        bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, row // H, T, BT, IS_VARLEN)
+        return bos, eos, chunk0, tl.cdiv(eos - bos, BT), h

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from gsa_kernels.kernels.dots import dot_acc, pow2_scale
-from gsa_kernels.kernels.indexing import sequence_span
+from gsa_kernels.kernels.indexing import walk_span
 from gsa_kernels.kernels.intra import load_gates, load_rows
 
 
@@ -84,17 +84,20 @@ def load_state(values, scales, off, mask, scale_off, scale_mask, PER_ROW: tl.con
 
 @triton.jit
 def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
-              cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
+              seg_decay, bos, eos, chunk0, num_chunks, index, h, key_tile, value_tile,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
-              DO_VALUES: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-              IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
-    """Walk Hk row tile `key_tile` (if DO_KEYS) and Hv column tile `value_tile` (if DO_VALUES).
+              DO_VALUES: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+              STORE_FINAL_STATE: tl.constexpr, STORE_DECAY: tl.constexpr, PREC: tl.constexpr,
+              COMPACT: tl.constexpr):
+    """Walk Hk row tile `key_tile` (if DO_KEYS) and Hv column tile `value_tile` (if DO_VALUES) of head h
+    over num_chunks chunks from token bos (eos: where the sequence ends), from hk0 / hv0[index] if
+    USE_INITIAL_STATE (else zeros), storing the state at each chunk start in chunk slots chunk0, ... if
+    STORE_CHUNKS, the state after the last chunk in hk_final / hv_final[index] if STORE_FINAL_STATE
+    and the walk's total log decay (the sum of its chunks' Gend) in seg_decay[index] if STORE_DECAY.
     COMPACT: the chunk states go out as scaled float16 (`_store_scaled`), Hk with one scale per row
     k, Hv with one per column v; the values walk then carries Hv transposed, [BV, BM], so that its
     scale is a reduction within a row like Hk's."""
-    n, h = nh // H, nh % H
-    bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, n, T, BT, IS_VARLEN)
     m = tl.arange(0, BM)
     t = tl.arange(0, BT)
     kk = key_tile * BK + tl.arange(0, BK)
@@ -115,9 +118,10 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
         hv = tl.zeros((BM, BV), dtype=tl.float32)
     if USE_INITIAL_STATE:
         if DO_KEYS:
-            hk += tl.load(hk0 + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
+            hk += tl.load(hk0 + index.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
         if DO_VALUES:
-            hv += tl.load(hv0 + nh.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
+            hv += tl.load(hv0 + index.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
+    log_decay = tl.zeros((BM,), dtype=tl.float32)
     # Software prefetch: the walk's only serial dependence is the state, yet Triton's
     # pipeliner issues the k / v tile at the end of the previous step and reloads Gend unpipelined,
     # which left ~1 us of memory latency in each step. So the k / v tiles and Gend of chunk c + 1
@@ -128,7 +132,7 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
     if DO_VALUES:
         vc = _prefetch_tile(v, bos, eos - bos, h, vv, H, V, BT)
     Gend = _gate_end(G_all, bos, eos - bos, h, H, M, BM, BT)
-    for c in range(tl.cdiv(eos - bos, BT)):
+    for c in range(num_chunks):
         t0 = bos + c * BT
         nvalid = eos - t0
         slot = chunk0 + c
@@ -137,18 +141,19 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
         if DO_VALUES:
             vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
-        if COMPACT:
-            if DO_KEYS:
-                _store_scaled(hk, hk_chunks, hk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
-                              (slot * H + h) * K + kk, kk < K)
-            if DO_VALUES:
-                _store_scaled(hv, hv_chunks, hv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
-                              (slot * H + h) * V + vv, vv < V)
-        else:
-            if DO_KEYS:
-                tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
-            if DO_VALUES:
-                tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
+        if STORE_CHUNKS:
+            if COMPACT:
+                if DO_KEYS:
+                    _store_scaled(hk, hk_chunks, hk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
+                                  (slot * H + h) * K + kk, kk < K)
+                if DO_VALUES:
+                    _store_scaled(hv, hv_chunks, hv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
+                                  (slot * H + h) * V + vv, vv < V)
+            else:
+                if DO_KEYS:
+                    tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
+                if DO_VALUES:
+                    tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
         G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
@@ -162,53 +167,68 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
             else:
                 hv = dot_acc(tl.trans(w), vc, decay[:, None] * hv, PREC)
             vc = vc_next
+        if STORE_DECAY:
+            log_decay += Gend
         Gend = Gend_next
     if STORE_FINAL_STATE:
         if DO_KEYS:
-            tl.store(hk_final + nh.to(tl.int64) * K * M + hk_off, hk, mask=hk_mask)
+            tl.store(hk_final + index.to(tl.int64) * K * M + hk_off, hk, mask=hk_mask)
         if DO_VALUES:
-            tl.store(hv_final + nh.to(tl.int64) * M * V + hv_off, hv, mask=hv_mask)
+            tl.store(hv_final + index.to(tl.int64) * M * V + hv_off, hv, mask=hv_mask)
+    if STORE_DECAY:     # every tile program of the row has the same sum: the first one stores it
+        if DO_KEYS:
+            first_tile = key_tile == 0
+        else:
+            first_tile = value_tile == 0
+        tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
 
 
 @triton.jit
 def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
-                      cu_seqlens, chunk_offsets, T,
+                      seg_decay, cu_seqlens, chunk_offsets, segment_table, T, segment_chunks,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SPLIT: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+                      SPLIT: tl.constexpr, SEGMENTED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                      STORE_CHUNKS: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_DECAY: tl.constexpr,
                       IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
-    """Grid (NK + NV if SPLIT else max(NK, NV), N * H): tile programs x sequence-heads. COMPACT: the
-    chunk states as scaled float16 (values in hk_chunks / hv_chunks, float32 scales per row of Hk and
-    per column of Hv in hk_scales [slots, H, K] / hv_scales [slots, H, V]); the forward-only path."""
-    tile, nh = tl.program_id(0), tl.program_id(1)
+    """Grid (NK + NV if SPLIT else max(NK, NV), rows): tile programs x walk rows, a row being a
+    sequence-head (n * H + h), or with SEGMENTED a segment-head (indexing.py `walk_span`; the
+    two-level walk, launchers/chunk.py). The state index of hk0 / hk_final / seg_decay is the row.
+    COMPACT: the chunk states as scaled float16 (values in hk_chunks / hv_chunks, float32 scales per
+    row of Hk and per column of Hv in hk_scales [slots, H, K] / hv_scales [slots, H, V])."""
+    tile, row = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
+    bos, eos, chunk0, num_chunks, h = walk_span(cu_seqlens, chunk_offsets, segment_table, row, T, segment_chunks,
+                                                H, BT, SEGMENTED, IS_VARLEN)
     if not SPLIT:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
-                  cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
+                  seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, tile, H, K, V, M, BT, BM, BK, BV,
+                  True, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
     elif tile < NK:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
-                  cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
+                  seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0, H, K, V, M, BT, BM, BK, BV,
+                  True, False, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
     else:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
-                  cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
-                  USE_INITIAL_STATE, STORE_FINAL_STATE, IS_VARLEN, PREC, COMPACT)
+                  seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile - NK, H, K, V, M, BT, BM, BK, BV,
+                  False, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
 
 
 @triton.jit
 def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-              dhk0, dhv0, cu_seqlens, chunk_offsets, T, key_tile, value_tile, nh,
+              dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, index, h, key_tile, value_tile,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
-              DO_VALUES: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-              PREC: tl.constexpr, COMPACT: tl.constexpr):
-    """Walk dHk row tile `key_tile` (if DO_KEYS) and dHv column tile `value_tile` (if DO_VALUES)
-    backwards; dhk_chunks[c] / dhv_chunks[c] get the gradient w.r.t. the state at the END of chunk c.
-    COMPACT: those go out as scaled float16, as the forward walk's (dHv carried transposed)."""
-    n, h = nh // H, nh % H
-    bos, eos, chunk0 = sequence_span(cu_seqlens, chunk_offsets, n, T, BT, IS_VARLEN)
-    num_chunks = tl.cdiv(eos - bos, BT)
+              DO_VALUES: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+              STORE_INITIAL: tl.constexpr, STORE_DECAY: tl.constexpr, PREC: tl.constexpr,
+              COMPACT: tl.constexpr):
+    """Walk dHk row tile `key_tile` (if DO_KEYS) and dHv column tile `value_tile` (if DO_VALUES) of head
+    h backwards over num_chunks chunks from token bos (eos: where the sequence ends), from
+    dhk_final / dhv_final[index] if USE_FINAL_STATE_GRADIENT (else zeros); with STORE_CHUNKS,
+    dhk_chunks[c] / dhv_chunks[c] get the gradient w.r.t. the state at the END of chunk c; with
+    STORE_INITIAL, dhk0 / dhv0[index] get the gradient at the walk's start, and with STORE_DECAY
+    seg_decay[index] the walk's total log decay, as `_walk_fwd`.
+    COMPACT: the chunk gradients go out as scaled float16, as the forward walk's (dHv carried transposed)."""
     m = tl.arange(0, BM)
     t = tl.arange(0, BT)
     kk = key_tile * BK + tl.arange(0, BK)
@@ -226,16 +246,19 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         dhv = tl.zeros((BM, BV), dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         if DO_KEYS:
-            dhk += tl.load(dhk_final + nh.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
+            dhk += tl.load(dhk_final + index.to(tl.int64) * K * M + hk_off, mask=hk_mask, other=0.0)
         if DO_VALUES:
-            dhv += tl.load(dhv_final + nh.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
-    # Software prefetch of the q / do tiles and Gend one chunk ahead, as in the forward walk.
-    t0 = bos + (num_chunks - 1) * BT
+            dhv += tl.load(dhv_final + index.to(tl.int64) * M * V + hv_off, mask=hv_mask, other=0.0)
+    log_decay = tl.zeros((BM,), dtype=tl.float32)
+    # Software prefetch of the q / do tiles and Gend one chunk ahead, as in the forward walk (a walk
+    # of no chunks reads nothing).
+    t0 = bos + tl.maximum(num_chunks - 1, 0) * BT
+    nvalid_last = tl.where(num_chunks > 0, eos - t0, 0)
     if DO_KEYS:
-        qc = _prefetch_tile(q, t0, eos - t0, h, kk, H, K, BT)
+        qc = _prefetch_tile(q, t0, nvalid_last, h, kk, H, K, BT)
     if DO_VALUES:
-        doc = _prefetch_tile(do, t0, eos - t0, h, vv, H, V, BT)
-    Gend = _gate_end(G_all, t0, eos - t0, h, H, M, BM, BT)
+        doc = _prefetch_tile(do, t0, nvalid_last, h, vv, H, V, BT)
+    Gend = _gate_end(G_all, t0, nvalid_last, h, H, M, BM, BT)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
         t0 = bos + c * BT
@@ -249,18 +272,19 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         if DO_VALUES:
             doc_next = _prefetch_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0_prev, nvalid_prev, h, H, M, BM, BT)
-        if COMPACT:
-            if DO_KEYS:
-                _store_scaled(dhk, dhk_chunks, dhk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
-                              (slot * H + h) * K + kk, kk < K)
-            if DO_VALUES:
-                _store_scaled(dhv, dhv_chunks, dhv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
-                              (slot * H + h) * V + vv, vv < V)
-        else:
-            if DO_KEYS:
-                tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
-            if DO_VALUES:
-                tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
+        if STORE_CHUNKS:
+            if COMPACT:
+                if DO_KEYS:
+                    _store_scaled(dhk, dhk_chunks, dhk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
+                                  (slot * H + h) * K + kk, kk < K)
+                if DO_VALUES:
+                    _store_scaled(dhv, dhv_chunks, dhv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
+                                  (slot * H + h) * V + vv, vv < V)
+            else:
+                if DO_KEYS:
+                    tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
+                if DO_VALUES:
+                    tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
         eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM))
         decay = tl.exp(Gend)
         if DO_KEYS:
@@ -279,45 +303,62 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             else:
                 dhv = dot_acc(tl.trans(pe), doc, decay[:, None] * dhv, PREC)
             doc = doc_next
+        if STORE_DECAY:
+            log_decay += Gend
         Gend = Gend_next
-    if DO_KEYS:
-        tl.store(dhk0 + nh.to(tl.int64) * K * M + hk_off, dhk, mask=hk_mask)
-    if DO_VALUES:
-        tl.store(dhv0 + nh.to(tl.int64) * M * V + hv_off, dhv, mask=hv_mask)
+    if STORE_INITIAL:
+        if DO_KEYS:
+            tl.store(dhk0 + index.to(tl.int64) * K * M + hk_off, dhk, mask=hk_mask)
+        if DO_VALUES:
+            tl.store(dhv0 + index.to(tl.int64) * M * V + hv_off, dhv, mask=hv_mask)
+    if STORE_DECAY:     # every tile program of the row has the same sum: the first one stores it
+        if DO_KEYS:
+            first_tile = key_tile == 0
+        else:
+            first_tile = value_tile == 0
+        tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
 
 
 @triton.jit
 def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                      dhk0, dhv0, cu_seqlens, chunk_offsets, T,
+                      dhk0, dhv0, seg_decay, cu_seqlens, chunk_offsets, segment_table, T, segment_chunks,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SPLIT: tl.constexpr, DO_KEYS: tl.constexpr, DO_VALUES: tl.constexpr,
-                      USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-                      COMPACT: tl.constexpr):
-    """Grid and owned tiles as in states_fwd_kernel when the launch walks both memories; a launch of one
-    (DO_KEYS or DO_VALUES alone: the backward of checkpoint level 2, which frees one side's states
-    before it builds the other's gradients) has one program per tile of that memory. COMPACT: the
-    chunk gradients as scaled float16 with float32 scales per row of dHk and per column of dHv
-    (dhk_scales [slots, H, K], dhv_scales [slots, H, V])."""
-    tile, nh = tl.program_id(0), tl.program_id(1)
+                      SPLIT: tl.constexpr, DO_KEYS: tl.constexpr, DO_VALUES: tl.constexpr, SEGMENTED: tl.constexpr,
+                      USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
+                      STORE_INITIAL: tl.constexpr, STORE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+                      PREC: tl.constexpr, COMPACT: tl.constexpr):
+    """Grid, walk rows and owned tiles as in states_fwd_kernel when the launch walks both memories; a
+    launch of one (DO_KEYS or DO_VALUES alone: the backward of checkpoint level 2, which frees one
+    side's states before it builds the other's gradients) has one program per tile of that memory.
+    COMPACT: the chunk gradients as scaled float16 with float32 scales per row of dHk and per column
+    of dHv (dhk_scales [slots, H, K], dhv_scales [slots, H, V])."""
+    tile, row = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
+    bos, eos, chunk0, num_chunks, h = walk_span(cu_seqlens, chunk_offsets, segment_table, row, T, segment_chunks,
+                                                H, BT, SEGMENTED, IS_VARLEN)
     if not DO_VALUES:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+                  dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0,
+                  H, K, V, M, BT, BM, BK, BV, True, False, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
+                  STORE_DECAY, PREC, COMPACT)
     elif not DO_KEYS:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, 0, tile, nh, H, K, V, M, BT, BM, BK, BV, False, True,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+                  dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile,
+                  H, K, V, M, BT, BM, BK, BV, False, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
+                  STORE_DECAY, PREC, COMPACT)
     elif not SPLIT:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, tile, nh, H, K, V, M, BT, BM, BK, BV, True, True,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+                  dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, tile,
+                  H, K, V, M, BT, BM, BK, BV, True, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
+                  STORE_DECAY, PREC, COMPACT)
     elif tile < NK:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, tile, 0, nh, H, K, V, M, BT, BM, BK, BV, True, False,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+                  dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0,
+                  H, K, V, M, BT, BM, BK, BV, True, False, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
+                  STORE_DECAY, PREC, COMPACT)
     else:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
-                  dhk0, dhv0, cu_seqlens, chunk_offsets, T, 0, tile - NK, nh, H, K, V, M, BT, BM, BK, BV, False, True,
-                  USE_FINAL_STATE_GRADIENT, IS_VARLEN, PREC, COMPACT)
+                  dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile - NK,
+                  H, K, V, M, BT, BM, BK, BV, False, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
+                  STORE_DECAY, PREC, COMPACT)

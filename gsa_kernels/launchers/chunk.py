@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.configs import launch_config
+from gsa_kernels.configs import launch_config, walk_segment_chunks
 from gsa_kernels.intmath import cdiv, pow2_at_least
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
 from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
+from gsa_kernels.kernels.fold import fold_segments_kernel
 from gsa_kernels.kernels.states import states_bwd_kernel, states_fwd_kernel
+from gsa_kernels.launches import amend_launch
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -94,11 +96,55 @@ def chunk_gates(g, layout: ChunkLayout):
     return G
 
 
+class Segments:
+    """The two-level walk's segments (kernels/fold.py): `chunks` chunks of one sequence each, laid out
+    as the chunks of a chunk size BT * chunks (ChunkLayout: slots, and for varlen the device table of
+    (sequence, segment in it) and each sequence's first segment), with their float32 summaries."""
+
+    def __init__(self, B: int, T: int, layout: ChunkLayout, chunks: int, H: int, K: int, V: int, M: int, device):
+        self.chunks = chunks
+        self.layout = ChunkLayout(B, T, layout.BT * chunks, layout.cu, device)
+        f32 = dict(dtype=torch.float32, device=device)
+        slots = self.layout.num_slots
+        self.summary_k = torch.empty(slots, H, K, M, **f32)
+        self.summary_v = torch.empty(slots, H, M, V, **f32)
+        self.log_decay = torch.empty(slots, H, M, **f32)
+
+    def rows(self, H: int) -> int:
+        return self.layout.num_slots * H
+
+
+def _walk_plan(kernel, cfg, layout: ChunkLayout, B, T, H, K, V, M, device, keys=True, values=True):
+    """(config, tile programs per walk row, Segments or None) of a state walk. SEGMENT 0 resolves here
+    (configs.walk_segment_chunks, from the walk's programs and the chunks of a sequence); where it
+    picks two levels the tiles are paired, since the segments then fill the GPU and a paired program
+    loads each chunk's G and s once for two tiles (H200, [1, 32768, 4, 512, 64]: forward 1.34 ms
+    split, 1.05 ms paired). The record of the launch (`last_launches`) shows the resolved config."""
+    def tiles_of(c):
+        if keys and values:
+            return _grid_states(K, V, c, layout.N, H)[0]
+        return cdiv(K, c["BK"]) if keys else cdiv(V, c["BV"])
+
+    chunks = cdiv(T, layout.BT)     # of a sequence (varlen: of the longest there could be)
+    tiles = tiles_of(cfg)
+    L = walk_segment_chunks(cfg["SEGMENT"], tiles * layout.N * H, chunks)
+    if L and cfg["SEGMENT"] == 0:
+        cfg = dict(cfg, SPLIT=0)
+        tiles = tiles_of(cfg)
+        cfg["SEGMENT"] = walk_segment_chunks(0, tiles * layout.N * H, chunks) or L
+        L = cfg["SEGMENT"]
+        amend_launch(kernel, cfg)
+    return cfg, tiles, (Segments(B, T, layout, L, H, K, V, M, device) if L else None)
+
+
 def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_state=False, compact=False):
     """The forward state walk: (hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final), Hk and
     Hv at every chunk start. compact: scaled float16 states with their float32 scales (else the scales
     are None). The backward of checkpoint level 2 runs it again, on the same G, with the same config:
-    it rebuilds the forward's states bit for bit."""
+    it rebuilds the forward's states bit for bit.
+    With segments (the config's SEGMENT, configs.walk_segment_chunks) the walk takes two levels: every
+    segment walked from zero, recording its end state and log decay; the fold (kernels/fold.py) into
+    each segment's true start; every segment walked again from it, storing the chunk states."""
     B, T, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     N, BT = layout.N, layout.BT
@@ -116,17 +162,37 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
         hv_chunks[-N:].zero_()
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
-    cfg = launch_config("states_fwd_compact" if compact else "states_fwd", K=K, V=V, M=M, dtype=k.dtype,
-                        BT=BT, tokens=B * T * H, seqs=N * H)
+    kernel = "states_fwd_compact" if compact else "states_fwd"
+    cfg = launch_config(kernel, K=K, V=V, M=M, dtype=k.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
+    cfg, tiles, segments = _walk_plan(kernel, cfg, layout, B, T, H, K, V, M, k.device)
     dummy = k     # the pointer passed for an absent tensor; the kernel never reads it
-    states_fwd_kernel[_grid_states(K, V, cfg, N, H)](
-        k, v, s, G, dummy if hk0 is None else hk0, dummy if hv0 is None else hv0,
-        hk_chunks, hv_chunks, dummy if hk_scales is None else hk_scales,
-        dummy if hv_scales is None else hv_scales,
-        dummy if hk_final is None else hk_final, dummy if hv_final is None else hv_final,
-        cu, offsets, T, H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
-        SPLIT=cfg["SPLIT"], USE_INITIAL_STATE=hk0 is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=layout.is_varlen, PREC=dot_precision(k.dtype), COMPACT=compact, **_warps(cfg))
+    opt = lambda x: dummy if x is None else x   # noqa: E731
+    common = dict(H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
+                  IS_VARLEN=layout.is_varlen, **_warps(cfg))
+    walk = dict(common, SPLIT=cfg["SPLIT"], PREC=dot_precision(k.dtype), COMPACT=compact)
+    if segments is None:
+        states_fwd_kernel[(tiles, N * H)](
+            k, v, s, G, opt(hk0), opt(hv0), hk_chunks, hv_chunks, opt(hk_scales), opt(hv_scales),
+            opt(hk_final), opt(hv_final), dummy, cu, offsets, dummy, T, 1, SEGMENTED=False,
+            USE_INITIAL_STATE=hk0 is not None, STORE_CHUNKS=True, STORE_FINAL_STATE=output_final_state,
+            STORE_DECAY=False, **walk)
+        return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
+    seg = segments.layout
+    _, seg_offsets, seg_table = seg.ptrs(k)
+    # level 1: each segment from zero, its end state into the summaries
+    states_fwd_kernel[(tiles, segments.rows(H))](
+        k, v, s, G, dummy, dummy, dummy, dummy, dummy, dummy, segments.summary_k, segments.summary_v,
+        segments.log_decay, cu, offsets, seg_table, T, segments.chunks, SEGMENTED=True,
+        USE_INITIAL_STATE=False, STORE_CHUNKS=False, STORE_FINAL_STATE=True, STORE_DECAY=True, **walk)
+    fold_segments_kernel[(cdiv(K, cfg["BK"]) + cdiv(V, cfg["BV"]), N * H)](
+        segments.summary_k, segments.summary_v, segments.log_decay, opt(hk0), opt(hv0), opt(hk_final),
+        opt(hv_final), seg_offsets, T, segments.chunks, DO_KEYS=True, DO_VALUES=True, REVERSE=False,
+        USE_STATE_IN=hk0 is not None, STORE_STATE_OUT=output_final_state, **common)
+    # level 2: each segment again from its true start (the fold left it in the summaries)
+    states_fwd_kernel[(tiles, segments.rows(H))](
+        k, v, s, G, segments.summary_k, segments.summary_v, hk_chunks, hv_chunks, opt(hk_scales),
+        opt(hv_scales), dummy, dummy, dummy, cu, offsets, seg_table, T, segments.chunks, SEGMENTED=True,
+        USE_INITIAL_STATE=True, STORE_CHUNKS=True, STORE_FINAL_STATE=False, STORE_DECAY=False, **walk)
     return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
 
 
@@ -159,7 +225,8 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     """The reverse state walk of the keys' memory, the values' memory or both: (dhk_chunks, dhv_chunks,
     dhk_scales, dhv_scales), the gradients w.r.t. the state at every chunk end (None for a memory not
     walked; the scales None unless compact), and the initial-state gradients written into dhk0 / dhv0.
-    dz may be None when the keys' memory is not walked."""
+    dz may be None when the keys' memory is not walked. Segments as in chunk_states_fwd, the fold
+    from the last segment to the first."""
     B, T, H, K = q.shape
     V, M = do.shape[-1], p.shape[-1]
     N, BT = layout.N, layout.BT
@@ -171,19 +238,36 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     dhk_scales = torch.empty(layout.num_slots, H, K, **f32) if keys and compact else None
     dhv_scales = torch.empty(layout.num_slots, H, V, **f32) if values and compact else None
     cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
-    if keys and values:
-        grid = _grid_states(K, V, cfg, N, H)
-    else:
-        grid = (cdiv(K, cfg["BK"]) if keys else cdiv(V, cfg["BV"]), N * H)
+    cfg, tiles, segments = _walk_plan("states_bwd", cfg, layout, B, T, H, K, V, M, q.device, keys, values)
     use_dht = dhk_final is not None
     dummy = q     # the pointer passed for an absent tensor; the kernel never reads it
     opt = lambda x: dummy if x is None else x   # noqa: E731
-    states_bwd_kernel[grid](
-        q, do, opt(dz), p, G, opt(dhk_final), opt(dhv_final), opt(dhk_chunks), opt(dhv_chunks),
-        opt(dhk_scales), opt(dhv_scales), dhk0, dhv0, cu, offsets, T,
-        H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=cfg["SPLIT"],
-        DO_KEYS=keys, DO_VALUES=values, USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=layout.is_varlen,
-        PREC=dot_precision(q.dtype), COMPACT=compact, **_warps(cfg))
+    common = dict(H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
+                  IS_VARLEN=layout.is_varlen, **_warps(cfg))
+    walk = dict(common, SPLIT=cfg["SPLIT"], DO_KEYS=keys, DO_VALUES=values, PREC=dot_precision(q.dtype),
+                COMPACT=compact)
+    chunk_out = (opt(dhk_chunks), opt(dhv_chunks), opt(dhk_scales), opt(dhv_scales))
+    if segments is None:
+        states_bwd_kernel[(tiles, N * H)](
+            q, do, opt(dz), p, G, opt(dhk_final), opt(dhv_final), *chunk_out, dhk0, dhv0, dummy,
+            cu, offsets, dummy, T, 1, SEGMENTED=False, USE_FINAL_STATE_GRADIENT=use_dht, STORE_CHUNKS=True,
+            STORE_INITIAL=True, STORE_DECAY=False, **walk)
+        return dhk_chunks, dhv_chunks, dhk_scales, dhv_scales
+    _, seg_offsets, seg_table = segments.layout.ptrs(q)
+    # level 1: each segment backwards from zero, the gradient at its start into the summaries
+    states_bwd_kernel[(tiles, segments.rows(H))](
+        q, do, opt(dz), p, G, dummy, dummy, dummy, dummy, dummy, dummy, segments.summary_k,
+        segments.summary_v, segments.log_decay, cu, offsets, seg_table, T, segments.chunks, SEGMENTED=True,
+        USE_FINAL_STATE_GRADIENT=False, STORE_CHUNKS=False, STORE_INITIAL=True, STORE_DECAY=True, **walk)
+    fold_segments_kernel[(tiles if not (keys and values) else cdiv(K, cfg["BK"]) + cdiv(V, cfg["BV"]), N * H)](
+        segments.summary_k, segments.summary_v, segments.log_decay, opt(dhk_final), opt(dhv_final), dhk0, dhv0,
+        seg_offsets, T, segments.chunks, DO_KEYS=keys, DO_VALUES=values, REVERSE=True, USE_STATE_IN=use_dht,
+        STORE_STATE_OUT=True, **common)
+    # level 2: each segment backwards again from the gradient at its true end
+    states_bwd_kernel[(tiles, segments.rows(H))](
+        q, do, opt(dz), p, G, segments.summary_k, segments.summary_v, *chunk_out, dummy, dummy, dummy,
+        cu, offsets, seg_table, T, segments.chunks, SEGMENTED=True, USE_FINAL_STATE_GRADIENT=True,
+        STORE_CHUNKS=True, STORE_INITIAL=False, STORE_DECAY=False, **walk)
     return dhk_chunks, dhv_chunks, dhk_scales, dhv_scales
 
 
