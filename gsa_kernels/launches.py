@@ -67,8 +67,9 @@ def amend_launch(kernel: str, cfg: dict):
 
 def last_launches() -> dict[str, dict]:
     """Per kernel, this thread's most recent launch of it, in first-launch order: {"config", "source",
-    "entry"}; source is one of override / tuned / user-cache / autotuned / nearest / default, entry the
-    key of the tuned entry used (or None). Covers every kernel, the recurrent and decode ones included."""
+    "entry"}; source is one of override / device / tuned / user-cache / autotuned / nearest-device /
+    nearest / default (gsa_kernels/lookup.py), entry the key of the tuned entry used (or None). Covers
+    every kernel, the recurrent and decode ones included."""
     return {k: {**v, "config": dict(v["config"])} for k, v in this_thread.launches.items()}
 
 

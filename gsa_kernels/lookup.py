@@ -4,12 +4,14 @@ Where a launch config comes from, first match wins (`configs.launch_config` asks
 
 1. an active `launches.override({kernel: cfg})` (the sweep and the opt-in autotuner time candidates
    this way);
-2. the tuned file (tuned_file.py): an entry whose key equals the problem's key (problem_keys.py) is
-   used as is: no autotuning, no benchmark;
+2. the tuned files (tuned_file.py): an entry whose key equals the problem's key (problem_keys.py) is
+   used as is, no autotuning, no benchmark: first from the file of this GPU model (source "device"),
+   then from the arch's file (source "tuned", measured on any GPU of the arch);
 3. the user cache (tuned_file.py): entries the opt-in autotuner measured on this machine, exact key;
 4. with `GSA_KERNELS_AUTOTUNE=1` only: `chunk_gsa` tunes the missing key on the spot (autotune.py),
    writes it to the user cache, and it becomes case 3 for this and every later process;
-5. the nearest entry of 2 and 3 (distance below) whose configs fit the problem's dims;
+5. the nearest entry (distance below) whose configs fit the problem's dims: of this GPU model's file
+   first ("nearest-device"), then of the arch's file and the user cache ("nearest");
 6. `configs.default_config`.
 
 Nearest distance between a problem and an entry (smaller is nearer, ties go to the earlier entry):
@@ -39,6 +41,7 @@ from gsa_kernels.resources import fits
 from gsa_kernels.tuned_file import Entry, load_tables, reread
 
 _lock = threading.Lock()
+_TABLE_OF = {"device": "device", "tuned": "tuned", "user-cache": "cache"}   # exact sources -> their table
 _selected: dict = {}                   # problem key -> (Entry | None, source)
 # entries tuned in this process that the user cache could not store (unwritable location): kept here,
 # so that the process uses what it measured and does not tune the same key again
@@ -75,20 +78,27 @@ def select_entry(key: tuple) -> tuple[Entry | None, str]:
         tables = load_tables()
         found = None
         exact_possible = key[4] is not None and key[5] is not None
-        for name, source in (("tuned", "tuned"), ("cache", "user-cache")):
+        for name, source in (("device", "device"), ("tuned", "tuned"), ("cache", "user-cache")):
             table = tables[name]
             if exact_possible and table is not None and key in table.exact:
                 found = (table.exact[key], source)
                 break
         if found is None and key in _unsaved:
             found = (_unsaved[key], "autotuned")
+        if found is None and tables["device"] is not None:
+            found = _nearest(key, tables["device"].entries, "nearest-device")
         if found is None:
             pool = [e for name in ("tuned", "cache") if tables[name] is not None
                     for e in tables[name].entries] + list(_unsaved.values())
-            ranked = sorted(enumerate(pool), key=lambda ie: (distance(key, ie[1].key), ie[0]))
-            found = next(((e, "nearest") for _, e in ranked if entry_fits(e, key)), (None, "default"))
+            found = _nearest(key, pool, "nearest") or (None, "default")
         _selected[key] = found
         return found
+
+
+def _nearest(key: tuple, pool: list, source: str):
+    """(the nearest entry of pool whose configs fit, source), ties to the earlier; None if none fits."""
+    ranked = sorted(enumerate(pool), key=lambda ie: (distance(key, ie[1].key), ie[0]))
+    return next(((e, source) for _, e in ranked if entry_fits(e, key)), None)
 
 
 def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict | None, str, tuple | None]:
@@ -104,7 +114,7 @@ def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict
 
 
 def has_exact(key: tuple) -> bool:
-    return select_entry(key)[1] in ("tuned", "user-cache", "autotuned")
+    return select_entry(key)[1] in ("device", "tuned", "user-cache", "autotuned")
 
 
 def backend_for(key: tuple) -> str:
@@ -112,9 +122,9 @@ def backend_for(key: tuple) -> str:
     if this_thread.override is not None:
         return "triton"
     entry, source = select_entry(key)
-    if entry is None or source not in ("tuned", "user-cache") or entry.backend != "torch_compile":
+    if entry is None or source not in _TABLE_OF or entry.backend != "torch_compile":
         return "triton"       # an autotuned entry the cache could not keep has no torch version: Triton
-    table = load_tables()["tuned" if source == "tuned" else "cache"]
+    table = load_tables()[_TABLE_OF[source]]
     file_torch = str(table.meta.get("torch", ""))
     if file_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
         return "triton"

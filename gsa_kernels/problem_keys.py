@@ -9,6 +9,7 @@ sqrt(2) and the file must stay small.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -22,6 +23,18 @@ def current_arch() -> str | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major}{minor}"
+
+
+def device_slug(name: str) -> str:
+    """A GPU's model name as it appears in a tuned file's name: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def current_device_model() -> str | None:
+    """The current CUDA device's model (`device_slug` of its name), None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return device_slug(torch.cuda.get_device_name())
 
 
 def dtype_name(dtype) -> str:

@@ -1,10 +1,13 @@
 """The tuned files on disk: where they are, reading and validating them, and the warnings when one
 cannot be used.
 
-Two files are read, once per process (until `reset`): the tuned file, `$GSA_KERNELS_TUNED_CONFIGS` if
-set (the words `none`/`off` or an empty value: no file), else `tuned_configs/<arch>.yaml` for the
-present GPU (gsa_kernels._paths); and the user cache, `$GSA_KERNELS_CACHE_DIR/<arch>.yaml` (default
-`~/.cache/gsa_kernels`), which holds the entries the opt-in autotuner measured on this machine.
+Up to three files are read, once per process (until `reset`): the shipped files for the present GPU
+(gsa_kernels._paths), `tuned_configs/<arch>-<model>.yaml` with entries measured on this GPU model
+(`problem_keys.current_device_model`, e.g. sm90-nvidia-h200.yaml) and `tuned_configs/<arch>.yaml`
+with entries of any GPU of the arch, both optional; or instead of both, `$GSA_KERNELS_TUNED_CONFIGS`
+when set (the words `none`/`off` or an empty value: no file); and the user cache,
+`$GSA_KERNELS_CACHE_DIR/<arch>.yaml` (default `~/.cache/gsa_kernels`), which holds the entries the
+opt-in autotuner measured on this machine. A device file must say it was measured on that model.
 The variable's former name, GSA_TUNED_CONFIGS, is still read (GSA_KERNELS_TUNED_CONFIGS wins when both
 are set), with one FutureWarning per process (a DeprecationWarning would be hidden from users
 by default: the name is set by the user, not by code).
@@ -31,7 +34,7 @@ from gsa_kernels import candidates
 from gsa_kernels._paths import tuned_configs_dir
 from gsa_kernels.kernel_hashes import kernel_hashes
 from gsa_kernels.launches import count
-from gsa_kernels.problem_keys import DTYPES, KEY_FIELDS, current_arch, problem_key
+from gsa_kernels.problem_keys import DTYPES, KEY_FIELDS, current_arch, current_device_model, device_slug, problem_key
 
 FORMAT = 2             # 2: per-kernel source hashes (meta.kernel_hashes) instead of one for all files
 # A tuned file holds some kilobytes per entry; past this it is not a file the sweep wrote, and parsing
@@ -45,7 +48,7 @@ ENV_CACHE_DIR = "GSA_KERNELS_CACHE_DIR"
 BACKENDS = ("triton", "torch_compile")
 
 _lock = threading.RLock()
-_tables: dict | None = None            # {"tuned": Table|None, "cache": Table|None}, read once
+_tables: dict | None = None            # {"device", "tuned", "cache": Table|None}, read once
 _warned: set = set()                   # tags of the warnings given (`warn_once`)
 
 
@@ -86,16 +89,29 @@ def _env_setting() -> tuple[str, str] | None:
 
 
 def tuned_file_path() -> Path | None:
-    """The tuned file this process reads (module docstring); None: no file."""
-    return _tuned_file_path(_env_setting())
+    """The arch-wide tuned file this process reads (module docstring); None: no file."""
+    return _tuned_file_paths(_env_setting())["tuned"]
 
 
-def _tuned_file_path(setting: tuple[str, str] | None) -> Path | None:
+def device_file_path() -> Path | None:
+    """The tuned file of this GPU model this process reads (module docstring); None: no file."""
+    return _tuned_file_paths(_env_setting())["device"]
+
+
+def device_file_name(arch: str, model: str) -> str:
+    """`<arch>-<model>.yaml`: the name of a tuned file measured on one GPU model."""
+    return f"{arch}-{model}.yaml"
+
+
+def _tuned_file_paths(setting: tuple[str, str] | None) -> dict:
+    """{"device": path or None, "tuned": path or None}: the files to read for this process."""
     if setting is not None:
         value = setting[1]
-        return None if value.strip().lower() in ("", "none", "off") else Path(value).expanduser()
-    arch = current_arch()
-    return None if arch is None else tuned_configs_dir() / f"{arch}.yaml"
+        named = None if value.strip().lower() in ("", "none", "off") else Path(value).expanduser()
+        return {"device": None, "tuned": named}
+    arch, model = current_arch(), current_device_model()
+    return {"device": None if arch is None or model is None else tuned_configs_dir() / device_file_name(arch, model),
+            "tuned": None if arch is None else tuned_configs_dir() / f"{arch}.yaml"}
 
 
 def user_cache_path(arch: str | None = None) -> Path:
@@ -178,10 +194,11 @@ def _hash_map(meta, name) -> dict:
     return value
 
 
-def validate(doc, *, arch: str | None) -> tuple[dict, list, tuple]:
+def validate(doc, *, arch: str | None, model: str | None = None) -> tuple[dict, list, tuple]:
     """(meta, entries, stale kernels) of a parsed YAML document, or FileProblem saying why it cannot be
     used at all. The stale kernels' configs are dropped from the entries (their launches take the
-    nearest fresh entry's config or the default); every other kernel keeps its tuned configs."""
+    nearest fresh entry's config or the default); every other kernel keeps its tuned configs.
+    model: the GPU model a device file must have been measured on (`device_slug` of meta.gpu)."""
     known = candidates.CANDIDATES
     _require(isinstance(doc, dict), "the top level is not a mapping")
     meta, raw_entries = doc.get("meta"), doc.get("entries")
@@ -194,6 +211,9 @@ def validate(doc, *, arch: str | None) -> tuple[dict, list, tuple]:
     file_hashes, file_candidates = _hash_map(meta, "kernel_hashes"), _hash_map(meta, "candidates")
     if arch is not None and meta["arch"] != arch:
         raise FileProblem(f"tuned for {meta['arch']}, but this GPU is {arch}")
+    if model is not None and device_slug(str(meta.get("gpu", ""))) != model:
+        raise FileProblem(f"measured on {str(meta.get('gpu'))[:60]!r}, but this GPU is {model}: a device "
+                          f"file must come from that model")
     if arch is not None and meta.get("dry_run"):
         raise FileProblem("written by a --dry-run in Triton's interpreter; its times mean nothing on a GPU")
     want = expected_meta()
@@ -219,9 +239,10 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
-def read_table(path: Path, *, arch: str | None, missing: str | None) -> Table | None:
+def read_table(path: Path, *, arch: str | None, missing: str | None, model: str | None = None) -> Table | None:
     """Parse and validate one file; None (after one warning, unless merely absent) if unusable.
-    `missing`: what to say when the file does not exist (None: nothing, it is optional). No content
+    `missing`: what to say when the file does not exist (None: nothing, it is optional); `model`: the
+    GPU model of a device file (`validate`). No content
     of the file can make this raise: a tuned file is a cache, and a broken cache must never stop a
     model from running."""
     try:
@@ -234,7 +255,7 @@ def read_table(path: Path, *, arch: str | None, missing: str | None) -> Table | 
             _file_warning(path, f"malformed: {size} bytes, over the {MAX_FILE_BYTES}-byte limit of a tuned file")
             return None
         count("files_read")
-        meta, entries, stale = validate(_load_yaml(path.read_text()), arch=arch)
+        meta, entries, stale = validate(_load_yaml(path.read_text()), arch=arch, model=model)
     except FileProblem as e:
         _file_warning(path, str(e))
         return None
@@ -252,17 +273,20 @@ def read_table(path: Path, *, arch: str | None, missing: str | None) -> Table | 
 
 
 def load_tables() -> dict:
-    """{"tuned": Table or None, "cache": Table or None}, read on the first call after a `reread`."""
+    """{"device", "tuned", "cache": Table or None}, read on the first call after a `reread`."""
     global _tables
     with _lock:
         if _tables is None:
             arch = current_arch()
             setting = _env_setting()
-            path = _tuned_file_path(setting)
-            # a file the user named must exist; the shipped one may be missing (an arch not tuned)
-            missing = None if setting is None else f"{setting[0]}={path} does not exist"
+            paths = _tuned_file_paths(setting)
+            # a file the user named must exist; the shipped ones may be missing (a GPU not tuned)
+            missing = None if setting is None else f"{setting[0]}={paths['tuned']} does not exist"
+            device = paths["device"]
             _tables = {
-                "tuned": None if path is None else read_table(path, arch=arch, missing=missing),
+                "device": None if device is None else read_table(device, arch=arch, missing=None,
+                                                                 model=current_device_model()),
+                "tuned": None if paths["tuned"] is None else read_table(paths["tuned"], arch=arch, missing=missing),
                 "cache": read_table(user_cache_path(arch), arch=arch, missing=None),
             }
         return _tables

@@ -415,6 +415,65 @@ def test_no_shipped_file_for_the_arch_is_silent(monkeypatch, tmp_path):
     assert launches.stats()["files_read"] == 0
 
 
+def _on_fake_gpu(monkeypatch, tmp_path, model):
+    """Shipped files from tmp_path, read as on a GPU of arch sm90 and this model; no user cache."""
+    monkeypatch.delenv(tuned_file.ENV_FILE, raising=False)
+    monkeypatch.delenv(tuned_file.ENV_FILE_DEPRECATED, raising=False)
+    monkeypatch.setenv(tuned_file.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setattr(tuned_file, "current_arch", lambda: "sm90")
+    monkeypatch.setattr(tuned_file, "current_device_model", lambda: model)
+    monkeypatch.setattr(tuned_file, "tuned_configs_dir", lambda: tmp_path)
+    configs.reset()
+
+
+def _source_and_config(kernel, K, V, M):
+    cfg = configs.launch_config(kernel, K=K, V=V, M=M, dtype=torch.float32, tokens=32, seqs=1)
+    return last_launches()[kernel]["source"], cfg
+
+
+def test_device_file_first_then_the_arch_file_then_nearest_of_the_device(monkeypatch, tmp_path):
+    """On a (fake) NVIDIA H200 with sm90-nvidia-h200.yaml and sm90.yaml: a key both files hold comes from
+    the device file; a key only the arch file holds from it; a key neither holds from the device
+    file's nearest entry, before any nearer entry of the arch file."""
+    _on_fake_gpu(monkeypatch, tmp_path, "nvidia-h200")
+    on_device = non_default_configs(16, 16, 16)
+    kernel = KERNELS[-1]
+    p = two_valued_param(kernel)
+    other = {k: dict(c) for k, c in on_device.items()}
+    other[kernel][p] = next(v for v in candidates.CANDIDATES[kernel][p] if v != on_device[kernel][p])
+    both, arch_only = shape_key(*SMALL, "float32"), shape_key(1, 32, 1, 32, 32, 16, "float32")
+    write(tmp_path / "sm90-nvidia-h200.yaml", {"meta": meta(arch="sm90", gpu="NVIDIA H200"),
+                                               "entries": [entry(both, on_device)]})
+    write(tmp_path / "sm90.yaml", {"meta": meta(arch="sm90", gpu="NVIDIA H100 80GB HBM3"),
+                                   "entries": [entry(both, other), entry(arch_only, other),
+                                               entry(shape_key(1, 32, 1, 64, 64, 16, "float32"), other)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _source_and_config(kernel, 16, 16, 16) == ("device", on_device[kernel])
+        assert _source_and_config(kernel, 32, 32, 16) == ("tuned", other[kernel])
+        # K = V = 64 is nearer the arch file's third entry (exact dims), but the device file wins
+        assert _source_and_config(kernel, 64, 64, 32) == ("nearest-device", on_device[kernel])
+
+
+def test_device_file_of_another_model_warns_and_is_not_used(monkeypatch, tmp_path):
+    _on_fake_gpu(monkeypatch, tmp_path, "nvidia-h200")
+    key = shape_key(*SMALL, "float32")
+    write(tmp_path / "sm90-nvidia-h200.yaml", {"meta": meta(arch="sm90", gpu="NVIDIA H100 80GB HBM3"),
+                                               "entries": [entry(key, non_default_configs(16, 16, 16))]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source, cfg = _source_and_config(KERNELS[-1], 16, 16, 16)
+    ours = [str(w.message) for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and "but this GPU is nvidia-h200" in ours[0], ours
+    assert source == "default"
+
+
+def test_device_slug():
+    assert problem_keys.device_slug("NVIDIA H200") == "nvidia-h200"
+    assert problem_keys.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tuned_file.device_file_name("sm90", "nvidia-h200") == "sm90-nvidia-h200.yaml"
+
+
 def test_file_is_read_once(monkeypatch, tmp_path):
     key = shape_key(*SMALL, "float32")
     use_file(monkeypatch, write(tmp_path / "t.yaml", {"meta": meta(),
@@ -876,7 +935,8 @@ def test_sweep_without_a_gpu_exits_non_zero():
     (["--arch", "sm90", "--dry-run", "--dtypes", "int8"], "--dtypes 'int8'"),
     (["--arch", "sm90", "--dry-run", "--kernels", "nosuch"], "--kernels: unknown"),
     (["--arch", "sm90", "--dry-run", "--output", "tuned_configs/sm90.yaml"], "never overwrites"),
-], ids=["arch", "shapes", "dtypes", "kernels", "shipped-output"])
+    (["--arch", "sm90", "--dry-run", "--output", "tuned_configs/sm90-nvidia-h200.yaml"], "never overwrites"),
+], ids=["arch", "shapes", "dtypes", "kernels", "shipped-output", "shipped-device-output"])
 def test_sweep_bad_arguments_exit_2_naming_the_argument(args, match):
     res = sweep(*args, timeout=120)
     assert res.returncode == 2 and match in res.stderr, res.stderr

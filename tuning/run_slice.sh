@@ -4,7 +4,8 @@
 #   bash tuning/run_slice.sh sweep [extra sweep args]   one slice (~9 min) of the sweep: resumes from
 #        $PARTIAL (default tuned_configs/sm90.partial.yaml) when it exists and writes $OUT/sm90.yaml;
 #        copy that back to $PARTIAL and run again until the summary says "done" (meta.complete: true),
-#        then move it to tuned_configs/sm90.yaml and commit it.
+#        then move it to tuned_configs/sm90-<model>.yaml (the GPU's model as the sweep's default
+#        output names it, e.g. sm90-nvidia-h200.yaml) and commit it.
 #   bash tuning/run_slice.sh first-call [MODES]          seconds to the first chunk_gsa fwd+bwd at shape a in
 #        fresh processes with empty caches (MODES default yaml,autotune; fla in its own call: it can
 #        take the whole 10 minutes)

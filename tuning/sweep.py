@@ -2,7 +2,8 @@
                           [--output PATH] [--resume [PATH]] [--time-budget S] [--dry-run] ...
 
 Tunes every shape x dtype of the grid on the present GPU (tuning/search.py says how) and writes
-tuned_configs/<arch>.yaml (schema: tuning/yamlio.py). The file is rewritten atomically after every
+tuned_configs/<arch>-<model>.yaml, the file of this GPU model (e.g. sm90-nvidia-h200.yaml: read first
+on that model, gsa_kernels/lookup.py; schema: tuning/yamlio.py). The file is rewritten atomically after every
 shape, so an interrupted sweep loses at most the shape it was on; `--resume` keeps the shapes a
 previous run already wrote (it must have been made on the same GPU with the same software) and
 tunes the rest. `--time-budget S` stops cleanly before a shape that would end past S seconds (by the
@@ -14,7 +15,7 @@ not --arch, or a resume file from other software.
 --dry-run runs the whole pipeline in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set here
 before Triton is imported) on the `tiny` grid with at most 2 candidates per kernel, skips the
 torch.compile timing (recorded as a note) and writes a file marked `dry_run: true`, by default to
-a temporary path and never over tuned_configs/<arch>.yaml. CI runs it (tests/test_tuning.py).
+a temporary path and never over a shipped tuned file. CI runs it (tests/test_tuning.py).
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def parse_args(argv):
     p.add_argument("--kernels", default=None, help="comma-separated kernels to tune (default: all of "
                                                    "gsa_kernels/candidates.py); the others keep their defaults, or "
                                                    "--seed's configs")
-    p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>.yaml; a temp "
-                                                  "file with --dry-run)")
+    p.add_argument("--output", default=None, help="where to write (default: tuned_configs/<arch>-<model>.yaml, "
+                                                  "the present GPU model's file; a temp file with --dry-run)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="keep the entries of PATH (default: --output) and tune only the shapes it lacks")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
     import torch
     from gsa_kernels import candidates
     from gsa_kernels._paths import tuned_configs_dir
-    from gsa_kernels.problem_keys import bucket, current_arch, problem_key
+    from gsa_kernels.problem_keys import bucket, current_arch, current_device_model, problem_key
+    from gsa_kernels.tuned_file import device_file_name
     from tuning import search, yamlio
 
     kernels = None
@@ -202,14 +204,15 @@ def main(argv=None) -> int:
         if unknown:
             return fail(f"--kernels: unknown {unknown}; known: {sorted(candidates.CANDIDATES)}")
 
-    shipped = (tuned_configs_dir() / f"{args.arch}.yaml").resolve()
+    model = current_device_model()
     if args.output:
         output = Path(args.output)
-    elif args.dry_run:
+    elif args.dry_run or model is None:
         output = Path(tempfile.gettempdir()) / f"gsa_kernels_dry_run_{args.arch}.yaml"
     else:
-        output = tuned_configs_dir() / f"{args.arch}.yaml"
-    if args.dry_run and output.resolve() == shipped:
+        output = tuned_configs_dir() / device_file_name(args.arch, model)
+    if args.dry_run and output.resolve().parent == tuned_configs_dir().resolve() \
+            and re.fullmatch(rf"{args.arch}(-[a-z0-9-]+)?\.yaml", output.name):
         return fail(f"--output {output}: a dry run never overwrites the shipped tuned configs")
     unwritable = yamlio.unwritable_reason(output)
     if unwritable:
