@@ -27,6 +27,7 @@ from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_fwd
 from gsa_kernels.ops import fused_recurrent_compiled
+from gsa_kernels.torch_common import reverse_time
 
 
 def _check_state_buffers(out, N, H, K, M, V, device):
@@ -103,7 +104,7 @@ def _check_out_aliasing(out, initial_state, inputs, inplace):
 
 
 def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
-                        cu_seqlens=None, *, inplace=False, out=None, **kwargs):
+                        reverse=False, cu_seqlens=None, *, inplace=False, out=None, **kwargs):
     """Gated Slot Attention token by token, with chunk_gsa's arguments and results (docs/contract.md,
     "API").
 
@@ -112,7 +113,13 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     g=None is ABC mode and cu_seqlens_cpu a host copy of cu_seqlens, both as for chunk_gsa).
     Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 when
     output_final_state, else (None, None). For T == 1 without gradients this is the single-launch
-    decode step. The initial state is only read.
+    decode step. The initial state is only read. The positions are flash-linear-attention 0.6.0's.
+
+    reverse=True runs the recurrence from each sequence's last token to its first (the initial state
+    enters before the last token; the final states are those after the first), with gates and, in
+    ABC mode, write weights of forward time, as FLA's: the op on time-reversed inputs, its output
+    reversed back (torch_common.reverse_time: one extra copy of the inputs and of o, and their
+    gradients).
 
     Inference only (nothing may require a gradient):
       inplace=True     write the new states into initial_state (float32, contiguous) and return it;
@@ -121,8 +128,9 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
                        pairs alternately for a state that stays at fixed addresses, e.g. CUDA graphs).
     """
     cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
-    if kwargs.pop("reverse", False):
-        raise ValueError("reverse=True is not supported: fused_recurrent_gsa runs forward in time")
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__} (cu_seqlens is the 10th "
+                        f"argument, after reverse, as in flash-linear-attention)")
     if "head_first" in kwargs:
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
@@ -136,6 +144,12 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
         s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     B, T, H, K, V, M, N = problem.B, problem.T, problem.H, problem.K, problem.V, problem.M, problem.N
     scale = K ** -0.5 if scale is None else float(scale)
+    if reverse and (T > 1 or cu_seqlens is not None):      # one token is its own reverse
+        flip = lambda x: reverse_time(x, cu_seqlens)   # noqa: E731
+        o, state = fused_recurrent_gsa(flip(q), flip(k), flip(v), flip(s), flip(g), scale, initial_state,
+                                       output_final_state, False, cu_seqlens, inplace=inplace, out=out,
+                                       cu_seqlens_cpu=cu_seqlens_cpu)
+        return flip(o), state
 
     hk0 = hv0 = None
     if initial_state is not None and (initial_state[0] is not None or initial_state[1] is not None):

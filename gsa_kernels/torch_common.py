@@ -25,6 +25,19 @@ def sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tup
     return [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
 
 
+def reverse_time(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, ...] with each sequence's tokens in reverse order: dim 1 flipped, or with cu_seqlens
+    (packed sequences, B = 1) each sequence flipped in place, by an index built on the device (no host
+    sync). Its own inverse; differentiable."""
+    if cu_seqlens is None:
+        return x.flip(1)
+    T = x.shape[1]
+    cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+    t = torch.arange(T, device=x.device)
+    n = torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)
+    return x.index_select(1, cu[n] + cu[n + 1] - 1 - t)
+
+
 def initial_states(initial_state, N, H, K, M, V, dtype, device):
     """(hk0, hv0) as [N, H, K, M] and [N, H, M, V] in the compute dtype; zeros where absent."""
     hk0 = hv0 = None

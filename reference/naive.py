@@ -7,7 +7,7 @@ from gsa_kernels.torch_common import compute_dtype, initial_states, sequence_bou
 
 
 def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
-                        cu_seqlens=None):
+                        reverse=False, cu_seqlens=None):
     """o, (hk, hv) = GSA by its recurrence, one token at a time (docs/contract.md, "Math").
 
     q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]. Computed in float64 for float64 inputs,
@@ -16,6 +16,9 @@ def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     of gsa_kernels/abc_gates.py: a running log-normaliser z per slot, restarted at every sequence's
     first token (an initial state included); the token writes with the weight exp(s_t - z_t) and
     forgets with exp(z_{t-1} - z_t), nothing at the first token.
+    reverse: the recurrence runs from each sequence's last token to its first (FLA's
+    fused_recurrent_gsa(reverse=True)); the gates and, in ABC mode, the weights are those of forward
+    time; the final states are those after the first token.
     """
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
@@ -29,24 +32,28 @@ def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
 
     outputs, final_hk, final_hv = [], [], []
     for n, (b, start, end) in enumerate(bounds):
-        hk, hv = hk0[n], hv0[n]                              # [H, K, M], [H, M, V]
-        seq_out = []
+        # the decay alpha and the write weight of every token, in forward time
+        alphas, weights = {}, {}
         z = None                                             # ABC: log sum_{j <= t} exp(s_j) [H, M]
         for t in range(start, end):
             if abc:
                 z_new = s[b, t] if z is None else torch.logaddexp(z, s[b, t])
-                alpha = torch.ones_like(z_new) if z is None else (z - z_new).exp()
-                st = (s[b, t] - z_new).exp()                 # the write weight, in (0, 1]
+                alphas[t] = torch.ones_like(z_new) if z is None else (z - z_new).exp()
+                weights[t] = (s[b, t] - z_new).exp()         # the write weight, in (0, 1]
                 z = z_new
             else:
-                alpha = g[b, t].exp()                        # [H, M]
-                st = s[b, t]
+                alphas[t], weights[t] = g[b, t].exp(), s[b, t]   # [H, M]
+        hk, hv = hk0[n], hv0[n]                              # [H, K, M], [H, M, V]
+        seq_out = {}
+        for t in (range(end - 1, start - 1, -1) if reverse else range(start, end)):
+            alpha, st = alphas[t], weights[t]
             hk = hk * alpha[:, None, :] + k[b, t, :, :, None] * st[:, None, :]
             hv = hv * alpha[:, :, None] + st[:, :, None] * v[b, t, :, None, :]
             scores = scale * torch.einsum('hk,hkm->hm', q[b, t], hk)
             p = scores.softmax(-1)
-            seq_out.append(torch.einsum('hm,hmv->hv', p, hv))
-        outputs.append(torch.stack(seq_out, 0) if seq_out else v.new_zeros(0, H, V))
+            seq_out[t] = torch.einsum('hm,hmv->hv', p, hv)
+        outputs.append(torch.stack([seq_out[t] for t in range(start, end)], 0) if seq_out
+                       else v.new_zeros(0, H, V))
         final_hk.append(hk)
         final_hv.append(hv)
 

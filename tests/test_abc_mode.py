@@ -40,10 +40,12 @@ def _inputs(T, H=2, K=16, V=8, M=16, dtype=torch.float32, seed=0, gates="abc", N
     return q, k, v, s, g, hk0, hv0
 
 
-def run_op_and_naive(op, q, k, v, s, g, hk0, hv0, cu_seqlens=None, seed=1, **kw):
+def run_op_and_naive(op, q, k, v, s, g, hk0, hv0, cu_seqlens=None, seed=1, both_kw=None, **kw):
     """Forward + backward of op on DEVICE and of the float64 naive recurrence on the same rounded
     inputs, with the same upstream gradients; g None is ABC mode in both, hk0 None: no initial state.
-    Returns (ours, ref) dicts of o, hk, hv and the gradients of every input given."""
+    kw go to op alone, both_kw to both. Returns (ours, ref) dicts of o, hk, hv and the gradients of
+    every input given."""
+    both_kw = both_kw or {}
     names = ["q", "k", "v", "s"] + ([] if g is None else ["g"]) + ([] if hk0 is None else ["hk0", "hv0"])
     ins = [q, k, v, s] + ([] if g is None else [g]) + ([] if hk0 is None else [hk0, hv0])
     ours_in = {n: x.detach().clone().to(DEVICE).requires_grad_() for n, x in zip(names, ins)}
@@ -54,8 +56,8 @@ def run_op_and_naive(op, q, k, v, s, g, hk0, hv0, cu_seqlens=None, seed=1, **kw)
         return f(t["q"], t["k"], t["v"], t["s"], t.get("g"), initial_state=h0, output_final_state=True,
                  cu_seqlens=cu, **extra)
 
-    o, (hk, hv) = call(op, ours_in, None if cu_seqlens is None else cu_seqlens.to(DEVICE), **kw)
-    ro, (rhk, rhv) = call(naive_recurrent_gsa, ref_in, cu_seqlens)
+    o, (hk, hv) = call(op, ours_in, None if cu_seqlens is None else cu_seqlens.to(DEVICE), **kw, **both_kw)
+    ro, (rhk, rhv) = call(naive_recurrent_gsa, ref_in, cu_seqlens, **both_kw)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(o.dtype).double()
     dhk = torch.randn(rhk.shape, generator=gen, dtype=torch.float64).float().double()

@@ -201,6 +201,52 @@ def test_fused_recurrent_large_on_gpu(B, T, H, K, V, M, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# reverse=True (FLA 0.6.0's fused_recurrent_gsa): the recurrence from the last token to the first
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("abc", [False, True], ids=["gates", "abc"])
+@pytest.mark.parametrize("lengths", [None, [3, 1, 0, 9]], ids=["dense", "varlen"])
+def test_reverse_matches_naive(dtype, abc, lengths):
+    """Forward, final states and every gradient against the float64 recurrence run backwards in time,
+    dense and packed (a sequence of one token and an empty one among them), gates or ABC mode."""
+    from test_abc_mode import _inputs, run_op_and_naive
+    T = 13 if lengths is None else sum(lengths)
+    N = 1 if lengths is None else len(lengths)
+    q, k, v, s, g, hk0, hv0 = _inputs(T, dtype=dtype, seed=21, gates="abc" if abc else "model", N=N)
+    cu = None if lengths is None else torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    ours, ref, _ = run_op_and_naive(fused_recurrent_gsa, q, k, v, s, g, hk0, hv0, cu_seqlens=cu,
+                                    both_kw={"reverse": True})
+    assert_close(ours, ref, dtype, "reverse=True")
+
+
+def test_naive_reverse_is_the_forward_recurrence_on_reversed_time():
+    """The reference's reverse against its own forward on explicitly reversed inputs (float64), with
+    the gates (or ABC's weights) of forward time: the two reference paths agree."""
+    q, k, v, s, g, hk0, hv0 = (x.double() for x in make_inputs(1, 11, 2, 8, 8, 4, torch.float32, "mixed", seed=3))
+    flip = lambda x: x.flip(1)   # noqa: E731
+    o, (hk, hv) = naive_recurrent_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True,
+                                      reverse=True)
+    fo, (fhk, fhv) = naive_recurrent_gsa(flip(q), flip(k), flip(v), flip(s), flip(g), initial_state=(hk0, hv0),
+                                         output_final_state=True)
+    for a, b in ((o, flip(fo)), (hk, fhk), (hv, fhv)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_reverse_inference_paths():
+    """Without gradients (the two-launch forward) and in place: the same outputs as the training path."""
+    (q, k, v, s, g), (hk0, hv0) = _good()
+    o, (hk, hv) = fused_recurrent_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True,
+                                      reverse=True)
+    state = (hk0.clone(), hv0.clone())
+    with torch.no_grad():
+        o2, (hk2, hv2) = fused_recurrent_gsa(q, k, v, s, g, initial_state=state, reverse=True, inplace=True)
+    assert hk2 is state[0] and hv2 is state[1]
+    torch.testing.assert_close(o2, o)
+    torch.testing.assert_close(hk2, hk)
+    torch.testing.assert_close(hv2, hv)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument
 
 def _good():
@@ -236,8 +282,8 @@ def test_bad_input_errors(case):
     elif case == "out_and_inplace":
         kw.update(inplace=True, out=(hk0, hv0), initial_state=(hk0, hv0))
         err, words = ValueError, "inplace"
-    elif case == "reverse":
-        kw["reverse"], err, words = True, ValueError, "reverse"
+    elif case == "reverse":       # a tensor where FLA's order has reverse: cu_seqlens one place later
+        kw["reverse"], err, words = torch.tensor([0, 4], dtype=torch.int32), TypeError, "reverse must be a bool"
     else:
         kw["head_first"], err, words = True, TypeError, "head_first"
     with pytest.raises(err, match=words):
