@@ -83,6 +83,36 @@ def load_state(values, scales, off, mask, scale_off, scale_mask, PER_ROW: tl.con
 
 
 @triton.jit
+def _store_chunk(hk, hv, hk_chunks, hv_chunks, hk_scales, hv_scales, slot_head, hk_off, hk_mask, hv_off, hv_mask,
+                 kk, vv, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, DO_KEYS: tl.constexpr,
+                 DO_VALUES: tl.constexpr, COMPACT: tl.constexpr):
+    """A walk's tiles at state index slot_head (a chunk slot's slot * H + h, or a walk row's): float32,
+    or COMPACT scaled float16 with their scales (`_store_scaled`). Used for the states and for their
+    gradients alike."""
+    if COMPACT:
+        if DO_KEYS:
+            _store_scaled(hk, hk_chunks, hk_scales, slot_head * K * M + hk_off, hk_mask, slot_head * K + kk, kk < K)
+        if DO_VALUES:
+            _store_scaled(hv, hv_chunks, hv_scales, slot_head * M * V + hv_off, hv_mask, slot_head * V + vv, vv < V)
+    else:
+        if DO_KEYS:
+            tl.store(hk_chunks + slot_head * K * M + hk_off, hk, mask=hk_mask)
+        if DO_VALUES:
+            tl.store(hv_chunks + slot_head * M * V + hv_off, hv, mask=hv_mask)
+
+
+@triton.jit
+def _store_log_decay(seg_decay, index, log_decay, m, M, key_tile, value_tile, DO_KEYS: tl.constexpr):
+    """A segment's total log decay [BM]: every tile program of the walk row has the same sum, so the
+    row's first one stores it."""
+    if DO_KEYS:
+        first_tile = key_tile == 0
+    else:
+        first_tile = value_tile == 0
+    tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
+
+
+@triton.jit
 def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
               seg_decay, bos, eos, chunk0, num_chunks, index, h, key_tile, value_tile,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
@@ -142,18 +172,8 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
             vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
         if STORE_CHUNKS:
-            if COMPACT:
-                if DO_KEYS:
-                    _store_scaled(hk, hk_chunks, hk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
-                                  (slot * H + h) * K + kk, kk < K)
-                if DO_VALUES:
-                    _store_scaled(hv, hv_chunks, hv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
-                                  (slot * H + h) * V + vv, vv < V)
-            else:
-                if DO_KEYS:
-                    tl.store(hk_chunks + (slot * H + h) * K * M + hk_off, hk, mask=hk_mask)
-                if DO_VALUES:
-                    tl.store(hv_chunks + (slot * H + h) * M * V + hv_off, hv, mask=hv_mask)
+            _store_chunk(hk, hv, hk_chunks, hv_chunks, hk_scales, hv_scales, slot * H + h, hk_off, hk_mask,
+                         hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, COMPACT)
         G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
@@ -170,17 +190,11 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
         if STORE_DECAY:
             log_decay += Gend
         Gend = Gend_next
-    if STORE_FINAL_STATE:
-        if DO_KEYS:
-            tl.store(hk_final + index.to(tl.int64) * K * M + hk_off, hk, mask=hk_mask)
-        if DO_VALUES:
-            tl.store(hv_final + index.to(tl.int64) * M * V + hv_off, hv, mask=hv_mask)
-    if STORE_DECAY:     # every tile program of the row has the same sum: the first one stores it
-        if DO_KEYS:
-            first_tile = key_tile == 0
-        else:
-            first_tile = value_tile == 0
-        tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
+    if STORE_FINAL_STATE:     # float32 (the op's final states, or a segment's summary)
+        _store_chunk(hk, hv, hk_final, hv_final, hk_final, hv_final, index.to(tl.int64), hk_off, hk_mask,
+                     hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, False)
+    if STORE_DECAY:
+        _store_log_decay(seg_decay, index, log_decay, m, M, key_tile, value_tile, DO_KEYS)
 
 
 @triton.jit
@@ -273,18 +287,8 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             doc_next = _prefetch_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0_prev, nvalid_prev, h, H, M, BM, BT)
         if STORE_CHUNKS:
-            if COMPACT:
-                if DO_KEYS:
-                    _store_scaled(dhk, dhk_chunks, dhk_scales, (slot * H + h) * K * M + hk_off, hk_mask,
-                                  (slot * H + h) * K + kk, kk < K)
-                if DO_VALUES:
-                    _store_scaled(dhv, dhv_chunks, dhv_scales, (slot * H + h) * M * V + hv_off, hv_mask,
-                                  (slot * H + h) * V + vv, vv < V)
-            else:
-                if DO_KEYS:
-                    tl.store(dhk_chunks + (slot * H + h) * K * M + hk_off, dhk, mask=hk_mask)
-                if DO_VALUES:
-                    tl.store(dhv_chunks + (slot * H + h) * M * V + hv_off, dhv, mask=hv_mask)
+            _store_chunk(dhk, dhv, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales, slot * H + h, hk_off, hk_mask,
+                         hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, COMPACT)
         eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM))
         decay = tl.exp(Gend)
         if DO_KEYS:
@@ -306,17 +310,11 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         if STORE_DECAY:
             log_decay += Gend
         Gend = Gend_next
-    if STORE_INITIAL:
-        if DO_KEYS:
-            tl.store(dhk0 + index.to(tl.int64) * K * M + hk_off, dhk, mask=hk_mask)
-        if DO_VALUES:
-            tl.store(dhv0 + index.to(tl.int64) * M * V + hv_off, dhv, mask=hv_mask)
-    if STORE_DECAY:     # every tile program of the row has the same sum: the first one stores it
-        if DO_KEYS:
-            first_tile = key_tile == 0
-        else:
-            first_tile = value_tile == 0
-        tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
+    if STORE_INITIAL:     # float32 (the initial-state gradients, or a segment's summary)
+        _store_chunk(dhk, dhv, dhk0, dhv0, dhk0, dhv0, index.to(tl.int64), hk_off, hk_mask,
+                     hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, False)
+    if STORE_DECAY:
+        _store_log_decay(seg_decay, index, log_decay, m, M, key_tile, value_tile, DO_KEYS)
 
 
 @triton.jit
