@@ -241,16 +241,16 @@ def test_layer_prefill_and_decode_compile():
     """The layer's inference side compiled: a chunk prefill with a cache, then token-by-token steps
     on it (the decode custom op), equal to eager."""
     torch.manual_seed(0)
-    layer = GatedSlotAttention(32, num_heads=2, num_slots=12, recurrent_threshold=4).to(DEVICE).eval()
+    layer = GatedSlotAttention(hidden_size=32, num_heads=2, num_slots=12, recurrent_threshold=4).to(DEVICE).eval()
     x = torch.randn(2, 23, 32, device=DEVICE)
-    compiled, counter = _counted(lambda x, state: layer(x, state=state, use_cache=True))
+    compiled, counter = _counted(lambda x, state: layer.mix(x, state=state, use_cache=True))
     with torch.no_grad():
         y, state = compiled(x[:, :20], None)
-        ry, rstate = layer(x[:, :20], use_cache=True)
+        ry, rstate = layer.mix(x[:, :20], use_cache=True)
         assert rel_err(y, ry) <= 1e-6
         for t in range(20, 23):
             y, state = compiled(x[:, t:t + 1], state)
-            ry, rstate = layer(x[:, t:t + 1], state=rstate, use_cache=True)
+            ry, rstate = layer.mix(x[:, t:t + 1], state=rstate, use_cache=True)
             assert rel_err(y, ry) <= 1e-6
             for got, want in zip(state, rstate):
                 assert rel_err(got, want) <= 1e-6

@@ -20,23 +20,46 @@ from test_chunk import rel_err
 
 def make_layer(hidden=32, num_heads=2, num_slots=12, dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
-    layer = GatedSlotAttention(hidden, num_heads=num_heads, num_slots=num_slots, **kw)
+    layer = GatedSlotAttention(hidden_size=hidden, num_heads=num_heads, num_slots=num_slots, **kw)
     with torch.no_grad():   # non-trivial norm weights, so that a wrong norm axis shows
         if layer.use_norm:
             layer.g_norm.weight.uniform_(0.5, 1.5)
     return layer.to(device=DEVICE, dtype=dtype).eval()
 
 
+def reference_conv(x, weight, bias, cache=None):
+    """silu(causal depthwise convolution), token by token in float64: x [B, T, D], weight [D, 1, W],
+    cache [B, D, W] (the W previous inputs, newest last) or None; (y, the new cache)."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    hist = torch.zeros(B, D, W, dtype=x.dtype) if cache is None else cache.double().cpu().clone()
+    ys = []
+    for t in range(T):
+        hist = torch.cat([hist[..., 1:], x[:, t, :, None]], -1)
+        y = (hist * weight[:, 0]).sum(-1)
+        ys.append(F.silu(y if bias is None else y + bias))
+    return (torch.stack(ys, 1) if ys else x.new_zeros(B, 0, D)), hist
+
+
 def reference_layer(layer, x, state=None):
-    """The layer's math in float64 with the naive recurrence: (y, (hk, hv))."""
+    """The layer's math in float64 with the naive recurrence: (y, (hk, hv)), and with short
+    convolutions (y, (hk, hv, (q, k, v caches)))."""
     W = {n: p.detach().double().cpu() for n, p in layer.named_parameters()}
     x = x.detach().double().cpu()
     B, T, _ = x.shape
     H, Hkv, K, V, M = layer.num_heads, layer.num_kv_heads, layer.head_k_dim, layer.head_v_dim, layer.num_slots
     phi = {"swish": F.silu, "relu": F.relu, "identity": lambda t: t}[layer.feature_map]
-    q = phi(x @ W["q_proj.weight"].T).view(B, T, H, K)
-    k = phi(x @ W["k_proj.weight"].T).view(B, T, Hkv, K)
-    v = F.silu(x @ W["v_proj.weight"].T).view(B, T, Hkv, V)
+    q, k, v = (x @ W[f"{n}_proj.weight"].T for n in "qkv")
+    caches = None
+    if layer.use_short_conv:
+        old = (None, None, None) if state is None else state[2]
+        (q, cq), (k, ck), (v, cv) = (reference_conv(a, W[f"{n}_conv1d.weight"], W.get(f"{n}_conv1d.bias"), c)
+                                     for n, a, c in zip("qkv", (q, k, v), old))
+        caches = (cq, ck, cv)
+        state = None if state is None else state[:2]
+    q = phi(q).view(B, T, H, K)
+    k = phi(k).view(B, T, Hkv, K)
+    v = F.silu(v).view(B, T, Hkv, V)
     g = F.logsigmoid(x @ W["f_proj.weight"].T).view(B, T, Hkv, M) / layer.gate_logit_normalizer
     s = 1 - g.exp()
     k, v, s, g = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, s, g))
@@ -47,7 +70,7 @@ def reference_layer(layer, x, state=None):
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.g_norm.eps) * W["g_norm.weight"]
     if layer.use_output_gate:
         o = o * F.silu(x @ W["g_proj.weight"].T)
-    return o @ W["o_proj.weight"].T, new_state
+    return o @ W["o_proj.weight"].T, (new_state if caches is None else (*new_state, caches))
 
 
 LAYERS = {  # name -> GatedSlotAttention keyword arguments (hidden 32)
@@ -57,6 +80,8 @@ LAYERS = {  # name -> GatedSlotAttention keyword arguments (hidden 32)
     "gqa-recurrent-gate": dict(num_heads=4, num_kv_heads=1, mode="fused_recurrent", use_output_gate=True),
     "expand-relu": dict(num_heads=2, expand_k=0.5, expand_v=2.0, feature_map="relu", num_slots=5,
                         recurrent_threshold=0),
+    "short-conv": dict(num_heads=4, num_kv_heads=2, use_short_conv=True, conv_size=3, conv_bias=True,
+                       recurrent_threshold=0),
 }
 
 
@@ -67,14 +92,20 @@ def test_layer_matches_reference(name):
     x = torch.randn(2, 9, 32, generator=gen)
     hk_shape, hv_shape = layer.state_shapes(2)
     state = (torch.randn(hk_shape, generator=gen).to(DEVICE), torch.randn(hv_shape, generator=gen).to(DEVICE))
+    if layer.use_short_conv:    # caches of the three convolutions, as a previous call leaves them
+        state = (*state, tuple(torch.randn(2, conv.hidden_size, conv.kernel_size[0], generator=gen).to(DEVICE)
+                               for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)))
     with torch.no_grad():
-        y, (hk, hv) = layer(x.to(DEVICE), state=state)
-    ry, (rhk, rhv) = reference_layer(layer, x, state)
-    errors = {"y": rel_err(y, ry), "hk": rel_err(hk, rhk), "hv": rel_err(hv, rhv)}
+        y, new_state = layer.mix(x.to(DEVICE), state=state)
+    ry, ref_state = reference_layer(layer, x, state)
+    errors = {"y": rel_err(y, ry), "hk": rel_err(new_state[0], ref_state[0]),
+              "hv": rel_err(new_state[1], ref_state[1])}
+    if layer.use_short_conv:
+        errors.update({f"conv cache {i}": rel_err(a, b) for i, (a, b) in enumerate(zip(new_state[2], ref_state[2]))})
     assert max(errors.values()) <= 1e-5, errors
 
 
-@pytest.mark.parametrize("name", ["gqa-chunk", "expand-relu"])
+@pytest.mark.parametrize("name", ["gqa-chunk", "expand-relu", "short-conv"])
 def test_prefill_then_decode_equals_one_pass(name):
     """Prefill (chunk kernels) on the first 7 tokens, then 4 decode steps on the state cache: the
     outputs and the final state equal one chunk pass over all 11 tokens."""
@@ -82,14 +113,103 @@ def test_prefill_then_decode_equals_one_pass(name):
     layer.recurrent_threshold = 1    # chunk for every T > 1, the decode kernel at T = 1
     x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
-        y_full, state_full = layer(x)
-        y, state = layer(x[:, :7])
+        y_full, state_full = layer.mix(x)
+        y, state = layer.mix(x[:, :7])
         ys = [y]
         for t in range(7, 11):
-            y, state = layer(x[:, t:t + 1], state=state)
+            y, state = layer.mix(x[:, t:t + 1], state=state)
             ys.append(y)
     assert rel_err(torch.cat(ys, 1), y_full) <= 1e-5
     assert rel_err(state[0], state_full[0]) <= 1e-5 and rel_err(state[1], state_full[1]) <= 1e-5
+    if layer.use_short_conv:
+        assert all(torch.equal(a, b) for a, b in zip(state[2], state_full[2]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# flash-linear-attention's layer interface: forward(hidden_states, attention_mask, past_key_values,
+# use_cache, output_attentions) -> (o, None, past_key_values), with a cache in FLA's protocol
+
+@pytest.mark.parametrize("name", ["gqa-chunk", "short-conv"])
+def test_fla_call_through_a_cache_equals_one_pass(name):
+    """FLA-style code: prefill 7 tokens with a fresh GSACache, then 4 one-token steps through it; the
+    outputs equal one pass (and the state-passing view, `mix`), the cache counts the tokens."""
+    from gsa_kernels.layers import GSACache
+    layer = make_layer(**LAYERS[name], layer_idx=0)
+    layer.recurrent_threshold = 1
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        y_full, attn, none_cache = layer(x)
+        assert attn is None and none_cache is None
+        assert torch.equal(y_full, layer.mix(x, use_cache=False)[0])
+        cache = GSACache()
+        y, _, returned = layer(x[:, :7], past_key_values=cache, use_cache=True)
+        assert returned is cache and len(cache) == 1
+        ys = [y]
+        for t in range(7, 11):
+            y, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            ys.append(y)
+    assert rel_err(torch.cat(ys, 1), y_full) <= 1e-5
+    assert cache.get_seq_length(0) == 11
+    assert set(cache[0]) >= {"recurrent_state", "conv_state"}
+    assert (cache[0]["conv_state"] is not None) == layer.use_short_conv
+
+
+def test_fla_call_takes_the_last_columns_of_a_longer_mask():
+    """With a cache FLA passes a mask over past and new tokens: the layer reads its last T columns."""
+    from gsa_kernels.layers import GSACache
+    layer = make_layer(**LAYERS["chunk"], layer_idx=0)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 1, 1]], device=DEVICE)
+    with torch.no_grad():
+        y, _, _ = layer(x, attention_mask=mask, past_key_values=GSACache(), use_cache=True)
+        ref, _ = layer.mix(x, attention_mask=mask[:, -5:])
+    assert torch.equal(y, ref) and not y[1, 2].any()
+
+
+def test_fla_constructor_order_and_defaults():
+    """FLA's positions (mode, hidden_size, expand_k, expand_v, num_heads, ...), num_slots None = K,
+    unknown keyword arguments accepted with one warning, a size where mode goes refused by name."""
+    layer = GatedSlotAttention("fused_recurrent", 64, 1.0, 0.5, 4)
+    assert (layer.mode, layer.hidden_size, layer.head_k_dim, layer.head_v_dim) == ("fused_recurrent", 64, 16, 8)
+    assert layer.num_slots == 16
+    with pytest.warns(UserWarning, match="fuse_norm"):
+        GatedSlotAttention(hidden_size=32, num_heads=2, fuse_norm=True, gate_fn="swish")
+    with pytest.raises(TypeError, match="first argument"):
+        GatedSlotAttention(32, num_heads=2)
+
+
+def test_fla_call_bad_arguments():
+    from gsa_kernels.layers import GSACache
+    layer = make_layer(num_heads=2)                  # no layer_idx
+    x = torch.randn(2, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="layer_idx"):
+        layer(x, past_key_values=GSACache(), use_cache=True)
+    state = (torch.zeros(2, 2, 16, 12, device=DEVICE), torch.zeros(2, 2, 12, 16, device=DEVICE))
+    with pytest.raises(TypeError, match="mix"):     # our old positional state, where FLA has the mask
+        layer(x, state)
+
+
+def test_short_convolution_against_the_recurrence():
+    """Dense and packed (an empty sequence and one shorter than the kernel among them), with and
+    without a cache: outputs and new caches equal the token-by-token definition."""
+    from gsa_kernels.layers.conv import ShortConvolution
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4, bias=True).double()
+    w, b = conv.weight.detach(), conv.bias.detach()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 6, generator=gen, dtype=torch.float64)
+    for cache in (None, torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)):
+        y, new = conv(x, cache, output_final_state=True)
+        ry, rnew = reference_conv(x, w, b, cache)
+        assert torch.allclose(y, ry) and torch.allclose(new, rnew)
+    cu = torch.tensor([0, 3, 3, 4, 10])
+    xp = torch.randn(1, 10, 6, generator=gen, dtype=torch.float64)
+    for cache in (None, torch.randn(4, 6, 4, generator=gen, dtype=torch.float64)):
+        y, new = conv(xp, cache, output_final_state=True, cu_seqlens=cu)
+        for n in range(4):
+            a, e = cu[n].item(), cu[n + 1].item()
+            ry, rnew = reference_conv(xp[:, a:e], w, b, None if cache is None else cache[n:n + 1])
+            assert torch.allclose(y[:, a:e], ry) and torch.allclose(new[n:n + 1], rnew), n
 
 
 @pytest.mark.parametrize("name", ["chunk", "recurrent"])
@@ -102,8 +222,8 @@ def test_causality(name):
     t0 = 6
     x2[:, t0:] = 5 * torch.randn(1, 10 - t0, 32, generator=gen)
     with torch.no_grad():
-        y, _ = layer(x.to(DEVICE), use_cache=False)
-        y2, _ = layer(x2.to(DEVICE), use_cache=False)
+        y, _ = layer.mix(x.to(DEVICE), use_cache=False)
+        y2, _ = layer.mix(x2.to(DEVICE), use_cache=False)
     assert rel_err(y2[:, :t0], y[:, :t0]) <= 1e-6
     assert rel_err(y2[:, t0:], y[:, t0:]) > 1e-2     # and the change does reach the later outputs
 
@@ -112,13 +232,13 @@ def test_decode_leaves_the_cached_state_untouched():
     layer = make_layer(num_heads=2)
     x = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with torch.no_grad():
-        _, state = layer(x[:, :3])
+        _, state = layer.mix(x[:, :3])
         before = tuple(t.clone() for t in state)
-        _, new_state = layer(x[:, 3:], state=state)
+        _, new_state = layer.mix(x[:, 3:], state=state)
     assert all(torch.equal(a, b) for a, b in zip(state, before))
     assert not torch.equal(new_state[0], state[0])
     with torch.no_grad():
-        _, none_state = layer(x, use_cache=False)
+        _, none_state = layer.mix(x, use_cache=False)
     assert none_state is None
 
 
@@ -132,10 +252,10 @@ def test_attention_mask_padding_equals_separate_rows():
     mask[0, 3:] = 1       # left padding: 5 tokens
     mask[1, :6] = 1       # right padding: 6 tokens
     with torch.no_grad():
-        y, (hk, hv) = layer(x, attention_mask=mask)
+        y, (hk, hv) = layer.mix(x, attention_mask=mask)
         for b in range(2):
             keep = mask[b].bool()
-            y_b, (hk_b, hv_b) = layer(x[b:b + 1, keep])
+            y_b, (hk_b, hv_b) = layer.mix(x[b:b + 1, keep])
             assert rel_err(y[b, keep], y_b[0]) <= 1e-5
             assert rel_err(hk[b], hk_b[0]) <= 1e-5 and rel_err(hv[b], hv_b[0]) <= 1e-5
             assert torch.all(y[b, ~keep] == 0)
@@ -148,11 +268,11 @@ def test_cu_seqlens_equals_separate_sequences(name):
     cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
     x = torch.randn(1, 13, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     with torch.no_grad():
-        y, (hk, hv) = layer(x, cu_seqlens=cu)
+        y, (hk, hv) = layer.mix(x, cu_seqlens=cu)
         assert hk.shape[0] == len(lengths)
         for n in range(len(lengths)):
             a, b = cu[n].item(), cu[n + 1].item()
-            y_n, (hk_n, hv_n) = layer(x[:, a:b])
+            y_n, (hk_n, hv_n) = layer.mix(x[:, a:b])
             assert rel_err(y[:, a:b], y_n) <= 1e-5
             assert rel_err(hk[n], hk_n[0]) <= 1e-5 and rel_err(hv[n], hv_n[0]) <= 1e-5
 
@@ -169,7 +289,7 @@ def test_training_gradients_agree_between_kernels():
     grads = []
     for layer in (layer_c, layer_r):
         xi = x.clone().requires_grad_()
-        y, _ = layer(xi, use_cache=False)
+        y, _ = layer.mix(xi, use_cache=False)
         (y * w).sum().backward()
         grads.append([xi.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*grads):
@@ -182,7 +302,7 @@ def test_block_is_pre_norm_residual():
     x = torch.randn(1, 5, 32, device=DEVICE)
     with torch.no_grad():
         y, state = block(x)
-        o, _ = block.attn(block.attn_norm(x))
+        o, _ = block.attn.mix(block.attn_norm(x))
         h = x + o
         assert rel_err(y, h + block.mlp(block.mlp_norm(h))) <= 1e-6
     assert state[0].shape == (1, 2, 16, 8) and block.mlp.intermediate_size % 256 == 0
@@ -242,11 +362,11 @@ def test_paper_layer_prefill_then_decode_on_gpu(dtype):
     layer = make_layer(hidden=2048, num_heads=4, num_slots=64, dtype=dtype)
     x = torch.randn(4, 108, 2048, generator=torch.Generator().manual_seed(14)).to(DEVICE, dtype)
     with torch.no_grad():
-        y_full, state_full = layer(x)
-        y, state = layer(x[:, :100])
+        y_full, state_full = layer.mix(x)
+        y, state = layer.mix(x[:, :100])
         ys = [y]
         for t in range(100, 108):
-            y, state = layer(x[:, t:t + 1], state=state)
+            y, state = layer.mix(x[:, t:t + 1], state=state)
             ys.append(y)
     y_steps = torch.cat(ys, 1)
     ry, (rhk, rhv) = reference_layer(layer, x)
@@ -270,26 +390,26 @@ def test_paper_layer_prefill_then_decode_on_gpu(dtype):
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        GatedSlotAttention(32, num_heads=4, num_kv_heads=3)
+        GatedSlotAttention(hidden_size=32, num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        GatedSlotAttention(30, num_heads=4)
+        GatedSlotAttention(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="feature_map"):
-        GatedSlotAttention(32, num_heads=2, feature_map="t2r")
+        GatedSlotAttention(hidden_size=32, num_heads=2, feature_map="t2r")
     with pytest.raises(ValueError, match="mode"):
-        GatedSlotAttention(32, num_heads=2, mode="parallel")
+        GatedSlotAttention(hidden_size=32, num_heads=2, mode="parallel")
 
 
 def test_bad_call_arguments():
     layer = make_layer(num_heads=2)
     x = torch.randn(2, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match="hidden_size"):
-        layer(x[..., :16])
+        layer.mix(x[..., :16])
     with pytest.raises(ValueError, match="attention_mask"):
-        layer(x, attention_mask=torch.ones(2, 5, device=DEVICE))
+        layer.mix(x, attention_mask=torch.ones(2, 5, device=DEVICE))
     with pytest.raises(ValueError, match="not both"):
-        layer(x[:1], cu_seqlens=torch.tensor([0, 4]), attention_mask=torch.ones(1, 4, device=DEVICE))
+        layer.mix(x[:1], cu_seqlens=torch.tensor([0, 4]), attention_mask=torch.ones(1, 4, device=DEVICE))
     with pytest.raises(ValueError, match="hk0"):
-        layer(x, state=(torch.zeros(2, 2, 16, 11, device=DEVICE), torch.zeros(2, 2, 12, 16, device=DEVICE)))
+        layer.mix(x, state=(torch.zeros(2, 2, 16, 11, device=DEVICE), torch.zeros(2, 2, 12, 16, device=DEVICE)))
 
 
 # Every bad size or scalar is a ValueError naming the caller's argument, raised by the constructor
@@ -331,7 +451,7 @@ def test_gate_logit_normalizer_must_be_finite_and_positive(normalizer):
     """g = logsigmoid(x W_f) / gate_logit_normalizer must be <= 0 (decays exp(g) in (0, 1]): 0 gives
     NaN / -inf gates, a negative one gates above 0, inf gates of exactly 0 for every input."""
     with pytest.raises(ValueError, match="gate_logit_normalizer"):
-        GatedSlotAttention(32, num_heads=2, gate_logit_normalizer=normalizer)
+        GatedSlotAttention(hidden_size=32, num_heads=2, gate_logit_normalizer=normalizer)
     with pytest.raises(ValueError, match="gate_logit_normalizer"):
         GSAModel(vocab_size=50, hidden_size=32, num_heads=2, gate_logit_normalizer=normalizer)
 

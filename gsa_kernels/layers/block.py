@@ -47,13 +47,13 @@ class GSABlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(hidden_size, eps=norm_eps)
-        self.attn = GatedSlotAttention(hidden_size, num_heads=num_heads, num_slots=num_slots,
+        self.attn = GatedSlotAttention(hidden_size=hidden_size, num_heads=num_heads, num_slots=num_slots,
                                        layer_idx=layer_idx, **attn_kwargs)
         self.mlp_norm = RMSNorm(hidden_size, eps=norm_eps)
         self.mlp = SwiGLU(hidden_size, hidden_ratio, intermediate_size)
 
     def forward(self, x, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None):
-        o, state = self.attn(self.attn_norm(x), state=state, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                             attention_mask=attention_mask)
+        o, state = self.attn.mix(self.attn_norm(x), state=state, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                                 attention_mask=attention_mask)
         h = x + o
         return h + self.mlp(self.mlp_norm(h)), state

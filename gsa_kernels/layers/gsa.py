@@ -1,32 +1,44 @@
 """GatedSlotAttention: the token mixer of the GSA paper, built on chunk_gsa / fused_recurrent_gsa.
 
-Parameter names and semantics follow flash-linear-attention's `fla.layers.GatedSlotAttention`, so a
-checkpoint's `q_proj`, `k_proj`, `v_proj`, `f_proj`, `g_norm`, `o_proj` weights load as they are:
+A drop-in for flash-linear-attention's `fla.layers.GatedSlotAttention`: the same constructor
+arguments in the same order (`mode` first; unknown keyword arguments are accepted with one warning,
+as FLA takes them silently), the same parameter names (`q_proj`, `k_proj`, `v_proj`, `f_proj`,
+`q_conv1d`, `k_conv1d`, `v_conv1d`, `g_norm`, `o_proj`: a checkpoint loads as it is) and the same
+call, `forward(hidden_states, attention_mask, past_key_values, use_cache, output_attentions)` ->
+`(o, None, past_key_values)`, with a cache in FLA's protocol (layers/cache.py). Our state-passing
+call, `mix(x, state, use_cache, cu_seqlens, attention_mask)` -> `(y, state)`, is the other view of the
+same computation (GSABlock and GSAModel use it):
 
     q = phi(x W_q)                      [B, T, H, K]        phi: the feature map, swish by default
     k = phi(x W_k),  v = silu(x W_v)    [B, T, H_kv, K / V]
+      (with use_short_conv, x W_q, x W_k, x W_v first go through causal depthwise convolutions with
+       silu, layers/conv.py, as FLA's)
     g = logsigmoid(x W_f) / gate_logit_normalizer,  s = 1 - exp(g)      [B, T, H_kv, M]
     k, v, s, g repeated to the H query heads (grouped kv heads, as FLA's layer does)
     o = GSA(q, k, v, s, g, scale)       scale 1 (the paper's), over the slot memories
     y = o_proj( RMSNorm(silu(o)) [* silu(x W_g) with use_output_gate] )
 
 Choices (and where they differ from FLA):
-  * K = hidden * expand_k / H and V = hidden * expand_v / H per head; num_slots (M) defaults to 64,
-    the paper's (FLA's layer defaults to K). g_norm runs over the whole value dim (FLA's over
-    hidden_size, the same number when expand_v = 1).
+  * K = hidden * expand_k / H and V = hidden * expand_v / H per head; num_slots None is FLA's
+    default, K. g_norm runs over the whole value dim (FLA's over hidden_size, the same number when
+    expand_v = 1).
   * use_output_gate adds `g_proj` (hidden -> value dim) and multiplies the normed output by
     silu(g_proj(x)); FLA stores the flag but never uses it. use_norm=False skips g_norm.
   * Kernel choice: fused_recurrent_gsa for T <= recurrent_threshold (64) outside training (decode
     steps and short prompts); chunk_gsa otherwise (training, long prefill). mode="fused_recurrent"
     forces the token-by-token kernel everywhere (it has a backward too). checkpoint_level (default 2,
     as FLA's op) is chunk_gsa's: 2 rebuilds the chunk states in the backward instead of keeping them.
-  * No short convolution (FLA's use_short_conv): the state is exactly the two slot memories.
-  * Padding: `attention_mask` [B, T] (1 keep, 0 pad; left, right or anywhere) packs the kept tokens
-    into one varlen batch (one host sync) so padded tokens never enter the memories; their outputs
-    are 0 and each row's state is that of its kept tokens. Already-packed input takes `cu_seqlens`
-    (x [1, total, hidden]); the state then has one entry per sequence.
+  * The state: the two slot memories (hk, hv) and, with use_short_conv, the three convolutions'
+    caches: `mix` takes and returns (hk, hv) or (hk, hv, (q_cache, k_cache, v_cache)).
+  * Padding: `attention_mask` [B, T] (1 keep, 0 pad; left, right or anywhere; with a cache FLA's
+    [B, past + T] works too: its last T columns count) packs the kept tokens into one varlen batch
+    (one host sync) so padded tokens never enter the memories; their outputs are 0 and each row's
+    state is that of its kept tokens. Already-packed input takes `cu_seqlens` (x [1, total, hidden]);
+    the state then has one entry per sequence.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +47,30 @@ from torch import nn
 from gsa_kernels.chunk import chunk_gsa
 from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.layers import _args
+from gsa_kernels.layers.conv import ShortConvolution
 from gsa_kernels.layers.norms import RMSNorm
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x, None: lambda x: x}
 
 
 class GatedSlotAttention(nn.Module):
-    def __init__(self, hidden_size: int = 1024, num_heads: int = 4, num_slots: int = 64,
-                 expand_k: float = 1.0, expand_v: float = 1.0, num_kv_heads: int | None = None,
-                 gate_logit_normalizer: float = 8.0, feature_map: str | None = "swish",
-                 use_output_gate: bool = False, use_norm: bool = True, elementwise_affine: bool = True,
-                 norm_eps: float = 1e-5, scale: float = 1.0, mode: str = "chunk",
-                 recurrent_threshold: int = 64, layer_idx: int | None = None, checkpoint_level: int = 2):
+    def __init__(self, mode: str = "chunk", hidden_size: int = 1024, expand_k: float = 1.0, expand_v: float = 1.0,
+                 num_heads: int = 4, num_kv_heads: int | None = None, use_short_conv: bool = False,
+                 conv_size: int = 4, conv_bias: bool = False, num_slots: int | None = None,
+                 elementwise_affine: bool = True, norm_eps: float = 1e-5, gate_logit_normalizer: float = 8.0,
+                 feature_map: str | None = "swish", use_output_gate: bool = False, use_norm: bool = True,
+                 layer_idx: int | None = None, scale: float | None = 1.0, *, recurrent_threshold: int = 64,
+                 checkpoint_level: int = 2, **kwargs):
         super().__init__()
+        if not isinstance(mode, str):
+            raise TypeError(f"mode (the first argument, as in flash-linear-attention) must be 'chunk' or "
+                            f"'fused_recurrent', got {mode!r}: pass hidden_size=... by keyword")
+        if kwargs:
+            warnings.warn(f"GatedSlotAttention ignores the arguments {sorted(kwargs)} (accepted for "
+                          f"flash-linear-attention's configs, which pass them)", UserWarning, stacklevel=2)
         hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
         num_heads = _args.integer("num_heads", num_heads, minimum=1)
         num_kv_heads = num_heads if num_kv_heads is None else _args.integer("num_kv_heads", num_kv_heads, minimum=1)
-        num_slots = _args.integer("num_slots", num_slots, minimum=1)
         expand_k = _args.real("expand_k", expand_k, above=0)
         expand_v = _args.real("expand_v", expand_v, above=0)
         # g = logsigmoid(.) / normalizer must stay <= 0, so that each slot's decay exp(g) lies in (0, 1]:
@@ -68,6 +87,10 @@ class GatedSlotAttention(nn.Module):
                              f"value channel per head")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        # FLA's default: as many slots as key channels per head
+        num_slots = key_dim // num_heads if num_slots is None else _args.integer("num_slots", num_slots, minimum=1)
+        if use_short_conv:
+            conv_size = _args.integer("conv_size", conv_size, minimum=1)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(str(k) for k in FEATURE_MAPS)}, got {feature_map!r}")
         if mode not in ("chunk", "fused_recurrent"):
@@ -81,12 +104,16 @@ class GatedSlotAttention(nn.Module):
         self.gate_logit_normalizer, self.feature_map = gate_logit_normalizer, feature_map
         self.use_output_gate, self.use_norm, self.scale = use_output_gate, use_norm, scale
         self.mode, self.recurrent_threshold, self.layer_idx = mode, recurrent_threshold, layer_idx
-        self.checkpoint_level = checkpoint_level
+        self.checkpoint_level, self.use_short_conv, self.conv_size = checkpoint_level, use_short_conv, conv_size
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_k_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_v_dim, bias=False)
         self.f_proj = nn.Linear(hidden_size, num_kv_heads * num_slots, bias=False)
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(key_dim, conv_size, bias=conv_bias)
+            self.k_conv1d = ShortConvolution(num_kv_heads * self.head_k_dim, conv_size, bias=conv_bias)
+            self.v_conv1d = ShortConvolution(num_kv_heads * self.head_v_dim, conv_size, bias=conv_bias)
         if use_output_gate:
             self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
         if use_norm:
@@ -94,38 +121,68 @@ class GatedSlotAttention(nn.Module):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def state_shapes(self, batch_size: int):
-        """Shapes of one layer's state (hk, hv): [N, H, K, M] and [N, H, M, V], float32."""
+        """Shapes of one layer's slot memories (hk, hv): [N, H, K, M] and [N, H, M, V], float32."""
         H, K, V, M = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_slots
         return (batch_size, H, K, M), (batch_size, H, M, V)
 
-    def kernel_inputs(self, x):
-        """q, k, v, s, g [B, T, H, *] in x's dtype, kv heads already repeated to the query heads."""
-        B, T, _ = x.shape
-        phi = FEATURE_MAPS[self.feature_map]
-        q = phi(self.q_proj(x)).view(B, T, self.num_heads, self.head_k_dim)
-        k = phi(self.k_proj(x)).view(B, T, self.num_kv_heads, self.head_k_dim)
-        v = F.silu(self.v_proj(x)).view(B, T, self.num_kv_heads, self.head_v_dim)
-        g = F.logsigmoid(self.f_proj(x).float()) / self.gate_logit_normalizer
-        s = (1 - g.exp()).to(x.dtype)
-        g = g.to(x.dtype).view(B, T, self.num_kv_heads, self.num_slots)
-        s = s.view(B, T, self.num_kv_heads, self.num_slots)
-        if self.num_kv_groups > 1:
-            k, v, s, g = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v, s, g))
-        return q, k, v, s, g
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool = False, output_attentions: bool = False, **kwargs):
+        """flash-linear-attention's layer call: (o [B, T, hidden], None, past_key_values).
 
-    def forward(self, x: torch.Tensor, state=None, use_cache: bool = True, cu_seqlens=None,
-                attention_mask=None):
-        """y [B, T, hidden], and the new state (hk, hv) when use_cache (else None).
-
-        state: (hk [N, H, K, M], hv [N, H, M, V]) from the previous call, or None for a fresh start.
-        It is only read; the returned state is new tensors.
+        past_key_values: a cache in FLA's protocol (GSACache, or FLA's own Cache), read at this layer's
+        layer_idx and, with use_cache, updated with its new state; attention_mask [B, T] or, with a
+        cache, [B, past + T] (the last T columns); kwargs: cu_seqlens for packed input (others, as
+        FLA's position arguments, do not concern GSA and are ignored). No attention weights exist to
+        output (output_attentions: the None).
         """
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a [B, T] tensor or None, got {type(attention_mask).__name__}"
+                            f" (the state-passing call is layer.mix(x, state))")
+        T = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > T:
+            attention_mask = attention_mask[:, -T:]
+        recurrent_state = conv_state = None
+        if past_key_values is not None:
+            if self.layer_idx is None:
+                raise ValueError("past_key_values needs the layer's layer_idx (its place in the cache): "
+                                 "construct GatedSlotAttention(..., layer_idx=i)")
+            if len(past_key_values) > self.layer_idx:
+                entry = past_key_values[self.layer_idx]
+                recurrent_state, conv_state = entry.get("recurrent_state"), entry.get("conv_state")
+        y, recurrent_state, conv_state = self._mix(hidden_states, recurrent_state, conv_state, use_cache,
+                                                   kwargs.get("cu_seqlens"), attention_mask)
+        if past_key_values is not None and use_cache:
+            past_key_values.update(recurrent_state=recurrent_state, conv_state=conv_state,
+                                   layer_idx=self.layer_idx, offset=T)
+        return y, None, past_key_values
+
+    def mix(self, x: torch.Tensor, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None):
+        """y [B, T, hidden], and the new state when use_cache (else None): the state-passing view.
+
+        state: (hk [N, H, K, M], hv [N, H, M, V]) from the previous call (with use_short_conv:
+        (hk, hv, (q_cache, k_cache, v_cache)), the caches [N, D, conv_size]), or None for a fresh
+        start. It is only read; the returned state is new tensors.
+        """
+        recurrent_state = conv_state = None
+        if state is not None:
+            if self.use_short_conv and len(state) != 3:
+                raise ValueError("state of a layer with use_short_conv is (hk, hv, (q_cache, k_cache, v_cache))")
+            recurrent_state = tuple(state[:2])
+            conv_state = state[2] if self.use_short_conv else None
+        y, recurrent_state, conv_state = self._mix(x, recurrent_state, conv_state, use_cache, cu_seqlens,
+                                                   attention_mask)
+        if not use_cache:
+            return y, None
+        return y, (recurrent_state if not self.use_short_conv else (*recurrent_state, conv_state))
+
+    def _mix(self, x, recurrent_state, conv_state, use_cache, cu_seqlens, attention_mask):
+        """(y, new recurrent state, new conv caches) of both views."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x (shape {tuple(x.shape)}) must be [B, T, hidden_size={self.hidden_size}]")
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("give either cu_seqlens (packed input) or attention_mask (padded input), not both")
         B, T, _ = x.shape
-        q, k, v, s, g = self.kernel_inputs(x)
+        q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
 
         indices = None
         if attention_mask is not None:
@@ -134,18 +191,26 @@ class GatedSlotAttention(nn.Module):
             keep = attention_mask.to(device=x.device).bool()
             if not bool(keep.all()):
                 indices = keep.flatten().nonzero().squeeze(1)
-                lengths = keep.sum(1)
                 cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
-                cu_seqlens[1:] = lengths.cumsum(0)
-                q, k, v, s, g = (t.flatten(0, 1).index_select(0, indices)[None] for t in (q, k, v, s, g))
+                cu_seqlens[1:] = keep.sum(1).cumsum(0)
+                q, k, v, f = (t.flatten(0, 1).index_select(0, indices)[None] for t in (q, k, v, f))
+
+        new_conv = None
+        if self.use_short_conv:
+            caches = (None, None, None) if conv_state is None else conv_state
+            (q, cq), (k, ck), (v, cv) = (conv(t, cache=c, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+                                         for conv, t, c in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                                               (q, k, v), caches))
+            new_conv = (cq, ck, cv) if use_cache else None
+        q, k, v, s, g = self._kernel_inputs(q, k, v, f)
 
         # (training first: a compiled training graph then never guards on T)
         recurrent = self.mode == "fused_recurrent" or (not self.training and T <= self.recurrent_threshold)
         if recurrent:
-            o, new_state = fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=state,
+            o, new_state = fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=recurrent_state,
                                                output_final_state=use_cache, cu_seqlens=cu_seqlens)
         else:
-            o, new_state = chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=state,
+            o, new_state = chunk_gsa(q, k, v, s, g, scale=self.scale, initial_state=recurrent_state,
                                      output_final_state=use_cache, checkpoint_level=self.checkpoint_level,
                                      cu_seqlens=cu_seqlens)
         if indices is not None:
@@ -156,5 +221,20 @@ class GatedSlotAttention(nn.Module):
             o = self.g_norm(o)
         if self.use_output_gate:
             o = o * F.silu(self.g_proj(x))
-        y = self.o_proj(o)
-        return y, (new_state if use_cache else None)
+        return self.o_proj(o), (new_state if use_cache else None), new_conv
+
+    def _kernel_inputs(self, q, k, v, f):
+        """q, k, v, s, g [B', T', heads, *] from the projections (after the short convolutions), kv
+        heads repeated to the query heads."""
+        B, T = q.shape[:2]
+        phi = FEATURE_MAPS[self.feature_map]
+        q = phi(q).view(B, T, self.num_heads, self.head_k_dim)
+        k = phi(k).view(B, T, self.num_kv_heads, self.head_k_dim)
+        v = F.silu(v).view(B, T, self.num_kv_heads, self.head_v_dim)
+        g = F.logsigmoid(f.float()) / self.gate_logit_normalizer
+        s = (1 - g.exp()).to(q.dtype)
+        g = g.to(q.dtype).view(B, T, self.num_kv_heads, self.num_slots)
+        s = s.view(B, T, self.num_kv_heads, self.num_slots)
+        if self.num_kv_groups > 1:
+            k, v, s, g = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v, s, g))
+        return q, k, v, s, g
