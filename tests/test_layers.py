@@ -515,3 +515,49 @@ def test_generate_rejects_bad_input_ids(ids):
     the GPU; a 1-D prompt an error about the layer's internal x."""
     with pytest.raises(ValueError, match="input_ids"):
         small_model().generate(ids.to(DEVICE), max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss without logits (layers/loss.py) and GSAModel(labels=...)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [3, 5, None])
+def test_linear_cross_entropy_equals_cross_entropy_on_full_logits(dtype, chunk):
+    """Loss and both gradients equal F.cross_entropy over (h W^T).float(), ignored tokens included,
+    whatever the chunking (chunks that split the tokens unevenly, or one chunk)."""
+    from gsa_kernels.layers.loss import linear_cross_entropy
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 7, 16, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(50, 16, generator=gen).to(dtype).requires_grad_()
+    y = torch.randint(0, 50, (2, 7), generator=gen)
+    y[0, :3] = -100
+    loss = linear_cross_entropy(h, w, y, chunk_tokens=chunk)
+    gh, gw = torch.autograd.grad(loss * 3.0, (h, w))
+    ref = F.cross_entropy((h @ w.T).float().reshape(-1, 50), y.reshape(-1))
+    rgh, rgw = torch.autograd.grad(ref * 3.0, (h, w))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert rel_err(gh, rgh) <= tol and rel_err(gw, rgw) <= tol
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    all_ignored = linear_cross_entropy(h, w, torch.full_like(y, -100))
+    assert torch.isnan(all_ignored)       # as F.cross_entropy's mean over no token
+
+
+def test_model_loss_with_labels_equals_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = GSAModel(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2, num_slots=8).to(DEVICE)
+    ids = torch.randint(0, 40, (2, 9), device=DEVICE)
+    labels = ids.clone()
+    labels[1, :2] = -100
+    loss, state = model(ids, labels=labels)
+    assert state is None
+    logits, _ = model(ids)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    ref = F.cross_entropy(logits.reshape(-1, 40), shifted.reshape(-1))
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= 1e-5
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=labels[:, :5])

@@ -6,6 +6,7 @@ from torch import nn
 
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.block import GSABlock
+from gsa_kernels.layers.loss import linear_cross_entropy
 from gsa_kernels.layers.norms import RMSNorm
 
 
@@ -36,18 +37,32 @@ class GSAModel(nn.Module):
             self.lm_head.weight = self.embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, state=None, use_cache: bool = False, cu_seqlens=None,
-                attention_mask=None):
-        """logits [B, T, vocab] (float32) and the new per-layer states when use_cache (else None)."""
+                attention_mask=None, labels: torch.Tensor | None = None, ignore_index: int = -100):
+        """logits [B, T, vocab] (float32) and the new per-layer states when use_cache (else None).
+
+        With labels [B, T] (token ids, ignore_index where a token has no target): the mean
+        next-token cross-entropy instead of the logits, (loss, state), computed in chunks of tokens
+        without forming the logits (layers/loss.py). As in FLA's and Hugging Face's causal LMs the
+        labels are aligned with input_ids and shifted here: position t is scored on labels[t + 1]
+        (mark padding, and with cu_seqlens each sequence's first token, as ignore_index).
+        """
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} layer entries, the model has {len(self.layers)} layers")
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels (shape {tuple(labels.shape)}) must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
         h = self.embeddings(input_ids)
         new_state = []
         for i, layer in enumerate(self.layers):
             h, layer_state = layer(h, state=None if state is None else state[i], use_cache=use_cache,
                                    cu_seqlens=cu_seqlens, attention_mask=attention_mask)
             new_state.append(layer_state)
-        logits = self.lm_head(self.norm(h)).float()
-        return logits, (new_state if use_cache else None)
+        h = self.norm(h)
+        new_state = new_state if use_cache else None
+        if labels is not None:
+            shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], 1)
+            return linear_cross_entropy(h, self.lm_head.weight, shifted, ignore_index), new_state
+        return self.lm_head(h).float(), new_state
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
