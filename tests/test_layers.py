@@ -561,3 +561,28 @@ def test_model_loss_with_labels_equals_cross_entropy_of_its_logits():
     assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= 1e-5
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=labels[:, :5])
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_short_conv": True, "num_kv_heads": 1}], ids=["plain", "conv-gqa"])
+def test_model_loads_an_fla_checkpoint(extra):
+    """A GSAForCausalLM state dict (our keys under `model.`, plus lm_head) and its config dict (FLA's
+    field names, num_hidden_layers and its `exapnd_k` spelling included) give the same model."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2, num_slots=8, **extra)
+    ours = GSAModel(**kw).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fla_sd = {(k if k == "lm_head.weight" else "model." + k): v.clone() for k, v in ours.state_dict().items()}
+    config = {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "num_slots": 8,
+              "exapnd_k": 1, "exapnd_v": 1, "norm_eps": 1e-6, "hidden_act": "swish", "attn": None,
+              "fuse_norm": True, "num_kv_heads": extra.get("num_kv_heads"),
+              "use_short_conv": extra.get("use_short_conv", False)}
+    loaded = GSAModel.from_fla(config, fla_sd).to(DEVICE).eval()
+    ids = torch.randint(0, 40, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], ours(ids)[0])
+    with pytest.raises(ValueError, match="attn_res_proj"):
+        GSAModel.from_fla(config, {**fla_sd, "model.layers.0.attn_res_proj.weight": torch.zeros(1, 32)})
+    with pytest.raises(ValueError, match="attnres_block_size"):
+        GSAModel.from_fla({**config, "attnres_block_size": 2})

@@ -47,6 +47,8 @@ class GSABlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(hidden_size, eps=norm_eps)
+        # the attention's output norm takes the block's eps unless given its own, as in FLA's blocks
+        attn_kwargs.setdefault("norm_eps", norm_eps)
         self.attn = GatedSlotAttention(hidden_size=hidden_size, num_heads=num_heads, num_slots=num_slots,
                                        layer_idx=layer_idx, **attn_kwargs)
         self.mlp_norm = RMSNorm(hidden_size, eps=norm_eps)

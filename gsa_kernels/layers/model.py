@@ -64,6 +64,54 @@ class GSAModel(nn.Module):
             return linear_cross_entropy(h, self.lm_head.weight, shifted, ignore_index), new_state
         return self.lm_head(h).float(), new_state
 
+    @classmethod
+    def from_fla(cls, config, state_dict: dict | None = None) -> "GSAModel":
+        """The GSAModel of a flash-linear-attention GSAForCausalLM: its GSAConfig (the object, or the
+        dict of a checkpoint's config.json) mapped to our arguments, and its state dict loaded when
+        given (`load_fla_state_dict`). FLA options this model does not have (hybrid attention
+        layers, attention residuals, gate clamps, an activation other than swish) are refused by name."""
+        cfg = dict(config) if isinstance(config, dict) else dict(getattr(config, "__dict__", {}))
+        for name, absent in (("attn", None), ("attnres_block_size", None), ("clamp_min", None),
+                             ("clamp_max", None)):
+            if cfg.get(name, absent) is not absent:
+                raise ValueError(f"FLA's {name}={cfg[name]!r} has no counterpart in GSAModel")
+        if cfg.get("hidden_act", "swish") not in ("swish", "silu"):
+            raise ValueError(f"FLA's hidden_act={cfg['hidden_act']!r}: GSAModel's MLP is SwiGLU (swish)")
+        pick = lambda *names, default=None: next((cfg[n] for n in names if cfg.get(n) is not None), default)  # noqa: E731
+        model = cls(vocab_size=pick("vocab_size", default=32000), hidden_size=pick("hidden_size", default=2048),
+                    num_layers=pick("num_hidden_layers", default=24), num_heads=pick("num_heads", default=4),
+                    num_slots=pick("num_slots", default=64), norm_eps=pick("norm_eps", default=1e-6),
+                    tie_word_embeddings=bool(pick("tie_word_embeddings", default=False)),
+                    hidden_ratio=pick("hidden_ratio", default=4), intermediate_size=pick("intermediate_size"),
+                    num_kv_heads=pick("num_kv_heads"), expand_k=pick("expand_k", "exapnd_k", default=1.0),
+                    expand_v=pick("expand_v", "exapnd_v", default=1.0),
+                    use_short_conv=bool(pick("use_short_conv", default=False)), conv_size=pick("conv_size", default=4),
+                    feature_map=pick("feature_map", default="swish"),
+                    use_output_gate=bool(pick("use_output_gate", default=False)),
+                    use_norm=bool(pick("use_norm", default=True)),
+                    gate_logit_normalizer=pick("gate_logit_normalizer", default=8),
+                    elementwise_affine=bool(pick("elementwise_affine", default=True)))
+        if state_dict is not None:
+            model.load_fla_state_dict(state_dict)
+        return model
+
+    def load_fla_state_dict(self, state_dict: dict):
+        """Load a flash-linear-attention GSAForCausalLM state dict: its keys are ours under `model.`
+        (embeddings, layers.i.attn_norm / attn.* / mlp_norm / mlp.gate_proj, up_proj, down_proj, norm)
+        plus `lm_head.weight` (absent when the embeddings are tied). Every key must match: a missing or
+        unexpected one is a ValueError naming it."""
+        ours = {}
+        for key, value in state_dict.items():
+            ours[key[len("model."):] if key.startswith("model.") else key] = value
+        if "lm_head.weight" not in ours and self.lm_head.weight is self.embeddings.weight:
+            ours["lm_head.weight"] = ours.get("embeddings.weight")
+        missing = sorted(set(self.state_dict()) - set(ours))
+        unexpected = sorted(set(ours) - set(self.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"the FLA state dict does not fit this GSAModel: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]} (keys without `model.`)")
+        self.load_state_dict(ours)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
