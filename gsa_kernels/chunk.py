@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels import torch_chunked
+from gsa_kernels import state_pool, torch_chunked
 from gsa_kernels.abc_gates import abc_gates
 from gsa_kernels.autograd import ChunkGSAFunction
 from gsa_kernels.autotune import maybe_autotune
@@ -61,8 +61,19 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     `chunk_size` (keyword) overrides the tuned chunk length: any power of two, as FLA accepts; the
     kernels run 16, 32 or 64, so a smaller one runs as 16 and a larger one as 64. Results do not depend
     on the chunk size beyond rounding (equal within the bounds of docs/contract.md).
+    `state_indices` / `has_initial_state` (keywords, inference): initial_state is a serving engine's
+    state pools (hk_pool [S, H, K, M], hv_pool [S, H, M, V]) and sequence n reads and writes slot
+    state_indices[n] (-1: a padding row, zeros in, o = 0, nothing written), from zeros where
+    has_initial_state[n] is False; the new states go into the pools, which are returned
+    (gsa_kernels/state_pool.py). No host sync.
     """
     chunk_size = kernel_chunk_size(kwargs.pop("chunk_size", None))
+    state_indices, has_initial_state = kwargs.pop("state_indices", None), kwargs.pop("has_initial_state", None)
+    if state_indices is not None:
+        return _pooled(q, k, v, s, g, scale, initial_state, checkpoint_level, cu_seqlens, cu_seqlens_cpu,
+                       state_indices, has_initial_state, chunk_size, kwargs)
+    if has_initial_state is not None:
+        raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")
     if "head_first" in kwargs:
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
@@ -112,3 +123,19 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
         return o, (hk, hv)
     o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout, int(checkpoint_level))
     return o, (hk, hv)
+
+
+def _pooled(q, k, v, s, g, scale, pools, checkpoint_level, cu_seqlens, cu_seqlens_cpu, state_indices,
+            has_initial_state, chunk_size, kwargs):
+    """chunk_gsa on state pools: the op on the gathered states, the final states scattered back."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, s, g)):
+        raise ValueError("state pools (state_indices) are for inference: an input requires a gradient "
+                         "(run under torch.no_grad())")
+    problem = check_inputs(q, k, v, s, g, scale, None, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+    idx, flags = state_pool.check_pool(pools, state_indices, has_initial_state, problem.N, problem.H, problem.K,
+                                       problem.M, problem.V, q.device)
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    o, new_states = chunk_gsa(q, k, v, s, g, scale, state_pool.gather(pools, idx, flags), True, checkpoint_level,
+                              cu_seqlens, cu_seqlens_cpu, **extra, **kwargs)
+    state_pool.scatter(pools, idx, new_states)
+    return state_pool.zero_padding_rows(o, idx, cu_seqlens), tuple(pools)

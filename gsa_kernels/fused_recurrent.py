@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels.abc_gates import abc_gates
+from gsa_kernels import state_pool
 from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_fwd
@@ -104,7 +105,8 @@ def _check_out_aliasing(out, initial_state, inputs, inplace):
 
 
 def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
-                        reverse=False, cu_seqlens=None, *, inplace=False, out=None, **kwargs):
+                        reverse=False, cu_seqlens=None, *, inplace=False, out=None, state_indices=None,
+                        has_initial_state=None, **kwargs):
     """Gated Slot Attention token by token, with chunk_gsa's arguments and results (docs/contract.md,
     "API").
 
@@ -126,6 +128,11 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
                        the decode step then runs one program per (batch, head), slower at small batch.
       out=(hk, hv)     write the new states into these float32 buffers and return them (use two
                        pairs alternately for a state that stays at fixed addresses, e.g. CUDA graphs).
+      initial_state=(hk_pool, hv_pool), state_indices=idx, has_initial_state=flags, inplace=True
+                       a serving engine's state pools [S, H, ...]: sequence n reads and writes slot
+                       idx[n] (-1: a padding row, zeros in, nothing written), from zeros where
+                       flags[n] is False (gsa_kernels/state_pool.py); returns the pools. The decode
+                       step reads and writes them in its kernel; no host sync, graph-capturable.
     """
     cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
     if not isinstance(reverse, bool):
@@ -135,15 +142,23 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
         raise TypeError(f"fused_recurrent_gsa got unexpected keyword arguments {sorted(kwargs)}")
+    pooled = state_indices is not None
+    if has_initial_state is not None and not pooled:
+        raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")
+    if pooled and not inplace:
+        raise ValueError("state_indices writes the new states into the pools (initial_state): pass inplace=True")
     # bf16_dots=False: these kernels upcast bfloat16 loads to float32 and take no tl.dot, so
     # Triton's interpreter runs them correctly in bfloat16 (checks.check_interpreter)
-    problem = check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False,
+    problem = check_inputs(q, k, v, s, g, scale, None if pooled else initial_state, cu_seqlens, bf16_dots=False,
                            cu_seqlens_cpu=cu_seqlens_cpu)
     if g is None:
         # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
         s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     B, T, H, K, V, M, N = problem.B, problem.T, problem.H, problem.K, problem.V, problem.M, problem.N
     scale = K ** -0.5 if scale is None else float(scale)
+    if pooled:
+        return _pooled(q, k, v, s, g, scale, initial_state, reverse, cu_seqlens, cu_seqlens_cpu, state_indices,
+                       has_initial_state, problem)
     if reverse and (T > 1 or cu_seqlens is not None):      # one token is its own reverse
         flip = lambda x: reverse_time(x, cu_seqlens)   # noqa: E731
         o, state = fused_recurrent_gsa(flip(q), flip(k), flip(v), flip(s), flip(g), scale, initial_state,
@@ -215,3 +230,23 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
         None if hk0 is None else hk0.float().contiguous(), None if hv0 is None else hv0.float().contiguous(),
         scale, bool(output_final_state), cu, N)
     return o, (hk, hv)
+
+
+def _pooled(q, k, v, s, g, scale, pools, reverse, cu_seqlens, cu_seqlens_cpu, state_indices, has_initial_state,
+            problem):
+    """fused_recurrent_gsa on state pools (state_pool.py): the decode step in its kernel, else the op on
+    the gathered states with the final states scattered back."""
+    B, T, H, K, V, M, N = problem.B, problem.T, problem.H, problem.K, problem.V, problem.M, problem.N
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, s, g)):
+        raise ValueError("state pools (state_indices) are for inference: an input requires a gradient "
+                         "(run under torch.no_grad())")
+    idx, flags = state_pool.check_pool(pools, state_indices, has_initial_state, N, H, K, M, V, q.device)
+    if T == 1 and cu_seqlens is None and not torch.compiler.is_compiling():
+        q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+        o = decode_step(q, k, v, s, g, scale, pools[0], pools[1], pools[0], pools[1],
+                        state_indices=idx, has_initial_state=flags)
+        return o, tuple(pools)
+    o, new_states = fused_recurrent_gsa(q, k, v, s, g, scale, state_pool.gather(pools, idx, flags), True,
+                                        reverse, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+    state_pool.scatter(pools, idx, new_states)
+    return state_pool.zero_padding_rows(o, idx, cu_seqlens), tuple(pools)

@@ -23,18 +23,29 @@ In place (hk_new is hk0): a program that writes rows another program still has t
 so the launcher uses SPLIT = 1 then: each tile is read and written by the same program, in the same
 loop iteration, so every element is read before it is overwritten.
 Slots are padded to BM = next power of two >= M and masked: any M works.
+
+POOLED (a serving engine's state pool): hk0 / hv0 and hk_new / hv_new are the pools [S, H, ...],
+batch row b reads and writes pool slot state_indices[b], from zeros where has_initial_state[b] is
+False; a row with index -1 is padding: its output is 0 and nothing is written.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, scale,
+def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, state_indices, has_initial_state, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                   BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
-                  USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr):
+                  USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr):
     j, bh = tl.program_id(0), tl.program_id(1)
-    bh64 = bh.to(tl.int64)
+    bh64 = bh.to(tl.int64)      # the state row (the pool slot's, when POOLED)
+    read = True                 # whether the initial state is read, and
+    write = True                # the new state written (POOLED: per row)
+    if POOLED:
+        slot = tl.load(state_indices + bh // H).to(tl.int64)
+        write = slot >= 0
+        read = write & (tl.load(has_initial_state + bh // H) != 0)
+        bh64 = tl.maximum(slot, 0) * H + bh % H
     mm = tl.arange(0, BM)
     mask_m = mm < M
     st = tl.load(s + bh * M + mm, mask=mask_m, other=0.0).to(tl.float32)
@@ -51,11 +62,11 @@ def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, scale,
         kt = tl.load(k + bh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         hk = kt[:, None] * st[None, :]
         if USE_INITIAL_STATE:
-            hk += tl.load(hk0 + hk_off, mask=hk_mask, other=0.0).to(tl.float32) * alpha[None, :]
+            hk += tl.load(hk0 + hk_off, mask=hk_mask & read, other=0.0).to(tl.float32) * alpha[None, :]
         z += tl.sum(qt[:, None] * hk, 0)
         if STORE_STATE:
             if i % SPLIT == j:
-                tl.store(hk_new + hk_off, hk, mask=hk_mask)
+                tl.store(hk_new + hk_off, hk, mask=hk_mask & write)
 
     z = tl.where(mask_m, z * scale, float("-inf"))
     p = tl.exp(z - tl.max(z, 0))
@@ -70,8 +81,8 @@ def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, scale,
         vt = tl.load(v + bh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
         hv = st[:, None] * vt[None, :]
         if USE_INITIAL_STATE:
-            hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=hv_mask, other=0.0).to(tl.float32)
-        ot = tl.sum(p[:, None] * hv, 0)
+            hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=hv_mask & read, other=0.0).to(tl.float32)
+        ot = tl.where(write, tl.sum(p[:, None] * hv, 0), 0.0)
         tl.store(o + bh * V + vv, ot.to(o.dtype.element_ty), mask=mask_v)
         if STORE_STATE:
-            tl.store(hv_new + hv_off, hv, mask=hv_mask)
+            tl.store(hv_new + hv_off, hv, mask=hv_mask & write)

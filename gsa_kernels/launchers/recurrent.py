@@ -95,10 +95,13 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
 _decode_configs: dict = {}
 
 
-def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None):
+def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, state_indices=None,
+                has_initial_state=None):
     """One token per sequence: o [B, 1, H, V]; new states into hk_new / hv_new (None: not stored).
     Inputs contiguous [B, 1, H, *]. `config` (a full decode config: BK, BV, SPLIT, num_warps,
-    num_stages) overrides the lookup, for tests and sweeps; writing in place forces SPLIT = 1."""
+    num_stages) overrides the lookup, for tests and sweeps; writing in place forces SPLIT = 1.
+    state_indices [B] (with has_initial_state [B] bool): hk0 / hv0 and hk_new / hv_new are state
+    pools [S, H, ...] addressed by row (kernels/decode.py, POOLED)."""
     B, _, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
     cfg = config
@@ -112,10 +115,12 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None):
                                                    or hv_new.data_ptr() == hv0.data_ptr()):
         split = 1   # in place: see kernels/decode.py
     o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
-    use_h0, store = hk0 is not None, hk_new is not None
+    use_h0, store, pooled = hk0 is not None, hk_new is not None, state_indices is not None
     decode_kernel[(split, B * H)](
         q, k, v, s, g, hk0 if use_h0 else q, hv0 if use_h0 else q, o,
-        hk_new if store else q, hv_new if store else q, scale,
+        hk_new if store else q, hv_new if store else q, state_indices if pooled else q,
+        has_initial_state if pooled else q, scale,
         H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
-        USE_INITIAL_STATE=use_h0, STORE_STATE=store, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return o
