@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels import state_pool, torch_chunked
+from gsa_kernels import grouped_heads, state_pool, torch_chunked
 from gsa_kernels.abc_gates import abc_gates
 from gsa_kernels.autograd import ChunkGSAFunction
 from gsa_kernels.autotune import maybe_autotune
@@ -74,6 +74,16 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
                        state_indices, has_initial_state, chunk_size, kwargs)
     if has_initial_state is not None:
         raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")
+    G = grouped_heads.group_size(q, k)
+    if G > 1:      # grouped query heads: kv heads repeated, final states per kv head (grouped_heads.py)
+        if g is None:      # ABC gates per kv head, before the repeat
+            check_inputs(q[:, :, ::G], k, v, s, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+            s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
+        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+        o, state = chunk_gsa(q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
+                             grouped_heads.expand_state(initial_state, G), output_final_state, checkpoint_level,
+                             cu_seqlens, cu_seqlens_cpu, **extra, **kwargs)
+        return o, grouped_heads.reduce_state(state, G)
     if "head_first" in kwargs:
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:

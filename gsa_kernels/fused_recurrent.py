@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from gsa_kernels import grouped_heads, state_pool
 from gsa_kernels.abc_gates import abc_gates
-from gsa_kernels import state_pool
 from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_fwd
@@ -142,6 +142,18 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
         raise TypeError(f"fused_recurrent_gsa got unexpected keyword arguments {sorted(kwargs)}")
+    G = grouped_heads.group_size(q, k)
+    if G > 1:      # grouped query heads: kv heads repeated, final states per kv head (grouped_heads.py)
+        if inplace or out is not None or state_indices is not None:
+            raise ValueError("inplace=True, out= and state pools are not supported with grouped query heads yet")
+        if g is None:      # ABC gates per kv head, before the repeat
+            check_inputs(q[:, :, ::G], k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False,
+                         cu_seqlens_cpu=cu_seqlens_cpu)
+            s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
+        o, state = fused_recurrent_gsa(q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
+                                       grouped_heads.expand_state(initial_state, G), output_final_state, reverse,
+                                       cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+        return o, grouped_heads.reduce_state(state, G)
     pooled = state_indices is not None
     if has_initial_state is not None and not pooled:
         raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")

@@ -19,9 +19,17 @@ def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     reverse: the recurrence runs from each sequence's last token to its first (FLA's
     fused_recurrent_gsa(reverse=True)); the gates and, in ABC mode, the weights are those of forward
     time; the final states are those after the first token.
+    Grouped query heads: q [B, T, HQ, K] with k, v, s, g of H heads, HQ a multiple of H; the query
+    heads of a group read their kv head's memory; initial and final states per kv head.
     """
     B, T, H, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
+    G = H // k.shape[2]          # grouped query heads: each kv head's memory read by G query heads
+    if G > 1:
+        k, v, s = (x.repeat_interleave(G, dim=2) for x in (k, v, s))
+        g = None if g is None else g.repeat_interleave(G, dim=2)
+        if initial_state is not None:
+            initial_state = tuple(None if x is None else x.repeat_interleave(G, dim=1) for x in initial_state)
     scale = K ** -0.5 if scale is None else scale
     dt, out_dtype = compute_dtype(q), q.dtype
     abc = g is None
@@ -64,4 +72,4 @@ def naive_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     o = o.to(out_dtype)
     if not output_final_state:
         return o, (None, None)
-    return o, (torch.stack(final_hk, 0), torch.stack(final_hv, 0))
+    return o, (torch.stack(final_hk, 0)[:, ::G], torch.stack(final_hv, 0)[:, ::G])

@@ -1,0 +1,53 @@
+"""Grouped query heads (FLA 0.6.0's GQA): q with HQ heads, k, v, s, g and the states with H = HQ / group.
+Both ops against the float64 recurrence (whose grouped form is its definition: each kv head's memory
+read by its group), forward, final states and every gradient, group sizes 1, 2, 4, dense and packed,
+gates and ABC mode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from gsa_kernels import chunk_gsa, fused_recurrent_gsa
+from test_abc_mode import _inputs, run_op_and_naive
+from test_chunk import DTYPES, assert_close
+
+OPS = {"chunk": chunk_gsa, "recurrent": fused_recurrent_gsa}
+
+
+def _grouped(group, T, dtype, gates, N=1, seed=0):
+    """q with 2 * group heads, the rest with 2 heads (initial states per kv head)."""
+    q, *_ = _inputs(T, H=2 * group, dtype=dtype, seed=seed + 1, gates=gates, N=N)
+    _, k, v, s, g, hk0, hv0 = _inputs(T, H=2, dtype=dtype, seed=seed, gates=gates, N=N)
+    return q, k, v, s, g, hk0, hv0
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("gates", ["model", "abc"])
+def test_grouped_heads_match_naive(op_name, dtype, group, gates):
+    q, k, v, s, g, hk0, hv0 = _grouped(group, 21, dtype, gates)
+    kw = {"chunk_size": 16} if op_name == "chunk" else {}
+    ours, ref, _ = run_op_and_naive(OPS[op_name], q, k, v, s, g, hk0, hv0, **kw)
+    assert ours["hk"].shape[1] == 2 and ours["dk"].shape[2] == 2
+    assert_close(ours, ref, dtype, f"GQA {op_name} group {group} {gates}")
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_grouped_heads_varlen(op_name):
+    lengths = [5, 0, 12]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, s, g, hk0, hv0 = _grouped(2, sum(lengths), torch.float32, "model", N=len(lengths), seed=3)
+    kw = {"chunk_size": 16} if op_name == "chunk" else {}
+    ours, ref, _ = run_op_and_naive(OPS[op_name], q, k, v, s, g, hk0, hv0, cu_seqlens=cu, **kw)
+    assert_close(ours, ref, torch.float32, f"GQA varlen {op_name}")
+
+
+def test_heads_that_do_not_group_are_refused():
+    q, k, v, s, g, _, _ = _grouped(1, 4, torch.float32, "model")
+    q3 = torch.cat([q, q[:, :, :1]], 2)            # 3 query heads over 2 kv heads
+    for op in OPS.values():
+        with pytest.raises(ValueError, match="multiple"):
+            op(*(x.to(DEVICE) for x in (q3, k, v, s, g)))
