@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, ON_GPU
 from gsa_kernels import configs, launches
 from gsa_kernels.launchers import chunk as launchers
 from test_chunk import assert_close, make_inputs, run_both
@@ -63,7 +63,7 @@ def _close(got, want, tol):
 
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("split", [0, 1])
-@pytest.mark.parametrize("segment", [2, 3])
+@pytest.mark.parametrize("segment", [2, 3] if ON_GPU else [2])
 def test_segments_give_the_one_level_states(varlen, split, segment, monkeypatch):
     ins, cu = _inputs(torch.float32, varlen)
     folds = []
@@ -95,8 +95,8 @@ def test_compact_segments_and_steep_gates(gates):
     _close(two_level, one_level, 2e-3)   # float16 chunk states: an ulp where the two walks round apart
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("dtype,varlen", [(torch.float32, False), (torch.float16, True)]
+                         + ([(torch.float32, True), (torch.float16, False)] if ON_GPU else []), ids=str)
 def test_whole_op_with_segments_meets_the_contract(dtype, varlen):
     ins, cu = _inputs(dtype, varlen)
     with launches.override(walk_configs(2)):
@@ -105,9 +105,9 @@ def test_whole_op_with_segments_meets_the_contract(dtype, varlen):
 
 
 def test_the_rule_picks_two_levels_for_one_long_sequence():
-    """One sequence-head of 40 chunks leaves almost every SM idle: SEGMENT 0 resolves to segments of
+    """One sequence-head of 34 chunks leaves almost every SM idle: SEGMENT 0 resolves to segments of
     16 chunks with paired tiles, the launch record says so, and the op meets the contract."""
-    q, k, v, s, g, hk0, hv0 = make_inputs(1, 640, 1, 16, 16, 8, torch.float32, gates="model", seed=5)
+    q, k, v, s, g, hk0, hv0 = make_inputs(1, 544, 1, 16, 16, 8, torch.float32, gates="model", seed=5)
     ours, ref = run_both(q, k, v, s, g, hk0, hv0, chunk_size=16)
     used = launches.last_launches()
     for kernel in ("states_fwd", "states_bwd"):
