@@ -64,9 +64,9 @@ def test_half_levels_share_the_forward_and_each_meets_the_contract(dtype, varlen
     level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
     for name, a, b in zip(NAMES[:3], level0, level2):
         assert torch.equal(a, b), f"level 2 changes the forward's {name}"
-    for level in (0, 2):
-        ours, ref = run_both(*ins, scale=0.5, cu_seqlens=cu, chunk_size=16, checkpoint_level=level)
-        assert_close(ours, ref, dtype, f"checkpoint_level={level}")
+    # level 2's own gradients (level 0's, the chunk states kept, are test_chunk's subject)
+    ours, ref = run_both(*ins, scale=0.5, cu_seqlens=cu, chunk_size=16, checkpoint_level=2)
+    assert_close(ours, ref, dtype, "checkpoint_level=2")
 
 
 @pytest.mark.parametrize("level", [0, 2])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import configs, launches
+from gsa_kernels import chunk_gsa, configs, launches
 from gsa_kernels.launchers import chunk as launchers
 from test_chunk import assert_close, make_inputs, run_both
 
@@ -106,13 +106,21 @@ def test_whole_op_with_segments_meets_the_contract(dtype, varlen):
 
 def test_the_rule_picks_two_levels_for_one_long_sequence():
     """One sequence-head of 34 chunks leaves almost every SM idle: SEGMENT 0 resolves to segments of
-    16 chunks with paired tiles, the launch record says so, and the op meets the contract."""
-    q, k, v, s, g, hk0, hv0 = make_inputs(1, 544, 1, 16, 16, 8, torch.float32, gates="model", seed=5)
-    ours, ref = run_both(q, k, v, s, g, hk0, hv0, chunk_size=16)
-    used = launches.last_launches()
-    for kernel in ("states_fwd", "states_bwd"):
-        assert used[kernel]["config"]["SEGMENT"] == 16 and used[kernel]["config"]["SPLIT"] == 0, used[kernel]
-    assert_close(ours, ref, torch.float32, "SEGMENT 0 -> two levels")
+    16 chunks with paired tiles, the launch record says so, and the states and output are the one-level
+    walk's (a forward: the backward's two-level walk is the forced-segment tests' subject)."""
+    ins = [x.to(DEVICE) for x in make_inputs(1, 544, 1, 16, 16, 8, torch.float32, seed=5)]
+
+    def run():
+        with torch.no_grad():
+            o, (hk, hv) = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), output_final_state=True, chunk_size=16)
+        return [o, hk, hv]
+
+    two_levels = run()
+    cfg = launches.last_launches()["states_fwd"]["config"]
+    assert cfg["SEGMENT"] == 16 and cfg["SPLIT"] == 0, cfg
+    with launches.override(walk_configs(1, 0, K=16, V=16, M=8)):
+        one_level = run()
+    _close(two_levels, one_level, 1e-5)
 
 
 def test_segment_rule():
