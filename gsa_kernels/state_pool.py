@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels.checks import validating
+from gsa_kernels.torch_common import token_sequences
 
 _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
@@ -79,7 +80,6 @@ def zero_padding_rows(o, state_indices, cu_seqlens):
     keep = state_indices >= 0
     if cu_seqlens is None:
         return torch.where(keep.view(-1, 1, 1, 1), o, 0)
-    cu = cu_seqlens.to(device=o.device, dtype=torch.long)
-    seq = torch.searchsorted(cu[1:], torch.arange(o.shape[1], device=o.device), right=True)
-    return torch.where(keep[seq.clamp(max=keep.numel() - 1)].view(1, -1, 1, 1), o, 0)
+    seq = token_sequences(cu_seqlens.to(device=o.device, dtype=torch.long), o.shape[1])
+    return torch.where(keep[seq].view(1, -1, 1, 1), o, 0)
 

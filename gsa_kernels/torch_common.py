@@ -31,11 +31,17 @@ def reverse_time(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tens
     sync). Its own inverse; differentiable."""
     if cu_seqlens is None:
         return x.flip(1)
-    T = x.shape[1]
     cu = cu_seqlens.to(device=x.device, dtype=torch.long)
-    t = torch.arange(T, device=x.device)
-    n = torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)
+    t = torch.arange(x.shape[1], device=x.device)
+    n = token_sequences(cu, x.shape[1])
     return x.index_select(1, cu[n] + cu[n + 1] - 1 - t)
+
+
+def token_sequences(cu: torch.Tensor, T: int) -> torch.Tensor:
+    """The sequence of each of T packed tokens, [T] int64, from the offsets cu [N + 1] (on the device,
+    no host sync)."""
+    t = torch.arange(T, device=cu.device)
+    return torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)
 
 
 def initial_states(initial_state, N, H, K, M, V, dtype, device):

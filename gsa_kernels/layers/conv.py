@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsa_kernels.torch_common import token_sequences
+
 
 class ShortConvolution(nn.Conv1d):
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
@@ -69,7 +71,7 @@ class ShortConvolution(nn.Conv1d):
             return torch.where(inside[..., None], from_x, past[n, W - back])
 
         t = torch.arange(T, device=x.device)
-        seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)
+        seq = token_sequences(cu, T)
         windows = gather(t[:, None] - (W - 1) + steps, seq[:, None].expand(T, W)).transpose(1, 2)
         ends = cu[1:, None] - W + steps                                       # each sequence's last W
         new_cache = gather(ends, torch.arange(N, device=x.device)[:, None].expand(N, W)).transpose(1, 2)

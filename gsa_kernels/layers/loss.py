@@ -40,11 +40,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p = (logits - lse[:, None]).exp_()
             p.scatter_add_(1, target, torch.full_like(p[:, :1], -1.0))
             p.mul_((vc.float() * scale)[:, None])
-            p = p.to(h.dtype)
+            if grad_w is not None:      # from the float32 probabilities, before their rounding below
+                grad_w.addmm_(p.T, hc.float())
             if grad_h is not None:
-                grad_h[start:start + chunk] = p @ weight
-            if grad_w is not None:
-                grad_w.addmm_(p.T.float(), hc.float())
+                grad_h[start:start + chunk] = p.to(h.dtype) @ weight
         ctx.save_for_backward(grad_h, grad_w)
         return total / count.float()
 
