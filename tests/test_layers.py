@@ -121,8 +121,8 @@ def test_prefill_then_decode_equals_one_pass(name):
             ys.append(y)
     assert rel_err(torch.cat(ys, 1), y_full) <= 1e-5
     assert rel_err(state[0], state_full[0]) <= 1e-5 and rel_err(state[1], state_full[1]) <= 1e-5
-    if layer.use_short_conv:
-        assert all(torch.equal(a, b) for a, b in zip(state[2], state_full[2]))
+    if layer.use_short_conv:   # the projections of 1 and of 11 tokens are different GEMMs on a GPU
+        assert all(rel_err(a, b) <= 1e-6 for a, b in zip(state[2], state_full[2]))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1008,6 +1008,34 @@ def test_seeded_search_retunes_only_the_named_kernels(monkeypatch):
     assert plain["entry"]["configs"][kept][kept_param] == default
 
 
+def test_compile_plan_covers_the_search_and_fills_new_parameters_from_the_defaults():
+    """The sweep compiles each shape's plan up front (tuning/precompile.py): every chunk size at the
+    start configs, and each tuned kernel's candidates at the start chunk size. A seed made before a
+    parameter existed (the walks' SEGMENT) starts from its configs with that parameter at its default,
+    never from the first candidate of the space (which timed H100 tiles of 64 as tiles of 32)."""
+    shape = shapes.Shape(8, 2048, 4, 512, 512, 64)
+    key = problem_keys.problem_key(K=512, V=512, M=64, dtype="bfloat16", tokens=8 * 2048 * 4, seqs=32)
+    default = search.default_start("states_fwd", shape, 32)
+    old = {p: v for p, v in default.items() if p != "SEGMENT"}
+    old["BK"] = old["BV"] = next(v for v in candidates.CANDIDATES["states_fwd"]["BK"] if v != default["BK"])
+    seed = {key: {"chunk": {"BT": 32}, "states_fwd": old}}
+    one = search.compile_plan(shape, "bfloat16", search.Settings(max_candidates=1, seed=seed), "sm90")
+    assert [label for label, _, _ in one] == [("BT", 32)]
+    first = search.prune("states_fwd", search.enumerate_space("states_fwd"), shape=shape, dtype="bfloat16",
+                         BT=32, arch="sm90")[0][0]
+    assert one[0][1]["states_fwd"] == {**old, "SEGMENT": default["SEGMENT"]} != first
+    assert one[0][1]["chunk"] == {"BT": 32} and one[0][2] == "all"
+    plan = search.compile_plan(shape, "bfloat16", search.Settings(max_candidates=3), "sm90")
+    bts = [label[1] for label, _, _ in plan if label[0] == "BT"]
+    assert len(bts) > 1 and len(set(bts)) == len(bts)
+    at = {label[0] for label, _, _ in plan if label[0] != "BT"}       # one chunk size: the start's
+    assert len(at) == 1
+    BT0 = at.pop()
+    tuned = {label[1] for label, _, _ in plan if label[0] != "BT"}
+    assert tuned == {k for k in candidates.CANDIDATES if k != "chunk" and len(search.kernel_space(
+        k, BT0, shape, "bfloat16", search.Settings(max_candidates=3), "sm90", None)[0]) > 1}
+
+
 def test_sweep_seed_must_match_the_run(tmp_path):
     """A seed file from a GPU sweep cannot seed a dry run (nor the reverse), nor a file from another arch."""
     seed = tmp_path / "seed.yaml"
@@ -1129,6 +1157,26 @@ def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
     assert meta["complete"] and not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H100")
     have = {e.key for e in entries}
     for shape in shapes.parse_shapes("bench,common"):
+        for dtype in ("bfloat16", "float16"):
+            key = problem_keys.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
+                                           tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
+            assert key in have, (shape, dtype)
+
+
+def test_shipped_h200_file_is_fresh_and_covers_the_promised_grid():
+    """tuned_configs/sm90-nvidia-h200.yaml, as committed: a complete GPU sweep on an H200 for these
+    kernels (none stale: an edit to a kernel must come with its sweep on the H200), with an exact
+    entry for every benchmark, common and long shape in bf16 and fp16, and read first on an H200."""
+    from gsa_kernels._paths import tuned_configs_dir
+    from gsa_kernels.tuned_file import device_file_name
+    name = device_file_name("sm90", problem_keys.device_slug("NVIDIA H200"))
+    assert name == "sm90-nvidia-h200.yaml"
+    doc = yaml.safe_load((tuned_configs_dir() / name).read_text())
+    meta, entries, stale = tuned_file.validate(doc, arch="sm90", model="nvidia-h200")
+    assert not stale, f"stale configs for {stale}: re-run the sweep on an H200 with --kernels {','.join(stale)}"
+    assert meta["complete"] and not meta["dry_run"] and meta["gpu"] == "NVIDIA H200"
+    have = {e.key for e in entries}
+    for shape in shapes.parse_shapes("bench,common,long"):
         for dtype in ("bfloat16", "float16"):
             key = problem_keys.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
                                            tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)

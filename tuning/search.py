@@ -73,6 +73,7 @@ class Settings:
     # (and its chunk size, unless "chunk" is tuned), so a change to some kernels re-tunes only theirs
     seed: dict | None = None
     seeded_from: str | None = None       # that file's date, recorded in the meta
+    compiler: object | None = None       # a tuning.precompile.Compiler open for the whole sweep
 
     def as_meta(self) -> dict:
         meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
@@ -183,6 +184,66 @@ class _Failure:
 
 
 
+def default_start(kernel: str, shape: Shape, BT) -> dict:
+    d = configs.default_config(kernel, shape.K, shape.V, shape.M, BT, seqs=shape.B * shape.H)
+    if "BC" in d and BT is not None:
+        d["BC"] = min(d["BC"], BT)
+    return d
+
+
+def shape_seed(shape: Shape, dtype: str, settings: Settings) -> dict | None:
+    """This shape's configs in the seed file (sweep --seed), if any."""
+    key = problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
+                      seqs=shape.B * shape.H)
+    return (settings.seed or {}).get(key)
+
+
+def kernel_space(kernel: str, BT, shape: Shape, dtype: str, settings: Settings, arch, seed) -> tuple:
+    """(candidates, pruned reasons, start config) of a kernel at chunk size BT."""
+    kept, pruned = prune(kernel, enumerate_space(kernel), shape=shape, dtype=dtype, BT=BT, arch=arch)
+    start = default_start(kernel, shape, BT) if kernel != CHUNK else {"BT": configs.default_config(
+        CHUNK, shape.K, shape.V, shape.M)["BT"]}
+    if seed is not None and kernel in seed and (kernel == CHUNK or BT == seed[CHUNK]["BT"]):
+        # a parameter added since the seed was made takes its default (not the first candidate)
+        params = candidates.CANDIDATES[kernel]
+        seeded = {p: seed[kernel].get(p, start.get(p)) for p in params}
+        if seeded in kept:
+            start = seeded
+    if start not in kept:
+        start = kept[0] if kept else start
+    if settings.kernels is not None and kernel not in settings.kernels:
+        return [start], pruned, start
+    return cap(kept, start, settings.max_candidates), pruned, start
+
+
+def compile_plan(shape: Shape, dtype: str, settings: Settings, arch) -> list[tuple]:
+    """The config sets a search of this shape will run, as far as they are known before any timing:
+    every chunk size with the other kernels at their start configs, then each tuned kernel's
+    candidates at the start chunk size (the one coordinate descent refines unless another BT wins
+    step 2). Tasks (label, configs override, phase) for tuning/precompile.py."""
+    seed = shape_seed(shape, dtype, settings)
+    kernels = [k for k in candidates.CANDIDATES if k != CHUNK]
+    if CHUNK in candidates.CANDIDATES:
+        bts, _, bt_start = kernel_space(CHUNK, None, shape, dtype, settings, arch, seed)
+        bts, BT0 = [bt["BT"] for bt in bts], bt_start["BT"]
+    else:
+        bts, BT0 = [None], None
+
+    def full(BT, cfgs):
+        return {**cfgs, CHUNK: {"BT": BT}} if CHUNK in candidates.CANDIDATES else cfgs
+
+    tasks = []
+    for BT in bts:
+        starts = {k: kernel_space(k, BT, shape, dtype, settings, arch, seed)[2] for k in kernels}
+        tasks.append((("BT", BT), full(BT, starts), "all"))
+        if BT == BT0:
+            for k in kernels:
+                for c in kernel_space(k, BT, shape, dtype, settings, arch, seed)[0]:
+                    if c != starts[k]:
+                        tasks.append(((BT, k, fmt(c)), full(BT, {**starts, k: c}), "all"))
+    return tasks
+
+
 @dataclass
 class _Kernel:
     name: str
@@ -201,9 +262,7 @@ class ShapeSearch:
         self.ref = measure.Reference(self.inputs)
         self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
         self.tunable = [k for k in candidates.CANDIDATES if settings.kernels is None or k in settings.kernels]
-        key = problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
-                          seqs=shape.B * shape.H)
-        self.seed = (settings.seed or {}).get(key)    # this shape's configs in the seed file, if any
+        self.seed = shape_seed(shape, dtype, settings)
         self.checked: dict = {}              # (BT, kernel, cfg) -> None or reason
         self._graphs = None                  # (fwd-config key, [(o, xs)]) retained for backward timing
         # the parallel precompile only warms Triton's cache: a candidate failing there is still tried
@@ -238,26 +297,11 @@ class ShapeSearch:
         return out
 
     def default_start(self, kernel: str, BT) -> dict:
-        sh = self.shape
-        d = configs.default_config(kernel, sh.K, sh.V, sh.M, BT, seqs=sh.B * sh.H)
-        if "BC" in d and BT is not None:
-            d["BC"] = min(d["BC"], BT)
-        return d
+        return default_start(kernel, self.shape, BT)
 
     def space(self, kernel: str, BT) -> tuple[list[dict], list[str], dict]:
         """(candidates, pruned reasons, start config) of a kernel at chunk size BT."""
-        kept, pruned = prune(kernel, enumerate_space(kernel), shape=self.shape, dtype=self.dtype,
-                             BT=BT, arch=self.arch)
-        start = self.default_start(kernel, BT) if kernel != CHUNK else {"BT": configs.default_config(
-            CHUNK, self.shape.K, self.shape.V, self.shape.M)["BT"]}
-        if self.seed is not None and kernel in self.seed and (
-                kernel == CHUNK or BT == self.seed[CHUNK]["BT"]):
-            start = dict(self.seed[kernel])
-        if start not in kept:
-            start = kept[0] if kept else start
-        if kernel not in self.tunable:
-            return [start], pruned, start
-        return cap(kept, start, self.s.max_candidates), pruned, start
+        return kernel_space(kernel, BT, self.shape, self.dtype, self.s, self.arch, self.seed)
 
     def discover(self, BT0) -> None:
         """Which kernels the forward and the backward launch, in launch order (module docstring, 1)."""
@@ -351,7 +395,8 @@ class ShapeSearch:
 
         # 2. chunk size, others at their defaults
         starts = {bt["BT"]: {k.name: self.space(k.name, bt["BT"])[2] for k in self.kernels} for bt in bts}
-        if precompile:
+        warmed = self.s.compiler is not None and (self.shape, self.dtype) in self.s.compiler.warmed
+        if precompile and not warmed:
             self.precompile_failures += len(precompile([(("BT", bt["BT"]), self._full(bt["BT"], starts[bt["BT"]]),
                                                          "fwd+bwd") for bt in bts]))
         stage = []
@@ -375,7 +420,7 @@ class ShapeSearch:
             spaces = {k.name: self.space(k.name, BT) for k in self.kernels}
             for k in self.kernels:
                 k.pruned = spaces[k.name][1]
-            if precompile:
+            if precompile and not (warmed and BT == bt_start["BT"]):    # else compile_plan had them
                 tasks = [((BT, k.name, fmt(c)), self._full(BT, {**current, k.name: c}), k.phase)
                          for k in self.kernels if k.name in self.tunable for c in spaces[k.name][0]]
                 self.precompile_failures += len(precompile(tasks))
@@ -477,10 +522,16 @@ class ShapeSearch:
         return {"entry": entry, "failed": None}
 
     def _precompiler(self):
+        if self.s.compiler is not None:
+            return lambda tasks: self.s.compiler.compile(tasks, self.shape, self.dtype)
         if self.s.jobs <= 0 or self.device.type != "cuda":
             return None
         from tuning import precompile
-        return lambda tasks: precompile.compile_all(tasks, self.shape, self.dtype, self.s.jobs)
+
+        def once(tasks):       # a pool for this call alone (the run-time autotuner tunes one shape)
+            with precompile.Compiler(self.s.jobs) as compiler:
+                return compiler.compile(tasks, self.shape, self.dtype)
+        return once
 
 
 def _r(x):

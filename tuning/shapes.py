@@ -8,6 +8,8 @@ combine, e.g. `bench,common`):
     common       the common head dims K = V in {64, 128, 256, 512} x M in {32, 64, 128} at B = 8,
                  T = 2048 and H = 2048 // K heads (hidden size 2048, like shapes a and b)
     common-full  the same with K and V independent (48 shapes per dtype instead of 12)
+    long         long sequences with few of them (the bench's f [1, 32768, 4, 512, 64],
+                 g [1, 65536, 4, 512, 64], h [4, 16384, 4, 512, 64]), where the two-level walk pays
     tiny         the --dry-run grid: two interpreter-sized shapes (one chunk size, then two)
 
 A FILE is a YAML or JSON list whose items are [B, T, H, K, V, M] or {B:, T:, H:, K:, V:, M:}.
@@ -39,6 +41,8 @@ class Shape:
 
 BENCH = {"a": Shape(8, 2048, 4, 512, 512, 64), "b": Shape(8, 2048, 16, 128, 128, 64),
          "c": Shape(2, 8192, 4, 512, 512, 64), "d": Shape(32, 512, 4, 256, 256, 64)}
+LONG = {"f": Shape(1, 32768, 4, 512, 512, 64), "g": Shape(1, 65536, 4, 512, 512, 64),
+        "h": Shape(4, 16384, 4, 512, 512, 64)}
 HEAD_DIMS = (64, 128, 256, 512)
 SLOTS = (32, 64, 128)
 
@@ -52,6 +56,7 @@ PRESETS = {
     "common": lambda: [Shape(8, 2048, _hidden_2048(D), D, D, M) for D in HEAD_DIMS for M in SLOTS],
     "common-full": lambda: [Shape(8, 2048, _hidden_2048(K), K, V, M)
                             for K in HEAD_DIMS for V in HEAD_DIMS for M in SLOTS],
+    "long": lambda: list(LONG.values()),
     "tiny": lambda: [Shape(1, 32, 1, 16, 16, 16), Shape(1, 64, 1, 16, 16, 16)],
 }
 

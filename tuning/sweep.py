@@ -27,6 +27,7 @@ if "--dry-run" in sys.argv[1:]:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
@@ -87,8 +88,8 @@ def parse_args(argv):
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True, help="the GPU arch to tune for, e.g. sm90 (must be the GPU present)")
     p.add_argument("--shapes", default=None,
-                   help="presets bench,common,common-full,tiny (comma-separated) or a YAML/JSON FILE "
-                        "(default: bench,common; tiny with --dry-run)")
+                   help="presets bench,common,common-full,long,tiny (comma-separated) or a YAML/JSON FILE "
+                        "(default: bench,common,long; tiny with --dry-run)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (default: bf16,fp16; fp16 "
                                                   "with --dry-run, whose interpreter miscomputes bf16 dots)")
     p.add_argument("--seed", default=None, metavar="FILE",
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     try:
         grid_shapes = shapes.parse_shapes(args.shapes if args.shapes is not None else
-                                          ("tiny" if args.dry_run else "bench,common"))
+                                          ("tiny" if args.dry_run else "bench,common,long"))
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         return fail(f"--shapes {args.shapes}: cannot read it ({type(e).__name__}: {e})")
     except ValueError as e:
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     from gsa_kernels._paths import tuned_configs_dir
     from gsa_kernels.problem_keys import bucket, current_arch, current_device_model, problem_key
     from gsa_kernels.tuned_file import device_file_name
-    from tuning import search, yamlio
+    from tuning import precompile, search, yamlio
 
     kernels = None
     if args.kernels:
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     settings = search.Settings(
         max_candidates=args.max_candidates if args.max_candidates is not None else (2 if args.dry_run else None),
         passes=args.passes, bt_top=args.bt_top, tie=args.tie,
-        jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else min(8, (os.cpu_count() or 2) // 2)),
+        jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else max(1, min(14, (os.cpu_count() or 2) - 2))),
         compile_backend=(args.compile_backend or ("off" if args.dry_run else "on")) == "on",
         compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels,
         seed=seed, seeded_from=seeded_from)
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
     progress = Progress(total_units, len(jobs))
     print(f"tuning {len(jobs)} shapes x dtypes on {meta['gpu']} ({args.arch}{', dry run' if args.dry_run else ''}) "
           f"-> {output}", file=sys.stderr)
-    t0, shape_times, stopped = time.monotonic(), [], None
+    t0 = time.monotonic()
     # temp files of an earlier run killed mid-write: nothing else writes them (two sweeps to one
     # file at once would clobber each other's results anyway), so they are garbage by now
     removed = yamlio.remove_stale_temp_files(output)
@@ -321,12 +322,45 @@ def main(argv=None) -> int:
         print(f"removed {len(removed)} temp file(s) an interrupted write of {output} left: "
               f"{', '.join(p.name for p in removed)}", file=sys.stderr)
     save(complete=not jobs)
+    with contextlib.ExitStack() as stack:
+        if settings.jobs > 0 and device == "cuda" and jobs:
+            settings.compiler = stack.enter_context(precompile.Compiler(settings.jobs))
+            _compile_up_front(settings, jobs, present)
+        stopped = _tune_all(jobs, settings, device, progress, args.time_budget, entries, failed, save, t0)
+    progress.close()
+    took = time.monotonic() - t0
+    if stopped:
+        print(f"stopped by --time-budget after {took:.0f} s: {len(jobs) - stopped} shapes tuned, {stopped} left; "
+              f"{output} holds the partial result: run again with --resume to go on", file=sys.stderr)
+    else:
+        print(f"done in {took:.0f} s: {len(entries)} entries, {len(failed)} failed -> {output}", file=sys.stderr)
+    return 0
+
+
+def _compile_up_front(settings, jobs, arch):
+    """Every shape's start configs (and its first coordinate-descent candidates) compiled at once by the
+    pool, before the first timing: the sweep's own launches then load them from Triton's cache."""
+    from tuning import search
+    ts = time.monotonic()
+    tasks = [(label, cfgs, phase, shape, dtype) for shape, dtype, _ in jobs
+             for label, cfgs, phase in search.compile_plan(shape, dtype, settings, arch)]
+    print(f"compiling {len(tasks)} config sets of {len(jobs)} shapes on {settings.jobs} workers", file=sys.stderr)
+    failures = settings.compiler.compile_many(tasks)
+    settings.compiler.warmed.update((shape, dtype) for shape, dtype, _ in jobs)
+    print(f"compiled in {time.monotonic() - ts:.0f} s ({len(failures)} failed in workers, tried again when timed)",
+          file=sys.stderr)
+
+
+def _tune_all(jobs, settings, device, progress, time_budget, entries, failed, save, t0):
+    """Tune the shapes in order, saving after each; the count left when the budget stopped it, or None."""
+    import torch
+    from tuning import search
+    shape_times = []
     for i, (shape, dtype, key) in enumerate(jobs):
         elapsed = time.monotonic() - t0
-        if args.time_budget is not None and shape_times and \
-                elapsed + sum(shape_times) / len(shape_times) > args.time_budget:
-            stopped = len(jobs) - i
-            break
+        if time_budget is not None and shape_times and \
+                elapsed + sum(shape_times) / len(shape_times) > time_budget:
+            return len(jobs) - i
         progress.start_shape(f"{shape} {dtype}")
         ts = time.monotonic()
         result = search.tune_shape(B=shape.B, T=shape.T, H=shape.H, K=shape.K, V=shape.V, M=shape.M,
@@ -340,14 +374,7 @@ def main(argv=None) -> int:
         save(complete=(i == len(jobs) - 1))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    progress.close()
-    took = time.monotonic() - t0
-    if stopped:
-        print(f"stopped by --time-budget after {took:.0f} s: {len(jobs) - stopped} shapes tuned, {stopped} left; "
-              f"{output} holds the partial result: run again with --resume to go on", file=sys.stderr)
-    else:
-        print(f"done in {took:.0f} s: {len(entries)} entries, {len(failed)} failed -> {output}", file=sys.stderr)
-    return 0
+    return None
 
 
 if __name__ == "__main__":
