@@ -72,7 +72,9 @@ def chunk_gsa_cp(q, k, v, s, g, scale=None, initial_state=None, output_final_sta
     dtype = compute_dtype(k)
     hk0, hv0 = _initial_states(initial_state, B, H, K, M, V, k.device, dtype)
     summary = _summary(k, v, s, g, dtype)
-    hk_in, hv_in, hk_end, hv_end = _Fold.apply(summary, hk0, hv0, group, (B, H, K, M, V))
+    dims = (B, H, K, M, V)
+    hk_in, hv_in, hk_end, hv_end = _Exchange.apply(
+        lambda gathered, rank, hk0, hv0: _states_around(gathered, rank, hk0, hv0, dims), group, summary, hk0, hv0)
     o, _ = op(q, k, v, s, g, scale=scale, initial_state=(hk_in, hv_in), output_final_state=False, **kwargs)
     return o, ((hk_end, hv_end) if output_final_state else (None, None))
 
@@ -121,41 +123,75 @@ def _fold(gathered, hk, hv, start, stop, dims):
     return hk, hv
 
 
-class _Fold(torch.autograd.Function):
-    """(states entering this rank, states after the last rank) from every rank's summary: one all_gather
-    forward, one all_reduce backward."""
+class _Exchange(torch.autograd.Function):
+    """combine(every rank's `local` stacked [N, ...], rank, *extra) -> tensors, with one all_gather
+    forward and one all_reduce backward. Every output is this Function's on every rank (rank 0's too,
+    which may not read the others' parts), so every rank's backward reaches the all_reduce."""
 
     @staticmethod
-    def forward(ctx, summary, hk0, hv0, group, dims):
+    def forward(ctx, combine, group, local, *extra):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        parts = [torch.empty_like(summary) for _ in range(world)]
-        dist.all_gather(parts, summary.contiguous(), group=group)
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
         gathered = torch.stack(parts)
-        hk_in, hv_in = _fold(gathered, hk0, hv0, 0, rank, dims)
-        hk_end, hv_end = _fold(gathered, hk_in, hv_in, rank, world, dims)
-        ctx.save_for_backward(gathered, hk0, hv0)
-        ctx.group, ctx.rank, ctx.dims = group, rank, dims
-        ctx.initial_needs_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        return hk_in, hv_in, hk_end, hv_end
+        ctx.save_for_backward(gathered, *extra)
+        ctx.combine, ctx.group, ctx.rank = combine, group, rank
+        return combine(gathered, rank, *extra)
 
     @staticmethod
-    def backward(ctx, dhk_in, dhv_in, dhk_end, dhv_end):
-        gathered, hk0, hv0 = ctx.saved_tensors
-        world = gathered.shape[0]
+    def backward(ctx, *d_out):
+        gathered, *extra = ctx.saved_tensors
         with torch.enable_grad():
-            gathered, hk0, hv0 = (x.detach().requires_grad_() for x in (gathered, hk0, hv0))
-            hk_in, hv_in = _fold(gathered, hk0, hv0, 0, ctx.rank, ctx.dims)
-            hk_end, hv_end = _fold(gathered, hk_in, hv_in, ctx.rank, world, ctx.dims)
-            d_gathered, dhk0, dhv0 = torch.autograd.grad(
-                (hk_in, hv_in, hk_end, hv_end), (gathered, hk0, hv0), (dhk_in, dhv_in, dhk_end, dhv_end),
-                allow_unused=True, materialize_grads=True)
-        # every rank's loss reaches every summary (and the initial states): sum the gradients over ranks
-        packed = torch.cat([d_gathered.reshape(-1), dhk0.reshape(-1), dhv0.reshape(-1)])
+            inputs = [x.detach().requires_grad_() for x in (gathered, *extra)]
+            grads = torch.autograd.grad(ctx.combine(inputs[0], ctx.rank, *inputs[1:]), inputs, d_out,
+                                        allow_unused=True, materialize_grads=True)
+        # every rank's loss may reach every rank's part (and the shared extra inputs): sum over ranks
+        packed = torch.cat([x.reshape(-1) for x in grads])
         dist.all_reduce(packed, group=ctx.group)
-        n = d_gathered.numel()
-        d_summary = packed[:n].view_as(d_gathered)[ctx.rank]
-        dhk0 = packed[n:n + dhk0.numel()].view_as(dhk0)
-        dhv0 = packed[n + dhk0.numel():].view_as(dhv0)
-        if not ctx.initial_needs_grad:
-            dhk0 = dhv0 = None
-        return d_summary, dhk0, dhv0, None, None
+        out, at = [], 0
+        for x in grads:
+            out.append(packed[at:at + x.numel()].view_as(x))
+            at += x.numel()
+        return (None, None, out[0][ctx.rank],
+                *(d if need else None for d, need in zip(out[1:], ctx.needs_input_grad[3:])))
+
+
+def _states_around(gathered, rank, hk0, hv0, dims):
+    """(states entering this rank, states after the last rank) from every rank's summary."""
+    hk_in, hv_in = _fold(gathered, hk0, hv0, 0, rank, dims)
+    hk_end, hv_end = _fold(gathered, hk_in, hv_in, rank, gathered.shape[0], dims)
+    return hk_in, hv_in, hk_end, hv_end
+
+
+def preceding_inputs(x, width, group=None, first=None):
+    """(the `width` inputs before this rank's slice [B, width, D], the whole sequences' last `width`
+    inputs [B, width, D]) for x [B, T_r, D] split over the ranks of `group` as chunk_gsa_cp splits
+    its inputs: what a causal convolution of `width` taps reads across slice boundaries. Rank 0's
+    come from `first` (the inputs before the sequences, e.g. a conv cache) or zeros. Every rank needs
+    T_r >= width (a slice that short would need inputs from two ranks back). Differentiable."""
+    B, T, D = x.shape
+    if T < width:
+        raise ValueError(f"context parallel: every rank needs at least {width} tokens here (a short convolution "
+                         f"of {width} taps reads across one slice boundary), got a slice of T = {T}")
+    first = x.new_zeros(B, width, D) if first is None else first.to(x.dtype)
+    return _Exchange.apply(_tails, group, x[:, T - width:], first)
+
+
+def _tails(gathered, rank, first):
+    return (gathered[rank - 1] if rank > 0 else first), gathered[-1]
+
+
+def next_rank_first(x, group=None, fill=0):
+    """x[:, :1] of the next rank (for x [B, T_r, ...] split as above), `fill` on the last rank: what a
+    shift by one token (next-token labels) reads across a slice boundary. Not differentiable."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    parts = [torch.empty_like(x[:, :1]) for _ in range(world)]
+    dist.all_gather(parts, x[:, :1].contiguous(), group=group)
+    return parts[rank + 1] if rank + 1 < world else torch.full_like(x[:, :1], fill)
+
+
+def all_ranks_sum(x, group=None):
+    """The sum of x over the ranks of group (a new tensor; not differentiable)."""
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    return x

@@ -69,11 +69,70 @@ def _rank_run(case, rank):
             **{"d" + n: t.grad.cpu() for n, t in x.items()}}
 
 
+# --- the model: context parallel (slices of the same sequences), DDP and FSDP2 (halves of the batch)
+MODEL = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, num_slots=4,
+             use_short_conv=True, conv_size=3)
+MODEL_SLICES = [5, 7]           # of T = 12: each at least conv_size
+
+
+def _model(group=None):
+    from gsa_kernels.layers import GSAModel
+    torch.manual_seed(0)
+    return GSAModel(**MODEL, context_parallel_group=group).to(DEVICE)
+
+
+def _tokens():
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, MODEL["vocab_size"], (2, sum(MODEL_SLICES)), generator=gen)
+    labels = ids.clone()
+    labels[0, 4] = labels[1, 9] = -100           # unlabelled tokens, one of them at a slice's first
+    return ids.to(DEVICE), labels.to(DEVICE)
+
+
+def _grads(model):
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out[name] = g.detach().cpu().clone()
+    return out
+
+
+def _model_run(case, rank, world):
+    """What this rank saves: logits slice, loss and parameter gradients (summed over the CP ranks)."""
+    ids, labels = _tokens()
+    if case == "model cp":
+        model = _model(dist.group.WORLD)
+        t0, t1 = sum(MODEL_SLICES[:rank]), sum(MODEL_SLICES[:rank + 1])
+        logits, _ = model(ids[:, t0:t1])
+        loss, _ = model(ids[:, t0:t1], labels=labels[:, t0:t1])
+        loss.backward()
+        grads = _grads(model)
+        for g in grads.values():
+            dist.all_reduce(g)
+        return {"logits": logits.detach().cpu(), "loss": loss.detach().cpu(), "grads": grads}
+    model = _model()
+    if case == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:                        # FSDP2: each block its own unit, then the root
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(DEVICE, (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    labels = labels.clone()
+    labels[:, -1] = -100          # equal labelled counts per row: the mean of the ranks' means is the whole's
+    loss, _ = model(ids[rank:rank + 1], labels=labels[rank:rank + 1])
+    loss.backward()
+    return {"loss": loss.detach().cpu(), "grads": _grads(model.module if case == "ddp" else model)}
+
+
 def _worker(rank, world, init_file, out_dir, cases):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for case in cases:
-            torch.save(_rank_run(case, rank), os.path.join(out_dir, f"{case}.{rank}.pt"))
+            run = _rank_run(case, rank) if case in CASES else _model_run(case, rank, world)
+            torch.save(run, os.path.join(out_dir, f"{case}.{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -106,15 +165,57 @@ def _check(case, per_rank):
     assert max(errors.values()) <= bound, errors
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_equals_one_process(world):
-    """Each group of ranks runs its cases in one spawn (a process start costs seconds)."""
-    cases = [c for c in CASES if len(CASES[c][0]) == world]
+# gloo gathers CPU tensors only, and NCCL takes one rank per GPU: the multi-rank tests run where there is
+# no GPU (CI); a GPU runs the one-rank NCCL test below
+MULTI_RANK = pytest.mark.skipif(ON_GPU, reason="multi-rank gloo tests run on CPU machines (CI); one GPU: NCCL, one rank")
+
+
+def _spawn(world, cases):
+    """Every case on `world` gloo ranks in one spawn (a process start costs seconds): {case: [per rank]}."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp, cases), nprocs=world, join=True)
-        results = {c: [torch.load(os.path.join(tmp, f"{c}.{r}.pt")) for r in range(world)] for c in cases}
+        return {c: [torch.load(os.path.join(tmp, f"{c}.{r}.pt")) for r in range(world)] for c in cases}
+
+
+@MULTI_RANK
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_equals_one_process(world):
+    cases = [c for c in CASES if len(CASES[c][0]) == world]
+    results = _spawn(world, cases)
     for case in cases:
         _check(case, results[case])
+
+
+# two float32 computations of the same model (each op within the contract of the float64 recurrence):
+# this checks the wiring (slices, exchanges, gradient sums), so a loose bound suffices
+MODEL_BOUND = 1e-4
+
+
+@MULTI_RANK
+def test_model_context_parallel_ddp_and_fsdp2_equal_one_process():
+    """GSAModel over 2 ranks: context parallel (each rank a slice of the same sequences: logits, the
+    loss, and the parameter gradients summed over ranks), DDP and FSDP2 (each rank one sequence of
+    the batch: averaged gradients) equal one process on the whole batch."""
+    results = _spawn(2, ["model cp", "ddp", "fsdp2"])
+    ids, labels = _tokens()
+    model = _model()
+    logits, _ = model(ids)
+    loss, _ = model(ids, labels=labels)
+    loss.backward()
+    cp = results["model cp"]
+    errors = {"logits": rel_err(torch.cat([r["logits"] for r in cp], dim=1), logits),
+              "loss": rel_err(sum(r["loss"] for r in cp), loss)}
+    errors.update({f"d {n}": rel_err(cp[0]["grads"][n], g) for n, g in _grads(model).items()})
+    assert max(errors.values()) <= MODEL_BOUND, errors
+    model.zero_grad()
+    labels[:, -1] = -100
+    loss, _ = model(ids, labels=labels)
+    loss.backward()
+    for case in ("ddp", "fsdp2"):
+        errors = {"loss": rel_err(sum(r["loss"] for r in results[case]) / 2, loss)}
+        for r, got in enumerate(results[case]):
+            errors.update({f"d {n} (rank {r})": rel_err(got["grads"][n], g) for n, g in _grads(model).items()})
+        assert max(errors.values()) <= MODEL_BOUND, (case, errors)
 
 
 def _one_rank_group(backend):

@@ -35,6 +35,10 @@ Choices (and where they differ from FLA):
     (one host sync) so padded tokens never enter the memories; their outputs are 0 and each row's
     state is that of its kept tokens. Already-packed input takes `cu_seqlens` (x [1, total, hidden]);
     the state then has one entry per sequence.
+  * context_parallel_group (a torch.distributed group, or None): every rank feeds its slice of the
+    same B sequences along time, ranks in sequence order (gsa_kernels/distributed.py); the state in
+    and out is the whole sequences'. The short convolutions read the previous rank's last conv_size
+    inputs (every slice needs at least conv_size tokens); no attention_mask or cu_seqlens there.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.distributed import chunk_gsa_cp, preceding_inputs
 from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.conv import ShortConvolution
@@ -60,7 +65,7 @@ class GatedSlotAttention(nn.Module):
                  elementwise_affine: bool = True, norm_eps: float = 1e-5, gate_logit_normalizer: float = 8.0,
                  feature_map: str | None = "swish", use_output_gate: bool = False, use_norm: bool = True,
                  layer_idx: int | None = None, scale: float | None = 1.0, *, recurrent_threshold: int = 64,
-                 checkpoint_level: int = 2, **kwargs):
+                 checkpoint_level: int = 2, context_parallel_group=None, **kwargs):
         super().__init__()
         if not isinstance(mode, str):
             raise TypeError(f"mode (the first argument, as in flash-linear-attention) must be 'chunk' or "
@@ -105,6 +110,7 @@ class GatedSlotAttention(nn.Module):
         self.use_output_gate, self.use_norm, self.scale = use_output_gate, use_norm, scale
         self.mode, self.recurrent_threshold, self.layer_idx = mode, recurrent_threshold, layer_idx
         self.checkpoint_level, self.use_short_conv, self.conv_size = checkpoint_level, use_short_conv, conv_size
+        self.context_parallel_group = context_parallel_group
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_k_dim, bias=False)
@@ -182,6 +188,10 @@ class GatedSlotAttention(nn.Module):
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("give either cu_seqlens (packed input) or attention_mask (padded input), not both")
         B, T, _ = x.shape
+        cp = self.context_parallel_group
+        if cp is not None and (cu_seqlens is not None or attention_mask is not None):
+            raise ValueError("a context-parallel layer takes each rank's slice of the same B sequences: "
+                             "cu_seqlens and attention_mask are not supported there")
         q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
 
         indices = None
@@ -198,15 +208,25 @@ class GatedSlotAttention(nn.Module):
         new_conv = None
         if self.use_short_conv:
             caches = (None, None, None) if conv_state is None else conv_state
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            if cp is not None:     # each slice's cache: the previous rank's last inputs (one exchange each)
+                edges = [preceding_inputs(t, self.conv_size, cp, None if c is None else c.transpose(1, 2))
+                         for t, c in zip((q, k, v), caches)]
+                caches = tuple(before.transpose(1, 2) for before, _ in edges)
             (q, cq), (k, ck), (v, cv) = (conv(t, cache=c, output_final_state=use_cache, cu_seqlens=cu_seqlens)
-                                         for conv, t, c in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d),
-                                                               (q, k, v), caches))
+                                         for conv, t, c in zip(convs, (q, k, v), caches))
+            if cp is not None and use_cache:     # the whole sequences' caches: the last rank's inputs
+                cq, ck, cv = (last.transpose(1, 2).contiguous() for _, last in edges)
             new_conv = (cq, ck, cv) if use_cache else None
         q, k, v, s, g = self._kernel_inputs(q, k, v, f)
 
         # (training first: a compiled training graph then never guards on T)
         recurrent = self.mode == "fused_recurrent" or (not self.training and T <= self.recurrent_threshold)
-        if recurrent:
+        if cp is not None:
+            op, extra = (fused_recurrent_gsa, {}) if recurrent else (chunk_gsa, {"checkpoint_level": self.checkpoint_level})
+            o, new_state = chunk_gsa_cp(q, k, v, s, g, scale=self.scale, initial_state=recurrent_state,
+                                        output_final_state=use_cache, group=cp, op=op, **extra)
+        elif recurrent:
             o, new_state = fused_recurrent_gsa(q, k, v, s, g, scale=self.scale, initial_state=recurrent_state,
                                                output_final_state=use_cache, cu_seqlens=cu_seqlens)
         else:

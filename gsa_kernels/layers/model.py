@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gsa_kernels.distributed import all_ranks_sum, next_rank_first
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.block import GSABlock
 from gsa_kernels.layers.loss import linear_cross_entropy
@@ -20,17 +21,18 @@ class GSAModel(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int = 1024, num_layers: int = 2, num_heads: int = 4,
                  num_slots: int = 64, norm_eps: float = 1e-6, tie_word_embeddings: bool = False,
-                 **block_kwargs):
+                 context_parallel_group=None, **block_kwargs):
         super().__init__()
         # the embedding table is built before any block, which checks the other sizes
         vocab_size = _args.integer("vocab_size", vocab_size, minimum=1)
         hidden_size = _args.integer("hidden_size", hidden_size, minimum=1)
         num_layers = _args.integer("num_layers", num_layers, minimum=1)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.context_parallel_group = context_parallel_group
         self.embeddings = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(
             GSABlock(hidden_size, num_heads=num_heads, num_slots=num_slots, norm_eps=norm_eps, layer_idx=i,
-                     **block_kwargs) for i in range(num_layers))
+                     context_parallel_group=context_parallel_group, **block_kwargs) for i in range(num_layers))
         self.norm = RMSNorm(hidden_size, eps=norm_eps)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
         if tie_word_embeddings:
@@ -45,6 +47,13 @@ class GSAModel(nn.Module):
         without forming the logits (layers/loss.py). As in FLA's and Hugging Face's causal LMs the
         labels are aligned with input_ids and shifted here: position t is scored on labels[t + 1]
         (mark padding, and with cu_seqlens each sequence's first token, as ignore_index).
+
+        context_parallel_group (constructor): every rank feeds its slice of the same sequences
+        (gsa_kernels/distributed.py) and its slice of their labels; the last token of a slice is scored
+        on the next rank's first label. Each rank's loss is its share of the mean over all ranks'
+        labelled tokens, so the ranks' losses sum to the whole batch's mean and so do their parameter
+        gradients: sum them over the group (DDP over these ranks averages: scale the loss by the
+        group's size first).
         """
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} layer entries, the model has {len(self.layers)} layers")
@@ -60,8 +69,16 @@ class GSAModel(nn.Module):
         h = self.norm(h)
         new_state = new_state if use_cache else None
         if labels is not None:
-            shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], 1)
-            return linear_cross_entropy(h, self.lm_head.weight, shifted, ignore_index), new_state
+            cp = self.context_parallel_group
+            last = (torch.full_like(labels[:, :1], ignore_index) if cp is None
+                    else next_rank_first(labels, cp, fill=ignore_index))
+            shifted = torch.cat([labels[:, 1:], last], 1)
+            loss = linear_cross_entropy(h, self.lm_head.weight, shifted, ignore_index)
+            if cp is not None:     # this rank's share of the mean over every rank's labelled tokens
+                here = (shifted != ignore_index).sum()
+                share = here.float() / all_ranks_sum(here, cp).clamp(min=1).float()
+                loss = torch.where(here > 0, loss * share, torch.zeros_like(loss))
+            return loss, new_state
         return self.lm_head(h).float(), new_state
 
     @classmethod
