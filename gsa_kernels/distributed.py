@@ -93,14 +93,15 @@ def _initial_states(initial_state, B, H, K, M, V, device, dtype):
 def _summary(k, v, s, g, dtype):
     """This slice's (Hk_local, Hv_local, D), flattened to [B, H, K M + M V + M] in dtype (float32, or
     float64 for float64 inputs); differentiable."""
-    g64 = g.double()
+    # time innermost: PyTorch scans an outer dim serially (23 ms at T = 65536 on an H200)
+    g64 = g.double().permute(0, 2, 3, 1).contiguous()                            # [B, H, M, T]
     # the sum of g over the tokens after t, as an exclusive suffix sum (no difference of two sums:
     # a -inf gate would make one NaN)
-    after = torch.cat([g64.flip(1).cumsum(1).flip(1)[:, 1:], torch.zeros_like(g64[:, :1])], dim=1)
-    w = s.to(dtype) * torch.exp(after).to(dtype)                                 # [B, T, H, M]
+    after = torch.cat([g64.flip(-1).cumsum(-1).flip(-1)[..., 1:], torch.zeros_like(g64[..., :1])], dim=-1)
+    w = s.to(dtype) * torch.exp(after).to(dtype).permute(0, 3, 1, 2)             # [B, T, H, M]
     hk = torch.einsum("bthk,bthm->bhkm", k.to(dtype), w)
     hv = torch.einsum("bthm,bthv->bhmv", w, v.to(dtype))
-    D = g64.sum(1).to(dtype)                                                     # [B, H, M]
+    D = g64.sum(-1).to(dtype)                                                    # [B, H, M]
     B, H = D.shape[:2]
     return torch.cat([hk.reshape(B, H, -1), hv.reshape(B, H, -1), D], dim=-1)
 
