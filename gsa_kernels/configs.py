@@ -191,7 +191,8 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         cfg = _safe(kernel, cfg, BT)
     if kernel == "decode" and cfg["SPLIT"] == 0:
         cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
-    launches.record_launch(kernel, cfg, source, entry)
+    launches.record_launch(kernel, cfg, source, None if entry is None else entry.key,
+                           None if entry is None else entry.triton)
     return cfg
 
 

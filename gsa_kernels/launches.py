@@ -55,8 +55,9 @@ def current_override() -> dict[str, dict] | None:
     return this_thread.override
 
 
-def record_launch(kernel: str, cfg: dict, source: str, entry):
-    this_thread.launches[kernel] = {"config": dict(cfg), "source": source, "entry": entry}
+def record_launch(kernel: str, cfg: dict, source: str, entry, file_triton: str | None = None):
+    this_thread.launches[kernel] = {"config": dict(cfg), "source": source, "entry": entry,
+                                    "file_triton": file_triton}
 
 
 def amend_launch(kernel: str, cfg: dict):
@@ -67,9 +68,10 @@ def amend_launch(kernel: str, cfg: dict):
 
 def last_launches() -> dict[str, dict]:
     """Per kernel, this thread's most recent launch of it, in first-launch order: {"config", "source",
-    "entry"}; source is one of override / device / tuned / user-cache / autotuned / nearest-device /
-    nearest / default (gsa_kernels/lookup.py), entry the key of the tuned entry used (or None). Covers
-    every kernel, the recurrent and decode ones included."""
+    "entry", "file_triton"}; source is one of override / device / tuned / user-cache / autotuned /
+    nearest-device / nearest / default (gsa_kernels/lookup.py), entry the key of the tuned entry used
+    (or None), file_triton the Triton version its file was made with when that is not this process's
+    (else None). Covers every kernel, the recurrent and decode ones included."""
     return {k: {**v, "config": dict(v["config"])} for k, v in this_thread.launches.items()}
 
 

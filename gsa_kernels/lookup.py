@@ -101,8 +101,9 @@ def _nearest(key: tuple, pool: list, source: str):
     return next(((e, source) for _, e in ranked if entry_fits(e, key)), None)
 
 
-def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict | None, str, tuple | None]:
-    """(config or None, source, entry key) for one launch; None means "use the default config"."""
+def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict | None, str, Entry | None]:
+    """(config or None, source, the tuned entry used or None) for one launch; None means "use the
+    default config"."""
     forced = this_thread.override
     if forced is not None and kernel in forced:
         return dict(forced[kernel]), "override", None
@@ -110,7 +111,7 @@ def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict
     entry, source = select_entry(key)
     if entry is None or kernel not in entry.configs:        # no entry, or this kernel's configs are stale
         return None, "default", None
-    return dict(entry.configs[kernel]), source, entry.key
+    return dict(entry.configs[kernel]), source, entry
 
 
 def has_exact(key: tuple) -> bool:

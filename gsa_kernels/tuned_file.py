@@ -58,6 +58,7 @@ class Entry:
     configs: dict
     backend: str
     index: int
+    triton: str | None = None     # the Triton version of a file made with another one than this process's
 
 
 @dataclass
@@ -217,14 +218,17 @@ def validate(doc, *, arch: str | None, model: str | None = None) -> tuple[dict, 
     if arch is not None and meta.get("dry_run"):
         raise FileProblem("written by a --dry-run in Triton's interpreter; its times mean nothing on a GPU")
     want = expected_meta()
-    if meta["triton"] != want["triton"]:
-        raise FileProblem(f"stale: made for Triton {meta['triton']} (this is {want['triton']}); re-run the sweep")
     stale = tuple(k for k in known if file_hashes.get(k) != want["kernel_hashes"][k]
                   or file_candidates.get(k) != want["candidates"][k])
     if len(stale) == len(known):
         raise FileProblem("stale: made for other sources or candidate lists of every kernel; re-run the sweep")
     entries = [parse_entry(raw, i, stale) for i, raw in enumerate(raw_entries)]
+    # another Triton version compiles the same source to other code: its configs still run and are
+    # likely good (a known miscompile of this version is fenced at launch, configs.launch_config),
+    # so they are kept and each launch says which version they were timed with
+    other_triton = None if meta["triton"] == want["triton"] else str(meta["triton"])
     for entry in entries:
+        entry.triton = other_triton
         for kernel in stale:
             entry.configs.pop(kernel)
     return meta, entries, stale
@@ -262,10 +266,17 @@ def read_table(path: Path, *, arch: str | None, missing: str | None, model: str 
     except (Exception, RecursionError) as e:     # yaml errors, decoding, OSError, anything nested too deep
         _file_warning(path, f"malformed: not readable YAML ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         return None
+    notes = []
+    if str(meta["triton"]) != triton.__version__:
+        notes.append(f"made with Triton {meta['triton']} (this is {triton.__version__}): its configs are used "
+                     f"(last_launches() names the version), timed with the other compiler; re-run the sweep "
+                     f"to time them with this one")
     if stale:
-        _file_warning(path, f"stale for kernels {list(stale)} (made for another source of them, or other "
-                         f"candidate lists): those launch with defaults; re-run the sweep with "
-                         f"--kernels {','.join(stale)}", whole=False)
+        notes.append(f"stale for kernels {list(stale)} (made for another source of them, or other "
+                     f"candidate lists): those launch with defaults; re-run the sweep with "
+                     f"--kernels {','.join(stale)}")
+    if notes:
+        _file_warning(path, "; ".join(notes), whole=False)
     table = Table(path, meta, entries)
     for entry in entries:
         table.exact.setdefault(entry.key, entry)

@@ -509,16 +509,38 @@ def _expect_one_warning_and_defaults(match):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"triton": "0.0.1"}, "stale: made for Triton 0.0.1"),
     ({"kernel_hashes": {k: "0123456789abcdef" for k in candidates.CANDIDATES}}, "other sources or candidate lists of every kernel"),
     ({"candidates": {k: "x" for k in candidates.CANDIDATES}}, "other sources or candidate lists of every kernel"),
     ({"format": 1}, "meta.format must be 2"),
-], ids=["triton-version", "every-kernel-source", "every-candidate-list", "old-format"])
+], ids=["every-kernel-source", "every-candidate-list", "old-format"])
 def test_stale_file_warns_once_and_falls_back(monkeypatch, tmp_path, change, match):
     key = shape_key(*SMALL, "float32")
     doc = {"meta": meta(**change), "entries": [entry(key, non_default_configs(16, 16, 16))]}
     use_file(monkeypatch, write(tmp_path / "stale.yaml", doc))
     _expect_one_warning_and_defaults(match)
+
+
+def test_file_from_another_triton_version_keeps_its_configs(monkeypatch, tmp_path):
+    """A file made with another Triton version (a user on a newer PyTorch stack): one warning naming
+    both versions, its configs used, each launch naming the file's version; a known miscompile of
+    this version (8 warps in chunk_fwd at chunk 64) is still fenced at launch."""
+    key = shape_key(*SMALL, "float32")
+    tuned_configs = non_default_configs(16, 16, 16)
+    tuned_configs["chunk_fwd"] = dict(tuned_configs["chunk_fwd"], num_warps=8)
+    use_file(monkeypatch, write(tmp_path / "other.yaml", {"meta": meta(triton="0.0.1"),
+                                                          "entries": [entry(key, tuned_configs)]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _launch_all_twice()
+        fenced = configs.launch_config("chunk_fwd", K=16, V=16, M=16, dtype=torch.float32, BT=64,
+                                       tokens=32, seqs=1)
+    ours = [str(w.message) for w in caught if "gsa_kernels" in str(w.message)]
+    assert len(ours) == 1 and f"made with Triton 0.0.1 (this is {triton.__version__})" in ours[0], ours
+    for kernel, info in last_launches().items():
+        assert (info["source"], info["file_triton"]) == ("tuned", "0.0.1"), kernel
+        if kernel != "chunk_fwd":
+            assert info["config"] == tuned_configs[kernel], kernel
+    assert fenced == dict(tuned_configs["chunk_fwd"], num_warps=4)
 
 
 @pytest.mark.parametrize("what", ["kernel_hashes", "candidates"])
