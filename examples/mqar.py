@@ -1,0 +1,300 @@
+"""Multi-query associative recall (MQAR), the GSA paper's recall task, trained on these kernels.
+
+    python -m examples.mqar [--widths 64,128,256] [--models gsa,attention] [--lrs 1e-3,3e-3]
+                            [--out docs/mqar] [--resume] [--tiny]
+
+The task (the Zoology benchmark's setup, which the paper used): a sequence opens with key-value pairs
+(k_1 v_1 k_2 v_2 ...; keys from the first half of the vocabulary, values from the second), then holds
+queries, each a key of its context, at even offsets after it, with random tokens in between. The model
+must emit a query's value at the query's position; loss and accuracy count those positions only. The
+offset of each query is drawn from a power law that favours near positions (p(gap) ~ gap^(alpha - 1),
+alpha 0.01). Defaults: vocabulary 8192, length 512, 64 pairs, 100k training and 3k test examples,
+drawn from a seed on the fly.
+
+Models: L layers of [RMSNorm -> token mixer -> residual] without MLPs, then RMSNorm and a linear head.
+GSA: gsa_kernels.layers.GatedSlotAttention, 4 heads, width / 4 slots, gate normaliser 16 (the paper's
+MQAR runs). The reference: causal softmax attention (SDPA) of the same width and heads, with learned
+absolute positions (GSA needs none). Training: AdamW (weight decay 0.1), cosine decay after a short
+warm-up, bf16 autocast on a GPU, a short sweep of learning rates; each run's best test accuracy over
+its epochs is kept. Each finished run is saved to OUT/runs.json at once (a killed sweep resumes with
+--resume and skips them); the model's checkpoint is saved every epoch (OUT/ckpt/*.pt) and a resumed
+run continues from it. OUT/mqar.png plots accuracy against width (matplotlib, the `bench` extra).
+
+Why examples/ and not benchmarks/: this trains models end to end and reports what they learn; the
+benchmarks time kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gsa_kernels.layers import GatedSlotAttention, RMSNorm
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Task:
+    vocab: int = 8192
+    length: int = 512
+    pairs: int = 64
+    train: int = 100_000
+    test: int = 3_000
+    alpha: float = 0.01
+    seed: int = 0
+
+
+def make_examples(task: Task, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [n, length], labels [n, length]) of MQAR; labels are IGNORE except at the queries."""
+    rng = np.random.default_rng(seed)
+    half = task.vocab // 2
+    context = 2 * task.pairs
+    if context + 2 * task.pairs > task.length:
+        raise ValueError(f"length {task.length} cannot hold {task.pairs} pairs and their queries")
+    keys = np.stack([rng.choice(np.arange(1, half), task.pairs, replace=False) for _ in range(n)])
+    values = rng.integers(half, task.vocab, size=(n, task.pairs))
+    inputs = rng.integers(1, task.vocab, size=(n, task.length))        # the noise between queries
+    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
+    # query slots: the even offsets after the context; offset i (0-based) drawn with p ~ (i+1)^(alpha-1)
+    slots = (task.length - context) // 2
+    p = np.arange(1, slots + 1, dtype=np.float64) ** (task.alpha - 1)
+    p /= p.sum()
+    labels = np.full((n, task.length), IGNORE, dtype=np.int64)
+    for row in range(n):
+        gaps = rng.choice(slots, task.pairs, replace=False, p=p)
+        order = rng.permutation(task.pairs)          # which pair each chosen slot asks for
+        pos = context + 2 * gaps
+        inputs[row, pos] = keys[row, order]
+        labels[row, pos] = values[row, order]
+    return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(labels)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention (SDPA), the reference model's mixer."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(B, T, D))
+
+
+class GSAMixer(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = GatedSlotAttention(hidden_size=width, num_heads=heads, num_slots=width // 4,
+                                       gate_logit_normalizer=16, recurrent_threshold=0)
+
+    def forward(self, x):
+        return self.attn.mix(x, use_cache=False)[0]
+
+
+class RecallModel(nn.Module):
+    """Embedding -> L x [RMSNorm -> mixer -> residual] -> RMSNorm -> head (no MLPs, as the paper's runs)."""
+
+    def __init__(self, kind: str, vocab: int, width: int, layers: int, heads: int, length: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(length, width) if kind == "attention" else None
+        mixer = {"gsa": GSAMixer, "attention": Attention}[kind]
+        self.norms = nn.ModuleList(RMSNorm(width) for _ in range(layers))
+        self.mixers = nn.ModuleList(mixer(width, heads) for _ in range(layers))
+        self.final = RMSNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for norm, mix in zip(self.norms, self.mixers):
+            h = h + mix(norm(h))
+        return self.head(self.final(h))
+
+
+@dataclass
+class Run:
+    model: str
+    width: int
+    lr: float
+    layers: int = 2
+    heads: int = 4
+    epochs: int = 16
+    batch: int = 64
+    warmup: float = 0.1            # fraction of the steps
+    weight_decay: float = 0.1
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-w{self.width}-L{self.layers}-lr{self.lr:g}"
+
+
+def evaluate(model, inputs, labels, batch, device, autocast) -> tuple[float, float]:
+    """(loss, accuracy) over the query positions."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    with torch.no_grad(), autocast():
+        for i in range(0, len(inputs), batch):
+            ids, lab = inputs[i:i + batch].to(device), labels[i:i + batch].to(device)
+            logits = model(ids).float()
+            mask = lab != IGNORE
+            total_loss += F.cross_entropy(logits[mask], lab[mask], reduction="sum").item()
+            correct += (logits[mask].argmax(-1) == lab[mask]).sum().item()
+            count += mask.sum().item()
+    model.train()
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress=True, max_steps=None) -> dict:
+    """Train one model; returns its record (losses per epoch, best test accuracy, seconds)."""
+    (x_train, y_train), (x_test, y_test) = data
+    torch.manual_seed(task.seed)
+    model = RecallModel(run.model, task.vocab, run.width, run.layers, run.heads, task.length).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(x_train) / run.batch)
+    total = steps_per_epoch * run.epochs if max_steps is None else max_steps
+    warm = max(1, int(run.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    on_gpu = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+    record = {**asdict(run), "task": asdict(task), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+              "epochs_done": 0, "train_loss": [], "test_loss": [], "test_acc": [], "seconds": 0.0}
+    step = 0
+    if ckpt is not None and ckpt.is_file():          # resume this run where its last epoch ended
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        record, step = saved["record"], saved["step"]
+    gen = torch.Generator().manual_seed(task.seed + 1)
+    for _ in range(record["epochs_done"]):           # the same shuffles as an unbroken run
+        torch.randperm(len(x_train), generator=gen)
+    t0 = time.monotonic() - record["seconds"]
+    for epoch in range(record["epochs_done"], run.epochs):
+        order = torch.randperm(len(x_train), generator=gen)
+        running, seen = 0.0, 0
+        for i in range(0, len(order), run.batch):
+            if step >= total:
+                break
+            idx = order[i:i + run.batch]
+            ids, lab = x_train[idx].to(device), y_train[idx].to(device)
+            with autocast():
+                logits = model(ids)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            running, seen = running + loss.item(), seen + 1
+            if progress and (step % 20 == 0 or step == total):
+                el = time.monotonic() - t0
+                eta = el / step * (total - step)
+                print(f"\r{run.name} epoch {epoch + 1}/{run.epochs} step {step}/{total} loss {running / seen:.3f} "
+                      f"elapsed {el:.0f}s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+        test_loss, test_acc = evaluate(model, x_test, y_test, run.batch, device, autocast)
+        record["train_loss"].append(running / max(seen, 1))
+        record["test_loss"].append(test_loss)
+        record["test_acc"].append(test_acc)
+        record["epochs_done"] = epoch + 1
+        record["seconds"] = time.monotonic() - t0
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "record": record, "step": step}, tmp)
+            tmp.replace(ckpt)
+        if progress:
+            print(f"\n{run.name} epoch {epoch + 1}: test accuracy {test_acc:.4f}", file=sys.stderr)
+        if step >= total:
+            break
+    record["best_test_acc"] = max(record["test_acc"]) if record["test_acc"] else None
+    return record
+
+
+def plot(records: list, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for model in sorted({r["model"] for r in records}):
+        best = {}
+        for r in records:
+            if r["model"] == model:
+                best[r["width"]] = max(best.get(r["width"], 0.0), r["best_test_acc"] or 0.0)
+        widths = sorted(best)
+        ax.plot(widths, [best[w] for w in widths], marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model width")
+    ax.set_ylabel("MQAR test accuracy (best lr)")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gsa,attention")
+    ap.add_argument("--widths", default="64,128,256")
+    ap.add_argument("--lrs", default="1e-3,3e-3")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default="docs/mqar")
+    ap.add_argument("--resume", action="store_true", help="skip the runs OUT/runs.json holds; continue a "
+                                                          "killed run from its checkpoint")
+    ap.add_argument("--tiny", action="store_true", help="a CPU-sized task (vocabulary 64, length 64, 8 pairs)")
+    args = ap.parse_args(argv)
+    task = Task(vocab=64, length=64, pairs=8, train=2048, test=256) if args.tiny else Task()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / "runs.json"
+    records = json.loads(runs_file.read_text()) if args.resume and runs_file.is_file() else []
+    done = {r["name"] for r in records}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and "gsa" in args.models.split(",") and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("error: the GSA model runs the Triton kernels, which need a GPU (or TRITON_INTERPRET=1 set "
+                 "before starting, for the interpreter: very slow); --models attention runs on a CPU")
+    data = (make_examples(task, task.train, task.seed), make_examples(task, task.test, task.seed + 1000))
+    for model in args.models.split(","):
+        for width in (int(w) for w in args.widths.split(",")):
+            for lr in (float(x) for x in args.lrs.split(",")):
+                run = Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch)
+                if run.name in done:
+                    continue
+                rec = train(run, task, data, device, ckpt=out / "ckpt" / f"{run.name}.pt")
+                rec["name"] = run.name
+                records.append(rec)
+                tmp = runs_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(records, indent=1))
+                tmp.replace(runs_file)
+                print(f"{run.name}: best test accuracy {rec['best_test_acc']:.4f} in {rec['seconds']:.0f} s",
+                      file=sys.stderr)
+    try:
+        plot(records, out / "mqar.png")
+    except ImportError:
+        print("matplotlib not installed (the bench extra): no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
