@@ -1177,12 +1177,7 @@ def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
     meta, entries, stale = tuned_file.validate(doc, arch="sm90")      # raises FileProblem if malformed
     assert set(stale) == AWAITING_RETUNE, f"stale configs for {stale}: re-run the sweep for them"
     assert meta["complete"] and not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H100")
-    have = {e.key for e in entries}
-    for shape in shapes.parse_shapes("bench,common"):
-        for dtype in ("bfloat16", "float16"):
-            key = problem_keys.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
-                                           tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
-            assert key in have, (shape, dtype)
+    _assert_covers(entries, "bench,common")
 
 
 def test_shipped_h200_file_is_fresh_and_covers_the_promised_grid():
@@ -1197,8 +1192,13 @@ def test_shipped_h200_file_is_fresh_and_covers_the_promised_grid():
     meta, entries, stale = tuned_file.validate(doc, arch="sm90", model="nvidia-h200")
     assert not stale, f"stale configs for {stale}: re-run the sweep on an H200 with --kernels {','.join(stale)}"
     assert meta["complete"] and not meta["dry_run"] and meta["gpu"] == "NVIDIA H200"
+    _assert_covers(entries, "bench,common,long")
+
+
+def _assert_covers(entries, grid: str):
+    """An exact entry for every shape of the sweep's preset grid, in bf16 and fp16."""
     have = {e.key for e in entries}
-    for shape in shapes.parse_shapes("bench,common,long"):
+    for shape in shapes.parse_shapes(grid):
         for dtype in ("bfloat16", "float16"):
             key = problem_keys.problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype,
                                            tokens=shape.B * shape.T * shape.H, seqs=shape.B * shape.H)
