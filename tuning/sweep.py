@@ -112,7 +112,7 @@ def parse_args(argv):
     p.add_argument("--bt-top", type=int, default=1, help="chunk sizes refined by coordinate descent (default 1)")
     p.add_argument("--tie", type=float, default=0.02, help="near-tie window, fraction (default 0.02)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="parallel compile workers (default: min(8, CPUs/2) on a GPU, 0 in a dry run)")
+                   help="parallel compile workers (default: CPUs - 2, at most 14, on a GPU; 0 in a dry run)")
     p.add_argument("--compile-backend", choices=("on", "off"), default=None,
                    help="time torch.compile(chunk_gsa_torch) per shape (default on; off with --dry-run)")
     p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per shape for it (default 300)")
