@@ -146,7 +146,7 @@ def _grads(fn, inputs):
 @pytest.mark.parametrize("op_name", ["chunk", "recurrent"])
 def test_op_compiles_without_recompiling_for_new_T(op_name):
     """Forward and backward of the op in one compiled function (states in and out, every gradient):
-    equal to eager, one compilation for four lengths (one of them a single chunk), no autotuning."""
+    equal to eager, one compilation for every length (one of them a single chunk), no autotuning."""
     op = chunk_gsa if op_name == "chunk" else fused_recurrent_gsa
 
     def loss(q, k, v, s, g, hk0, hv0):
@@ -155,7 +155,9 @@ def test_op_compiles_without_recompiling_for_new_T(op_name):
 
     compiled, counter = _counted(loss)
     before = launches.stats()["autotune_benchmarks"]
-    for T in (37, 70, 21, 2):
+    # the interpreter runs the token-by-token kernel's steps one by one: its longest length is a GPU's
+    lengths = (37, 70, 21, 2) if ON_GPU or op_name == "chunk" else (37, 21, 2)
+    for T in lengths:
         inputs = gsa_inputs(T=T, seed=T, requires_grad=True) + states(requires_grad=True)
         dynamic_length(*inputs[:5])
         ref, ref_grads = _grads(loss, inputs)
@@ -163,7 +165,8 @@ def test_op_compiles_without_recompiling_for_new_T(op_name):
         assert rel_err(out, ref) <= 1e-6
         for got, want in zip(grads, ref_grads):
             assert rel_err(got, want) <= 1e-6
-    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 lengths: {_recompile_reasons()}"
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for {len(lengths)} lengths: " \
+                                     f"{_recompile_reasons()}"
     assert launches.stats()["autotune_benchmarks"] == before
 
 
