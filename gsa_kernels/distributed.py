@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from gsa_kernels.chunk import chunk_gsa
-from gsa_kernels.torch_common import compute_dtype
+from gsa_kernels.torch_common import compute_dtype, initial_states
 
 
 def chunk_gsa_cp(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, group=None,
@@ -80,14 +80,12 @@ def chunk_gsa_cp(q, k, v, s, g, scale=None, initial_state=None, output_final_sta
 
 
 def _initial_states(initial_state, B, H, K, M, V, device, dtype):
-    if initial_state is None:
-        return (torch.zeros(B, H, K, M, device=device, dtype=dtype),
-                torch.zeros(B, H, M, V, device=device, dtype=dtype))
-    hk0, hv0 = initial_state
-    if tuple(hk0.shape) != (B, H, K, M) or tuple(hv0.shape) != (B, H, M, V):
+    if initial_state is not None and (tuple(initial_state[0].shape) != (B, H, K, M)
+                                      or tuple(initial_state[1].shape) != (B, H, M, V)):
         raise ValueError(f"chunk_gsa_cp: initial_state must be (hk [B, H, K, M], hv [B, H, M, V]) = "
-                         f"({[B, H, K, M]}, {[B, H, M, V]}), got ({list(hk0.shape)}, {list(hv0.shape)})")
-    return hk0.to(dtype), hv0.to(dtype)
+                         f"({[B, H, K, M]}, {[B, H, M, V]}), got ({list(initial_state[0].shape)}, "
+                         f"{list(initial_state[1].shape)})")
+    return initial_states(initial_state, B, H, K, M, V, dtype, device)
 
 
 def _summary(k, v, s, g, dtype):

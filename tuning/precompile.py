@@ -24,10 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tuning.shapes import Shape
 
-PHASES = ("fwd", "fwd+bwd", "bwd", "infer", "all")   # "all": forward, backward, forward-only
-
 
 def _task(args):
+    """Run the op once under the task's configs; phase "fwd", "fwd+bwd", "infer" (a no-grad forward)
+    or "all" (a no-grad forward, then forward and backward)."""
     label, cfgs, phase, shape_list, dtype = args
     import torch
     from gsa_kernels.chunk import chunk_gsa

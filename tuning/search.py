@@ -234,13 +234,12 @@ def compile_plan(shape: Shape, dtype: str, settings: Settings, arch) -> list[tup
 
     tasks = []
     for BT in bts:
-        starts = {k: kernel_space(k, BT, shape, dtype, settings, arch, seed)[2] for k in kernels}
+        spaces = {k: kernel_space(k, BT, shape, dtype, settings, arch, seed) for k in kernels}
+        starts = {k: space[2] for k, space in spaces.items()}
         tasks.append((("BT", BT), full(BT, starts), "all"))
         if BT == BT0:
-            for k in kernels:
-                for c in kernel_space(k, BT, shape, dtype, settings, arch, seed)[0]:
-                    if c != starts[k]:
-                        tasks.append(((BT, k, fmt(c)), full(BT, {**starts, k: c}), "all"))
+            tasks += [((BT, k, fmt(c)), full(BT, {**starts, k: c}), "all")
+                      for k, space in spaces.items() for c in space[0] if c != starts[k]]
     return tasks
 
 

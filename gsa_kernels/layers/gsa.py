@@ -213,8 +213,8 @@ class GatedSlotAttention(nn.Module):
                 edges = [preceding_inputs(t, self.conv_size, cp, None if c is None else c.transpose(1, 2))
                          for t, c in zip((q, k, v), caches)]
                 caches = tuple(before.transpose(1, 2) for before, _ in edges)
-            (q, cq), (k, ck), (v, cv) = (conv(t, cache=c, output_final_state=use_cache, cu_seqlens=cu_seqlens)
-                                         for conv, t, c in zip(convs, (q, k, v), caches))
+            (q, cq), (k, ck), (v, cv) = (conv(t, cache=c, output_final_state=use_cache and cp is None,
+                                              cu_seqlens=cu_seqlens) for conv, t, c in zip(convs, (q, k, v), caches))
             if cp is not None and use_cache:     # the whole sequences' caches: the last rank's inputs
                 cq, ck, cv = (last.transpose(1, 2).contiguous() for _, last in edges)
             new_conv = (cq, ck, cv) if use_cache else None
