@@ -33,14 +33,21 @@ SHAPES = {  # [B, T, H, K=V, M]
     "f": (1, 32768, 4, 512, 64),  # one long sequence: the state walks' serial chain is the time
     "g": (1, 65536, 4, 512, 64),  # the long-sequence rows of the two-level walk (docs/design.md)
     "h": (4, 16384, 4, 512, 64),
+    # grouped query heads: H query heads over KV_HEADS kv heads (FLA repeats the kv heads in memory)
+    "i": (8, 2048, 16, 128, 64),  # b with 4 kv heads
+    "j": (8, 2048, 16, 512, 64),  # a's heads x 4 query heads each
 }
+KV_HEADS = {"i": 4, "j": 4}     # other shapes: one kv head per query head
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def make_inputs(B, T, H, D, M, dtype, device="cuda", requires_grad=True, seed=0):
+def make_inputs(B, T, H, D, M, dtype, device="cuda", requires_grad=True, seed=0, kv_heads=None):
+    """q [B, T, H, D]; k, v, s, g with kv_heads heads (default H)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
-    g = F.logsigmoid(torch.randn(B, T, H, M, device=device, generator=gen)) / 8
+    Hkv = kv_heads or H
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(B, T, Hkv, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    g = F.logsigmoid(torch.randn(B, T, Hkv, M, device=device, generator=gen)) / 8
     s = 1 - g.exp()
     xs = [q, k, v, s.to(dtype), g.to(dtype)]
     return [x.requires_grad_(requires_grad) for x in xs]
@@ -56,12 +63,14 @@ def copy_bandwidth(nbytes=2 << 30):
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def floor_bytes(B, T, H, D, M, dtype, backward):
+def floor_bytes(B, T, H, D, M, dtype, backward, kv_heads=None):
     el = torch.tensor([], dtype=dtype).element_size()
-    fwd = el * B * T * H * (3 * D + 2 * M) + el * B * T * H * D
+    Hkv = kv_heads or H
+    inputs = el * B * T * (H * D + Hkv * (2 * D + 2 * M))     # q; k, v, s, g
+    fwd = inputs + el * B * T * H * D
     if not backward:
         return fwd
-    return fwd + el * B * T * H * D + el * B * T * H * (3 * D + 2 * M)   # read do, write 5 grads
+    return fwd + el * B * T * H * D + inputs   # read do, write 5 grads
 
 
 def provider_name(level):
@@ -156,7 +165,7 @@ def graph_times(rows, provs, dtype):
     the CUDA context unusable, so the first failure ends the graph timings (forwards first)."""
     for row in sorted(rows, key=lambda r: r["mode"] != "fwd"):
         for pname, fn in provs.items():
-            inputs = make_inputs(row["B"], row["T"], row["H"], row["D"], row["M"], dtype)
+            inputs = make_inputs(row["B"], row["T"], row["H"], row["D"], row["M"], dtype, kv_heads=row["H_kv"])
             try:
                 row["ms"][f"{pname}_graph"] = time_op(fn, inputs, row["mode"] == "fwd+bwd", graph=True)
             except Exception as e:
@@ -198,14 +207,15 @@ def main(argv=None):
     rows = []
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
+        Hkv = KV_HEADS.get(name, H)
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
-            nbytes = floor_bytes(B, T, H, D, M, dtype, backward)
+            nbytes = floor_bytes(B, T, H, D, M, dtype, backward, Hkv)
             floor_ms = nbytes / bw * 1e3
             rounds = {pname: [] for pname in provs}
             for _ in range(args.rounds):    # alternate, so that a drift of the GPU hits both alike
                 for pname, fn in provs.items():
-                    inputs = make_inputs(B, T, H, D, M, dtype)
+                    inputs = make_inputs(B, T, H, D, M, dtype, kv_heads=Hkv)
                     rounds[pname].append(time_op(fn, inputs, backward))
                     del inputs
             times = {pname: statistics.median(ms) for pname, ms in rounds.items()}
@@ -220,14 +230,14 @@ def main(argv=None):
                     except RuntimeError as e:
                         print(f"# sdpa {backend} unavailable: {str(e).splitlines()[0]}", file=sys.stderr)
             ours = times["gsa_kernels"]
-            row = {"shape": name, "B": B, "T": T, "H": H, "D": D, "M": M, "mode": mode,
+            row = {"shape": name, "B": B, "T": T, "H": H, "H_kv": Hkv, "D": D, "M": M, "mode": mode,
                    "floor_ms": floor_ms, "ms": times, "rounds_ms": rounds,
                    "speedup_vs_fla": times["fla"] / ours if "fla" in times else None,
                    "ours_GBps": nbytes / (ours * 1e-3) / 1e9, "ours_x_floor": ours / floor_ms}
             if args.memory:
                 row["peak_MiB"] = {}
                 for pname, fn in provs.items():
-                    inputs = make_inputs(B, T, H, D, M, dtype)
+                    inputs = make_inputs(B, T, H, D, M, dtype, kv_heads=Hkv)
                     row["peak_MiB"][pname] = peak_memory_mib(fn, inputs, backward)
                     del inputs
                     torch.cuda.empty_cache()

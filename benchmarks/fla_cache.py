@@ -55,11 +55,11 @@ def warm_one(shape: str, dtype: str):
     install_locked_benchmarker()
     import torch
 
-    from benchmarks.bench_chunk import DTYPES, SHAPES, make_inputs
+    from benchmarks.bench_chunk import DTYPES, KV_HEADS, SHAPES, make_inputs
     from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
     B, T, H, D, M = SHAPES[shape]
     t0 = time.time()
-    q, k, v, s, g = make_inputs(B, T, H, D, M, DTYPES[dtype])
+    q, k, v, s, g = make_inputs(B, T, H, D, M, DTYPES[dtype], kv_heads=KV_HEADS.get(shape))
     with torch.no_grad():
         fla_chunk_gsa(q, k, v, s, g)
     torch.cuda.synchronize()

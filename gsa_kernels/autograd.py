@@ -43,8 +43,8 @@ def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
     gradients.
     """
     q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0 = saved
-    H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
-    do = torch.zeros_like(v) if do is None else do.contiguous()
+    H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
+    do = torch.zeros(*q.shape[:3], V, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
     dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
     with in_launch_scope(scope):
         dq, dk, dv, ds, dg, dhk0, dhv0 = bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks,
@@ -64,7 +64,7 @@ def fused_recurrent_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final):
     gradients.
     """
     q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final = saved
-    do = torch.zeros_like(v) if do is None else do.contiguous()
+    do = torch.zeros(*q.shape[:3], v.shape[3], dtype=v.dtype, device=v.device) if do is None else do.contiguous()
     dhk_final, dhv_final = (None, None) if hk_final is None else final_state_grads(
         dhk_final, dhv_final, hk_final.shape, hv_final.shape, q.device)
     with in_launch_scope(scope):

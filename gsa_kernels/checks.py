@@ -32,7 +32,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Problem:
-    """The sizes of one call: q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; N sequences."""
+    """The sizes of one call: q [B, T, HQ, K]; k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; N
+    sequences. HQ = H except with grouped query heads (GQA): HQ a multiple of H, each kv head's memory
+    read by `group` = HQ / H query heads."""
     B: int
     T: int
     H: int
@@ -41,6 +43,11 @@ class Problem:
     M: int
     N: int
     dtype: torch.dtype
+    HQ: int
+
+    @property
+    def group(self) -> int:
+        return self.HQ // self.H
 
 
 def _describe(name, x):
@@ -107,15 +114,20 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
             raise ValueError(f"{_describe(name, x)} must be 4-D, batch-first [B, T, H, D]")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{_describe(name, x)}: expected float32, float16 or bfloat16")
-    B, T, H, K = q.shape
+    B, T, HQ, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
+    H = k.shape[2] if k.dim() == 4 else HQ
+    if H < 1 or HQ % H:
+        raise ValueError(f"q has {HQ} heads and k {H}: grouped query heads need q's head count to be a "
+                         f"multiple of k's (and v's, s's and g's)")
     expected = {"k": (B, T, H, K), "v": (B, T, H, V), "s": (B, T, H, M), "g": (B, T, H, M)}
     for name, x in zip(names[1:], (k, v, s, g)):
         if x is None:
             continue
         if tuple(x.shape) != expected[name]:
             raise ValueError(f"{_describe(name, x)}: expected shape {expected[name]} to match "
-                             f"q {tuple(q.shape)}, v {tuple(v.shape)} and s {tuple(s.shape)}")
+                             f"q {tuple(q.shape)} (its heads a multiple of k's), k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)} and s {tuple(s.shape)}")
         if name in ("s", "g"):
             if not gate_dtype_ok(x.dtype, q.dtype):
                 also = " or float32" if q.dtype in (torch.float16, torch.bfloat16) else ""
@@ -142,7 +154,7 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
     if cu_seqlens is not None:
         N = check_cu_seqlens(cu_seqlens, B, T, q.device, cu_seqlens_cpu)
     check_initial_state(initial_state, N, H, K, M, V, q.device)
-    return Problem(B, T, H, K, V, M, N, q.dtype)
+    return Problem(B, T, H, K, V, M, N, q.dtype, HQ)
 
 
 def validating() -> bool:

@@ -74,16 +74,6 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
                        state_indices, has_initial_state, chunk_size, kwargs)
     if has_initial_state is not None:
         raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")
-    G = grouped_heads.group_size(q, k)
-    if G > 1:      # grouped query heads: kv heads repeated, final states per kv head (grouped_heads.py)
-        if g is None:      # ABC gates per kv head, before the repeat
-            check_inputs(q[:, :, ::G], k, v, s, g, scale, initial_state, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
-            s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
-        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
-        o, state = chunk_gsa(q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
-                             grouped_heads.expand_state(initial_state, G), output_final_state, checkpoint_level,
-                             cu_seqlens, cu_seqlens_cpu, **extra, **kwargs)
-        return o, grouped_heads.reduce_state(state, G)
     if "head_first" in kwargs:
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
@@ -114,15 +104,19 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
                                        int(checkpoint_level))
         return o, (hk, hv)
 
+    # the chunk kernels' work: per query head (the walks', per kv head, is 1 / group of it)
     sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
-                 tokens=problem.B * problem.T * problem.H, seqs=problem.N * problem.H)
+                 tokens=problem.B * problem.T * problem.HQ, seqs=problem.N * problem.HQ)
     # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
-    maybe_autotune(B=problem.B, T=problem.T, H=problem.H, N=problem.N, K=problem.K, V=problem.V,
+    maybe_autotune(B=problem.B, T=problem.T, H=problem.HQ, N=problem.N, K=problem.K, V=problem.V,
                    M=problem.M, dtype=q.dtype, device=q.device)
     if backend_for(problem_key(**sizes)) == "torch_compile":
-        return torch_chunked.compiled()(q, k, v, s, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                        chunk_size=chunk_size or 64)
+        # the PyTorch form takes one head count: grouped kv heads repeated (grouped_heads.py)
+        G = problem.group
+        return grouped_heads.per_kv_head(torch_chunked.compiled()(
+            q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale=scale,
+            initial_state=grouped_heads.expand_state((hk0, hv0), G), output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, chunk_size=chunk_size or 64), G)
     BT = chunk_size or launch_config("chunk", **sizes)["BT"]
     layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
     if q.dtype != torch.float32 and not (torch.is_grad_enabled() and any(

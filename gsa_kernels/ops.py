@@ -86,13 +86,13 @@ def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
 
 @chunk_gsa_fwd_op.register_fake
 def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state, checkpoint_level):
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     slots = 0 if checkpoint_level == 2 else num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N,
                                                             cu_seqlens is not None)
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
+    return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
             q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
             q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
@@ -111,7 +111,7 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
-    H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
+    H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
     if hk_chunks.numel() == 0:
         hk_chunks = hv_chunks = None
     elif hk_chunks.numel() != layout.num_slots * H * K * M:
@@ -130,8 +130,8 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
 @chunk_gsa_bwd_op.register_fake
 def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens, scale,
       chunk_size):
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, T, _, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
     dhk0 = q.new_empty(N, H, K, M, **f32) if hk0 is not None else q.new_empty(NONE, **f32)

@@ -63,7 +63,7 @@ def _cover(cases, levels=(0, 2)):
     return [(c, levels[i % len(levels)]) for i, c in enumerate(cases)]
 
 
-@pytest.mark.parametrize("case,level", _cover(["plain", "states", "varlen", "chunk16"]))
+@pytest.mark.parametrize("case,level", _cover(["plain", "states", "varlen", "gqa-chunk16"]))
 def test_opcheck_chunk_fwd(case, level):
     q, k, v, s, g = gsa_inputs(T=37, requires_grad=True)
     hk0 = hv0 = cu = None
@@ -72,14 +72,17 @@ def test_opcheck_chunk_fwd(case, level):
         hk0, hv0 = states(requires_grad=True)
     if case == "varlen":
         cu = torch.tensor([0, 1, 18, 37], dtype=torch.int32, device=DEVICE)
-    if case == "chunk16":
+    if case == "gqa-chunk16":     # 4 query heads over the 2 kv heads
         chunk_size = 16
+        q = gsa_inputs(T=37, H=4, seed=3, requires_grad=True)[0]
     _opcheck(ops.chunk_gsa_fwd_op, (q, k, v, s, g, hk0, hv0, cu, 0.25, chunk_size, final, level))
 
 
-@pytest.mark.parametrize("case,level", _cover(["plain", "states-final"], levels=(2, 0)))
+@pytest.mark.parametrize("case,level", _cover(["plain", "gqa-states-final"], levels=(2, 0)))
 def test_opcheck_chunk_bwd(case, level):
     q, k, v, s, g = gsa_inputs(T=37)
+    if case.startswith("gqa"):     # 4 query heads over the 2 kv heads
+        q = gsa_inputs(T=37, H=4, seed=3)[0]
     hk0, hv0 = states() if case != "plain" else (None, None)
     o, scores, hk_chunks, hv_chunks, _, _ = ops.chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25, 0, True,
                                                                  level)

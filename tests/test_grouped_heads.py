@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import chunk_gsa, fused_recurrent_gsa
+from gsa_kernels import chunk_gsa, configs, fused_recurrent_gsa, launches
+from gsa_kernels.launchers import chunk as chunk_launchers
 from test_abc_mode import _inputs, run_op_and_naive
 from test_chunk import DTYPES, assert_close
 
@@ -48,6 +49,51 @@ def test_grouped_heads_varlen(op_name):
     kw = {"chunk_size": 16} if op_name == "chunk" else {}
     ours, ref, _ = run_op_and_naive(OPS[op_name], q, k, v, s, g, hk0, hv0, cu_seqlens=cu, **kw)
     assert_close(ours, ref, torch.float32, f"GQA varlen {op_name}")
+
+
+def _walks_at(segment, split, K=16, V=8, M=16):
+    """The state walks at their defaults with SEGMENT = segment (2: two levels) and SPLIT = split."""
+    return {w: dict(configs.default_config(w, K, V, M, 16, seqs=2), SEGMENT=segment, SPLIT=split)
+            for w in ("states_fwd", "states_fwd_compact", "states_bwd")}
+
+
+# (dtype, group, checkpoint level, SEGMENT, SPLIT): the walks over the group's stacked rows in every
+# form, both sides of the level-2 backward; a cover in the interpreter, every combination on the GPU
+WALK_CASES = [(dt, group, level, seg, split) for dt in DTYPES for group in (2, 4) for level in (0, 2)
+              for seg in (1, 2) for split in (0, 1)]
+if not ON_GPU:
+    WALK_CASES = [(torch.float32, 4, 0, 2, 1), (torch.float16, 2, 2, 2, 0), (torch.float32, 2, 2, 1, 1)]
+
+
+class _Grids:
+    """A kernel whose launch grids are recorded."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype,group,level,segment,split", WALK_CASES, ids=str)
+def test_grouped_heads_walk_per_kv_head(dtype, group, level, segment, split, monkeypatch):
+    """The chunk op walks one memory per kv head (walk rows N * H * segments, never N * HQ: no repeated
+    kv heads), its chunk kernels run per query head, and it meets the contract at both checkpoint
+    levels, one- and two-level walks, paired and split tiles."""
+    spies = {name: _Grids(getattr(chunk_launchers, name))
+             for name in ("states_fwd_kernel", "states_bwd_kernel", "chunk_fwd_kernel", "chunk_bwd_keys_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(chunk_launchers, name, spy)
+    q, k, v, s, g, hk0, hv0 = _grouped(group, 45, dtype, "model", seed=5)
+    with launches.override(_walks_at(segment, split)):
+        ours, ref, _ = run_op_and_naive(chunk_gsa, q, k, v, s, g, hk0, hv0, chunk_size=16, checkpoint_level=level)
+    assert_close(ours, ref, dtype, f"GQA walks group {group} level {level} segment {segment} split {split}")
+    walk_rows = 2 * (-(-45 // (16 * segment)) if segment > 1 else 1)     # 2 kv heads x segments
+    for name in ("states_fwd_kernel", "states_bwd_kernel"):
+        assert {grid[1] for grid in spies[name].grids} == {walk_rows}, (name, spies[name].grids)
+    for name in ("chunk_fwd_kernel", "chunk_bwd_keys_kernel"):
+        assert {grid[1] for grid in spies[name].grids} == {2 * group}, (name, spies[name].grids)
 
 
 def test_heads_that_do_not_group_are_refused():

@@ -62,7 +62,6 @@ def reference_layer(layer, x, state=None):
     v = F.silu(v).view(B, T, Hkv, V)
     g = F.logsigmoid(x @ W["f_proj.weight"].T).view(B, T, Hkv, M) / layer.gate_logit_normalizer
     s = 1 - g.exp()
-    k, v, s, g = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v, s, g))
     h0 = None if state is None else tuple(t.double().cpu() for t in state)
     o, new_state = naive_recurrent_gsa(q, k, v, s, g, scale=layer.scale, initial_state=h0, output_final_state=True)
     o = F.silu(o.reshape(B, T, H * V))

@@ -8,6 +8,10 @@ gate and A = q k^T (unscaled, unmasked: the intra helpers only read its causal p
     o      = (p * exp(G)) Hv + matrix_causal(p, s, G) v                  [BT, V]
 
 The scores are saved (float32) for the backward, which rebuilds p from them.
+
+Grouped query heads (GROUP > 1): a program per (chunk, query head hq); q, o and the scores are the
+query head's ([*, H * GROUP, .] rows), k, v, s, G and the chunk states those of its kv head
+hq // GROUP, so the GROUP query heads of a kv head read one memory.
 """
 import triton
 import triton.language as tl
@@ -23,11 +27,14 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
                      chunk_table, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
+                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
+                     GROUP: tl.constexpr):
     """COMPACT: the states are scaled float16 (states.py `_store_scaled`); Hk's row scales fold into
     q's columns and Hv's column scales into the output's, both exact (powers of two), and the scores
     are not stored (the forward-only path has no backward to read them)."""
-    pid, h = tl.program_id(0), tl.program_id(1)
+    pid, hq = tl.program_id(0), tl.program_id(1)
+    HQ: tl.constexpr = H * GROUP
+    h = hq // GROUP         # the kv head: its k, v, s, G and states
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
     if exists:
         slot = pid.to(tl.int64)
@@ -46,9 +53,8 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         for i in range(tl.cdiv(K, BK)):
             kk = i * BK + tl.arange(0, BK)
             kmask = row_mask & (kk < K)[None, :]
-            koff = (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :]
-            qc = tl.load(q + koff, mask=kmask, other=0.0)
-            kc = tl.load(k + koff, mask=kmask, other=0.0)
+            qc = tl.load(q + (t0 * HQ + hq) * K + t[:, None] * (HQ * K) + kk[None, :], mask=kmask, other=0.0)
+            kc = tl.load(k + (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :], mask=kmask, other=0.0)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
                          mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
             if COMPACT:
@@ -62,7 +68,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         scores = scale * (tl.exp(G) * qh
                           + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))
         if not COMPACT:
-            tl.store(scores_out + (t0 * H + h) * M + t[:, None] * (H * M) + m[None, :], scores,
+            tl.store(scores_out + (t0 * HQ + hq) * M + t[:, None] * (HQ * M) + m[None, :], scores,
                      mask=row_mask & slot_mask)
 
         # slot softmax, in float32 registers
@@ -76,12 +82,12 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
-            voff = (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :]
-            vc = tl.load(v + voff, mask=vmask, other=0.0)
+            vc = tl.load(v + (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :], mask=vmask, other=0.0)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
             inter = tl.dot(pe, hv, input_precision=PREC)
             if COMPACT:
                 inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
             oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
-            tl.store(o + voff, oc.to(o.dtype.element_ty), mask=vmask)
+            tl.store(o + (t0 * HQ + hq) * V + t[:, None] * (HQ * V) + vv[None, :], oc.to(o.dtype.element_ty),
+                     mask=vmask)

@@ -17,6 +17,10 @@ scores, p the slot softmax, do the output gradient):
 
     dHk = dHk' * exp(Gend)[None, :] + q^T (dz * exp(G))      dHv = exp(Gend)[:, None] * dHv' + (p * exp(G))^T do
 
+With grouped query heads (GROUP query heads per kv head) the walks run per kv head; the backward's
+q^T (dz * exp(G)) and (p * exp(G))^T do sum over the group's query heads, which one dot does over
+the group's rows stacked (`_group_tile`: BT * GP rows, GP the power of two >= GROUP).
+
 States are float32 throughout: the slot scores feed a softmax, which turns any relative error of
 Hk into an absolute error of the probabilities. For half inputs the walks' dots take the 16-bit
 tile as it is and split the float32 one into two 16-bit halves (dots.py `dot_acc`): the
@@ -45,6 +49,22 @@ def _prefetch_tile(x, t0, nvalid, h, cols, H: tl.constexpr, D: tl.constexpr, BT:
     t = tl.arange(0, BT)
     return tl.load(x + (t0 * H + h) * D + t[:, None] * (H * D) + cols[None, :],
                    mask=(t < nvalid)[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _group_tile(x, t0, nvalid, h, cols, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                GROUP: tl.constexpr, GP: tl.constexpr):
+    """Columns `cols` of the chunk's rows of x [*, H * GROUP, D] for the GROUP query heads of kv head h,
+    stacked [BT * GP, len(cols)]: row t * GP + j is token t of query head h * GROUP + j (rows of
+    j >= GROUP and of tokens >= nvalid read 0). In the input dtype, like `_prefetch_tile`, which it is
+    for GROUP = 1."""
+    if GP == 1:
+        return _prefetch_tile(x, t0, nvalid, h, cols, H, D, BT)
+    HQ: tl.constexpr = H * GROUP
+    r = tl.arange(0, BT * GP)
+    t, j = r // GP, r % GP
+    return tl.load(x + (t0 * HQ + h * GROUP) * D + (t * HQ + j)[:, None] * D + cols[None, :],
+                   mask=((t < nvalid) & (j < GROUP))[:, None] & (cols < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -235,16 +255,17 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
               DO_VALUES: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
               STORE_INITIAL: tl.constexpr, STORE_DECAY: tl.constexpr, PREC: tl.constexpr,
-              COMPACT: tl.constexpr):
+              COMPACT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr):
     """Walk dHk row tile `key_tile` (if DO_KEYS) and dHv column tile `value_tile` (if DO_VALUES) of head
     h backwards over num_chunks chunks from token bos (eos: where the sequence ends), from
     dhk_final / dhv_final[index] if USE_FINAL_STATE_GRADIENT (else zeros); with STORE_CHUNKS,
     dhk_chunks[c] / dhv_chunks[c] get the gradient w.r.t. the state at the END of chunk c; with
     STORE_INITIAL, dhk0 / dhv0[index] get the gradient at the walk's start, and with STORE_DECAY
     seg_decay[index] the walk's total log decay, as `_walk_fwd`.
-    COMPACT: the chunk gradients go out as scaled float16, as the forward walk's (dHv carried transposed)."""
+    COMPACT: the chunk gradients go out as scaled float16, as the forward walk's (dHv carried transposed).
+    q, do, dz and p are those of the GROUP query heads of kv head h, read as stacked rows (`_group_tile`)."""
     m = tl.arange(0, BM)
-    t = tl.arange(0, BT)
+    rows = tl.arange(0, BT * GP) // GP      # the token of each stacked row
     kk = key_tile * BK + tl.arange(0, BK)
     vv = value_tile * BV + tl.arange(0, BV)
     hk_mask = (kk < K)[:, None] & (m < M)[None, :]
@@ -269,9 +290,9 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
     t0 = bos + tl.maximum(num_chunks - 1, 0) * BT
     nvalid_last = tl.where(num_chunks > 0, eos - t0, 0)
     if DO_KEYS:
-        qc = _prefetch_tile(q, t0, nvalid_last, h, kk, H, K, BT)
+        qc = _group_tile(q, t0, nvalid_last, h, kk, H, K, BT, GROUP, GP)
     if DO_VALUES:
-        doc = _prefetch_tile(do, t0, nvalid_last, h, vv, H, V, BT)
+        doc = _group_tile(do, t0, nvalid_last, h, vv, H, V, BT, GROUP, GP)
     Gend = _gate_end(G_all, t0, nvalid_last, h, H, M, BM, BT)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
@@ -282,17 +303,17 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
         t0_prev = tl.maximum(t0 - BT, bos)
         nvalid_prev = tl.where(c > 0, eos - t0_prev, 0)
         if DO_KEYS:
-            qc_next = _prefetch_tile(q, t0_prev, nvalid_prev, h, kk, H, K, BT)
+            qc_next = _group_tile(q, t0_prev, nvalid_prev, h, kk, H, K, BT, GROUP, GP)
         if DO_VALUES:
-            doc_next = _prefetch_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT)
+            doc_next = _group_tile(do, t0_prev, nvalid_prev, h, vv, H, V, BT, GROUP, GP)
         Gend_next = _gate_end(G_all, t0_prev, nvalid_prev, h, H, M, BM, BT)
         if STORE_CHUNKS:
             _store_chunk(dhk, dhv, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales, slot * H + h, hk_off, hk_mask,
                          hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, COMPACT)
-        eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM))
+        eG = tl.exp(load_gates(G_all + (t0 * H + h) * M, rows, H * M, nvalid, M, BM))
         decay = tl.exp(Gend)
         if DO_KEYS:
-            dzc = load_rows(dz + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
+            dzc = _group_tile(dz, t0, nvalid, h, m, H, M, BT, GROUP, GP)
             # dz e^G is a gradient, unbounded under float16 loss scaling: float16 halves of it could
             # overflow, so for float16 inputs this dot keeps float32 operands (bf16 has float32's range)
             qk = qc
@@ -301,7 +322,7 @@ def _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chu
             dhk = dot_acc(tl.trans(qk), dzc * eG, dhk * decay[None, :], PREC)
             qc = qc_next
         if DO_VALUES:
-            pe = load_rows(p_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM) * eG
+            pe = _group_tile(p_all, t0, nvalid, h, m, H, M, BT, GROUP, GP) * eG
             if COMPACT:
                 dhv = dot_acc(tl.trans(doc), pe, dhv * decay[None, :], PREC)
             else:
@@ -325,12 +346,13 @@ def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks,
                       SPLIT: tl.constexpr, DO_KEYS: tl.constexpr, DO_VALUES: tl.constexpr, SEGMENTED: tl.constexpr,
                       USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_CHUNKS: tl.constexpr,
                       STORE_INITIAL: tl.constexpr, STORE_DECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
-                      PREC: tl.constexpr, COMPACT: tl.constexpr):
+                      PREC: tl.constexpr, COMPACT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr):
     """Grid, walk rows and owned tiles as in states_fwd_kernel when the launch walks both memories; a
     launch of one (DO_KEYS or DO_VALUES alone: the backward of checkpoint level 2, which frees one
     side's states before it builds the other's gradients) has one program per tile of that memory.
     COMPACT: the chunk gradients as scaled float16 with float32 scales per row of dHk and per column
-    of dHv (dhk_scales [slots, H, K], dhv_scales [slots, H, V])."""
+    of dHv (dhk_scales [slots, H, K], dhv_scales [slots, H, V]). Rows are per kv head (H); q, do, dz
+    and p have H * GROUP heads (GP: the power of two >= GROUP)."""
     tile, row = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     bos, eos, chunk0, num_chunks, h = walk_span(cu_seqlens, chunk_offsets, segment_table, row, T, segment_chunks,
@@ -339,24 +361,24 @@ def states_bwd_kernel(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks,
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
                   dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0,
                   H, K, V, M, BT, BM, BK, BV, True, False, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
-                  STORE_DECAY, PREC, COMPACT)
+                  STORE_DECAY, PREC, COMPACT, GROUP, GP)
     elif not DO_KEYS:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
                   dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile,
                   H, K, V, M, BT, BM, BK, BV, False, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
-                  STORE_DECAY, PREC, COMPACT)
+                  STORE_DECAY, PREC, COMPACT, GROUP, GP)
     elif not SPLIT:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
                   dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, tile,
                   H, K, V, M, BT, BM, BK, BV, True, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
-                  STORE_DECAY, PREC, COMPACT)
+                  STORE_DECAY, PREC, COMPACT, GROUP, GP)
     elif tile < NK:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
                   dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0,
                   H, K, V, M, BT, BM, BK, BV, True, False, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
-                  STORE_DECAY, PREC, COMPACT)
+                  STORE_DECAY, PREC, COMPACT, GROUP, GP)
     else:
         _walk_bwd(q, do, dz, p_all, G_all, dhk_final, dhv_final, dhk_chunks, dhv_chunks, dhk_scales, dhv_scales,
                   dhk0, dhv0, seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile - NK,
                   H, K, V, M, BT, BM, BK, BV, False, True, USE_FINAL_STATE_GRADIENT, STORE_CHUNKS, STORE_INITIAL,
-                  STORE_DECAY, PREC, COMPACT)
+                  STORE_DECAY, PREC, COMPACT, GROUP, GP)

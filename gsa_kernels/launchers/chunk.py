@@ -12,6 +12,11 @@ backward: the backward runs the forward state walk again first and walks the two
 in two launches (7 in all), keys then values, freeing the keys' states before the values' walk.
 For half inputs the state gradients (and at level 2 the rebuilt states) are scaled float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
+
+Grouped query heads: q (and do) with HQ = H * group heads over k, v, s, g with H. The gates, the
+walks and the states are per kv head (1 / group of the state bytes and walk work of repeating the
+kv heads); the chunk kernels run per query head and read their kv head's memory. dk, dv, ds and dg
+sum over a group: their kernels write float32 shares per query head, summed here.
 """
 from __future__ import annotations
 
@@ -200,23 +205,23 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
     float16, half the bytes of float32 at the same precision as the tf32 dots that read them
     (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     cu, _, table = layout.ptrs(q)
     G = chunk_gates(g, layout)
     hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final = chunk_states_fwd(
         k, v, s, G, hk0, hv0, layout, output_final_state, compact)
 
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    scores = None if compact else torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    scores = None if compact else torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
     cfg = launch_config("chunk_fwd_compact" if compact else "chunk_fwd", K=K, V=V, M=M, dtype=q.dtype,
-                        BT=BT, tokens=B * T * H, seqs=N * H)
-    chunk_fwd_kernel[(layout.num_slots, H)](
+                        BT=BT, tokens=B * T * HQ, seqs=N * HQ)
+    chunk_fwd_kernel[(layout.num_slots, HQ)](
         q, k, v, s, G, hk_chunks, hv_chunks, q if hk_scales is None else hk_scales,
         q if hv_scales is None else hv_scales, o, q if compact else scores, cu, table,
         scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, GROUP=HQ // H, **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
@@ -226,9 +231,9 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     dhk_scales, dhv_scales), the gradients w.r.t. the state at every chunk end (None for a memory not
     walked; the scales None unless compact), and the initial-state gradients written into dhk0 / dhv0.
     dz may be None when the keys' memory is not walked. Segments as in chunk_states_fwd, the fold
-    from the last segment to the first."""
-    B, T, H, K = q.shape
-    V, M = do.shape[-1], p.shape[-1]
+    from the last segment to the first. Per kv head (G's heads); q, do, dz and p per query head."""
+    B, T, HQ, K = q.shape
+    H, V, M = G.shape[2], do.shape[-1], p.shape[-1]
     N, BT = layout.N, layout.BT
     cu, offsets, _ = layout.ptrs(q)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -245,7 +250,7 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     common = dict(H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
                   IS_VARLEN=layout.is_varlen, **_warps(cfg))
     walk = dict(common, SPLIT=cfg["SPLIT"], DO_KEYS=keys, DO_VALUES=values, PREC=dot_precision(q.dtype),
-                COMPACT=compact)
+                COMPACT=compact, GROUP=HQ // H, GP=pow2_at_least(HQ // H))
     chunk_out = (opt(dhk_chunks), opt(dhv_chunks), opt(dhk_scales), opt(dhv_scales))
     if segments is None:
         states_bwd_kernel[(tiles, N * H)](
@@ -283,8 +288,9 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     most three of the four [chunks, H, K, M]-sized tensors live at once. For half inputs the rebuilt
     states and every state gradient are scaled float16 (kernels/states.py `_store_scaled`): the tf32
     dots that read them keep no more bits. float32 inputs keep float32 states (their dots are IEEE)."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
+    group = HQ // H
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     prec = dot_precision(q.dtype)
     cu, offsets, table = layout.ptrs(q)
@@ -300,15 +306,15 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
         hk_chunks, hv_chunks, hk_scales, hv_scales, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout,
                                                                           compact=compact)
     states_compact = recomputed and compact
-    p = torch.empty(B, T, H, M, **f32)
-    dz = torch.empty(B, T, H, M, **f32)
-    dG_loc = torch.empty(B, T, H, M, **f32)
-    cfg = launch_config("chunk_bwd_dscores", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
-    chunk_bwd_dscores_kernel[(layout.num_slots, H)](
+    p = torch.empty(B, T, HQ, M, **f32)
+    dz = torch.empty(B, T, HQ, M, **f32)
+    dG_loc = torch.empty(B, T, HQ, M, **f32)
+    sizes = dict(K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * HQ, seqs=N * HQ)
+    cfg = launch_config("chunk_bwd_dscores", **sizes)
+    chunk_bwd_dscores_kernel[(layout.num_slots, HQ)](
         v, s, G, do, hv_chunks, opt(hv_scales), scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, GROUP=group, **_warps(cfg))
 
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
@@ -320,26 +326,29 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
         dhk_chunks, dhv_chunks, dhk_scales, dhv_scales = chunk_states_bwd(
             q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, **walk)
 
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    ds_keys = torch.empty(B, T, H, M, **f32)
-    carry_keys = torch.empty(layout.num_slots, H, M, **f32)
-    cfg = launch_config("chunk_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
-    chunk_bwd_keys_kernel[(layout.num_slots, H)](
+    # a group's gradients of k, v, s, g: float32 shares per query head, summed at the end
+    shares = (lambda x: torch.empty(B, T, HQ, x.shape[-1], **f32)) if group > 1 else torch.empty_like
+    dq, dk = torch.empty_like(q), shares(k)
+    ds_keys = torch.empty(B, T, HQ, M, **f32)
+    carry_keys = torch.empty(layout.num_slots, HQ, M, **f32)
+    cfg = launch_config("chunk_bwd_keys", **sizes)
+    chunk_bwd_keys_kernel[(layout.num_slots, HQ)](
         q, k, s, G, hk_chunks, dhk_chunks, opt(hk_scales), opt(dhk_scales), dz, dq, dk, ds_keys, carry_keys,
         cu, table, T, H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec,
-        STATES_COMPACT=states_compact, DSTATES_COMPACT=compact, **_warps(cfg))
+        STATES_COMPACT=states_compact, DSTATES_COMPACT=compact, GROUP=group, **_warps(cfg))
     del hk_chunks, hk_scales, dhk_chunks, dhk_scales, dz   # the keys' side is done: free it
     if recomputed:
         _, dhv_chunks, _, dhv_scales = chunk_states_bwd(q, do, None, p, G, dhk_final, dhv_final, dhk0, dhv0,
                                                         keys=False, **walk)
 
-    dv, ds, dg = torch.empty_like(v), torch.empty_like(s), torch.empty_like(g)
-    cfg = launch_config("chunk_bwd_values", K=K, V=V, M=M, dtype=q.dtype, BT=BT,
-                        tokens=B * T * H, seqs=N * H)
-    chunk_bwd_values_kernel[(layout.num_slots, H)](
+    dv, ds, dg = shares(v), shares(s), shares(g)
+    cfg = launch_config("chunk_bwd_values", **sizes)
+    chunk_bwd_values_kernel[(layout.num_slots, HQ)](
         v, s, G, do, hv_chunks, dhv_chunks, opt(hv_scales), opt(dhv_scales), p, dG_loc, ds_keys, carry_keys,
         dv, ds, dg, cu, table, T, H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=hk0 is not None,
         IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, DSTATES_COMPACT=compact,
-        **_warps(cfg))
+        GROUP=group, **_warps(cfg))
+    if group > 1:
+        dk, dv, ds, dg = (share.view(B, T, H, group, -1).sum(3).to(x.dtype)
+                          for share, x in ((dk, k), (dv, v), (ds, s), (dg, g)))
     return dq, dk, dv, ds, dg, dhk0, dhv0

@@ -14,8 +14,9 @@ same computation (GSABlock and GSAModel use it):
       (with use_short_conv, x W_q, x W_k, x W_v first go through causal depthwise convolutions with
        silu, layers/conv.py, as FLA's)
     g = logsigmoid(x W_f) / gate_logit_normalizer,  s = 1 - exp(g)      [B, T, H_kv, M]
-    k, v, s, g repeated to the H query heads (grouped kv heads, as FLA's layer does)
-    o = GSA(q, k, v, s, g, scale)       scale 1 (the paper's), over the slot memories
+    o = GSA(q, k, v, s, g, scale)       scale 1 (the paper's), over the slot memories; with grouped
+                                        kv heads (H_kv < H) each kv head's memory is read by its
+                                        H / H_kv query heads inside the kernels
     y = o_proj( RMSNorm(silu(o)) [* silu(x W_g) with use_output_gate] )
 
 Choices (and where they differ from FLA):
@@ -28,6 +29,9 @@ Choices (and where they differ from FLA):
     steps and short prompts); chunk_gsa otherwise (training, long prefill). mode="fused_recurrent"
     forces the token-by-token kernel everywhere (it has a backward too). checkpoint_level (default 2,
     as FLA's op) is chunk_gsa's: 2 rebuilds the chunk states in the backward instead of keeping them.
+  * Grouped kv heads: FLA's layer repeats k, v, s, g to the query heads and keeps a state per query
+    head; ours passes them to the ops as they are, which keep one memory per kv head (the state and
+    its cache are [N, H_kv, ...]: 1 / group of FLA's, and of its walk work).
   * The state: the two slot memories (hk, hv) and, with use_short_conv, the three convolutions'
     caches: `mix` takes and returns (hk, hv) or (hk, hv, (q_cache, k_cache, v_cache)).
   * Padding: `attention_mask` [B, T] (1 keep, 0 pad; left, right or anywhere; with a cache FLA's
@@ -127,8 +131,9 @@ class GatedSlotAttention(nn.Module):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def state_shapes(self, batch_size: int):
-        """Shapes of one layer's slot memories (hk, hv): [N, H, K, M] and [N, H, M, V], float32."""
-        H, K, V, M = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_slots
+        """Shapes of one layer's slot memories (hk, hv): [N, H_kv, K, M] and [N, H_kv, M, V], float32
+        (one memory per kv head)."""
+        H, K, V, M = self.num_kv_heads, self.head_k_dim, self.head_v_dim, self.num_slots
         return (batch_size, H, K, M), (batch_size, H, M, V)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -244,8 +249,8 @@ class GatedSlotAttention(nn.Module):
         return self.o_proj(o), (new_state if use_cache else None), new_conv
 
     def _kernel_inputs(self, q, k, v, f):
-        """q, k, v, s, g [B', T', heads, *] from the projections (after the short convolutions), kv
-        heads repeated to the query heads."""
+        """q [B', T', H, K] and k, v, s, g [B', T', H_kv, *] from the projections (after the short
+        convolutions)."""
         B, T = q.shape[:2]
         phi = FEATURE_MAPS[self.feature_map]
         q = phi(q).view(B, T, self.num_heads, self.head_k_dim)
@@ -255,6 +260,4 @@ class GatedSlotAttention(nn.Module):
         s = (1 - g.exp()).to(q.dtype)
         g = g.to(q.dtype).view(B, T, self.num_kv_heads, self.num_slots)
         s = s.view(B, T, self.num_kv_heads, self.num_slots)
-        if self.num_kv_groups > 1:
-            k, v, s, g = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v, s, g))
         return q, k, v, s, g
