@@ -72,7 +72,9 @@ def _gate_end(G, t0, nvalid, h, H: tl.constexpr, M, BM: tl.constexpr, BT: tl.con
     """Gend, the chunk's last valid row of G [BM] (zeros for a chunk with no valid rows)."""
     m = tl.arange(0, BM)
     last = tl.maximum(tl.minimum(nvalid, BT) - 1, 0)
-    return tl.load(G + ((t0 + last) * H + h) * M + m, mask=(m < M) & (nvalid > 0), other=0.0)
+    # one integer bound for the mask (M, or 0 for a chunk past the end): Triton 3.9's interpreter
+    # rejects a vector mask and-ed with a scalar condition (also `_store_log_decay`)
+    return tl.load(G + ((t0 + last) * H + h) * M + m, mask=m < tl.where(nvalid > 0, M, 0), other=0.0)
 
 
 @triton.jit
@@ -129,7 +131,7 @@ def _store_log_decay(seg_decay, index, log_decay, m, M, key_tile, value_tile, DO
         first_tile = key_tile == 0
     else:
         first_tile = value_tile == 0
-    tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=(m < M) & first_tile)
+    tl.store(seg_decay + index.to(tl.int64) * M + m, log_decay, mask=m < tl.where(first_tile, M, 0))
 
 
 @triton.jit
