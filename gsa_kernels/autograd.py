@@ -103,8 +103,8 @@ class FusedRecurrentGSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, cu_seqlens, N):
-        B, T, H, K = q.shape
-        V, M = v.shape[-1], s.shape[-1]
+        K = q.shape[-1]
+        H, V, M = k.shape[2], v.shape[-1], s.shape[-1]     # H: the kv heads (the states')
         f32 = dict(dtype=torch.float32, device=q.device)
         hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
         hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None

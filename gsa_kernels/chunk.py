@@ -18,9 +18,9 @@ from gsa_kernels.autograd import ChunkGSAFunction
 from gsa_kernels.autotune import maybe_autotune
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
-from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_fwd
+from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_fwd, stacked_chunk_limit
 from gsa_kernels.lookup import backend_for
-from gsa_kernels.ops import chunk_gsa_compiled
+from gsa_kernels.ops import chunk_gsa_compiled, compiled_chunk_size
 from gsa_kernels.problem_keys import problem_key
 
 
@@ -38,7 +38,10 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
               cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
     """Gated Slot Attention by the chunkwise algorithm (docs/contract.md, "API").
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; one dtype among float32 / float16 / bfloat16,
+    q [B, T, HQ, K]; k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M], HQ a multiple of H (grouped
+    query heads, FLA's GQA: each kv head's memory is read by its HQ / H query heads and walked once,
+    not repeated; the chunk size is capped so that the group's stacked backward walk fits, and groups
+    too large for any chunk size run as FLA runs them, kv heads repeated); one dtype among float32 / float16 / bfloat16,
     except that s and g may also be float32 with float16 / bfloat16 q, k, v (their gradients come back
     in their own dtypes).
     g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
@@ -51,7 +54,7 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     cu_seqlens_cpu: a host copy of cu_seqlens (FLA's argument), read for its value checks (and in ABC
     mode for the sequence bounds) instead of copying cu_seqlens to the host; a ValueError if its shape
     differs from cu_seqlens's.
-    Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
+    Returns o [B, T, HQ, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
     when output_final_state, else (None, None).
     checkpoint_level (flash-linear-attention's argument, same default and position): what a training
     call keeps for its backward. 0 keeps the float32 chunk states ([chunks, H, K, M] and
@@ -85,6 +88,19 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
         # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
         s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     scale = problem.K ** -0.5 if scale is None else float(scale)
+    if problem.group > 1:
+        # grouped query heads: a chunk size whose stacked reverse walk fits (launchers/chunk.py);
+        # groups too large for any run as FLA runs them, the kv heads repeated
+        limit = stacked_chunk_limit(problem.group, problem.M)
+        if not limit:
+            G = problem.group
+            return grouped_heads.per_kv_head(chunk_gsa(
+                q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
+                grouped_heads.expand_state(initial_state, G), output_final_state, checkpoint_level, cu_seqlens,
+                cu_seqlens_cpu, chunk_size=chunk_size), G)
+        chunk_size = min(chunk_size or (compiled_chunk_size(problem.K, problem.V, problem.M, q.dtype)
+                                        if torch.compiler.is_compiling()
+                                        else launch_config("chunk", **_sizes(problem, q.dtype))["BT"]), limit)
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):
         hk0, hv0 = initial_state
@@ -104,9 +120,7 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
                                        int(checkpoint_level))
         return o, (hk, hv)
 
-    # the chunk kernels' work: per query head (the walks', per kv head, is 1 / group of it)
-    sizes = dict(K=problem.K, V=problem.V, M=problem.M, dtype=q.dtype,
-                 tokens=problem.B * problem.T * problem.HQ, seqs=problem.N * problem.HQ)
+    sizes = _sizes(problem, q.dtype)
     # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
     maybe_autotune(B=problem.B, T=problem.T, H=problem.HQ, N=problem.N, K=problem.K, V=problem.V,
                    M=problem.M, dtype=q.dtype, device=q.device)
@@ -127,6 +141,13 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
         return o, (hk, hv)
     o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout, int(checkpoint_level))
     return o, (hk, hv)
+
+
+def _sizes(problem, dtype):
+    """The work sizes a config lookup takes: per query head (the chunk kernels'; the walks', per kv
+    head, are 1 / group of it)."""
+    return dict(K=problem.K, V=problem.V, M=problem.M, dtype=dtype,
+                tokens=problem.B * problem.T * problem.HQ, seqs=problem.N * problem.HQ)
 
 
 def _pooled(q, k, v, s, g, scale, pools, checkpoint_level, cu_seqlens, cu_seqlens_cpu, state_indices,

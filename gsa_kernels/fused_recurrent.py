@@ -8,8 +8,14 @@ Four ways through, picked per call:
     then softmax and o by V tiles), backward 4 (dp, keys side, values side, gates); see
     launchers/recurrent.py.
   * inside torch.compile: the custom ops of ops.py (the decode step among them).
-Saved for the backward: the inputs, the float32 scores [B, T, H, M], the initial states and (with
+Saved for the backward: the inputs, the float32 scores [B, T, HQ, M], the initial states and (with
 output_final_state) the final states; no per-step states.
+
+Grouped query heads (q [B, T, HQ, K], k, v, s, g and the states with H = HQ / G heads): every
+launch (decode step, forward, backward; eager and compiled) walks one state per kv head and lets the
+G query heads of a group read it (kernels/decode.py, kernels/recurrent.py): no repeated tensors,
+1 / G of the state bytes and walk work, and inplace=True, out= and state pools work as without
+grouping.
 
 The caller's initial state is never written unless asked: `inplace=True` writes the new states into
 initial_state (for serving loops that keep one state buffer), `out=(hk, hv)` into given buffers;
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels import grouped_heads, state_pool
+from gsa_kernels import state_pool
 from gsa_kernels.abc_gates import abc_gates
 from gsa_kernels.autograd import FusedRecurrentGSAFunction
 from gsa_kernels.checks import check_inputs
@@ -110,12 +116,14 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     """Gated Slot Attention token by token, with chunk_gsa's arguments and results (docs/contract.md,
     "API").
 
-    q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
+    q [B, T, HQ, K]; k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (g in [-inf, 0], as for chunk_gsa; with
     GSA_KERNELS_VALIDATE=1 a g > 0 raises a ValueError; s and g may be float32 with half q, k, v;
     g=None is ABC mode and cu_seqlens_cpu a host copy of cu_seqlens, both as for chunk_gsa).
-    Returns o [B, T, H, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 when
-    output_final_state, else (None, None). For T == 1 without gradients this is the single-launch
-    decode step. The initial state is only read. The positions are flash-linear-attention 0.6.0's.
+    Returns o [B, T, HQ, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 when
+    output_final_state, else (None, None). HQ = H without grouping; grouped query heads (HQ a multiple
+    of H, FLA's GQA) read the memory of their kv head hq // (HQ / H), the states are per kv head. For
+    T == 1 without gradients this is the single-launch decode step. The initial state is only read.
+    The positions are flash-linear-attention 0.6.0's.
 
     reverse=True runs the recurrence from each sequence's last token to its first (the initial state
     enters before the last token; the final states are those after the first), with gates and, in
@@ -125,11 +133,11 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
 
     Inference only (nothing may require a gradient):
       inplace=True     write the new states into initial_state (float32, contiguous) and return it;
-                       the decode step then runs one program per (batch, head), slower at small batch.
+                       the decode step then runs one program per (batch, kv head), slower at small batch.
       out=(hk, hv)     write the new states into these float32 buffers and return them (use two
                        pairs alternately for a state that stays at fixed addresses, e.g. CUDA graphs).
       initial_state=(hk_pool, hv_pool), state_indices=idx, has_initial_state=flags, inplace=True
-                       a serving engine's state pools [S, H, ...]: sequence n reads and writes slot
+                       a serving engine's state pools [S, H, ...] (per kv head): sequence n reads and writes slot
                        idx[n] (-1: a padding row, zeros in, nothing written), from zeros where
                        flags[n] is False (gsa_kernels/state_pool.py); returns the pools. The decode
                        step reads and writes them in its kernel; no host sync, graph-capturable.
@@ -142,18 +150,6 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
         raise TypeError("head_first is not supported: inputs are batch-first [B, T, H, D]")
     if kwargs:
         raise TypeError(f"fused_recurrent_gsa got unexpected keyword arguments {sorted(kwargs)}")
-    G = grouped_heads.group_size(q, k)
-    if G > 1:      # grouped query heads: kv heads repeated, final states per kv head (grouped_heads.py)
-        if inplace or out is not None or state_indices is not None:
-            raise ValueError("inplace=True, out= and state pools are not supported with grouped query heads yet")
-        if g is None:      # ABC gates per kv head, before the repeat
-            check_inputs(q[:, :, ::G], k, v, s, g, scale, initial_state, cu_seqlens, bf16_dots=False,
-                         cu_seqlens_cpu=cu_seqlens_cpu)
-            s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
-        o, state = fused_recurrent_gsa(q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
-                                       grouped_heads.expand_state(initial_state, G), output_final_state, reverse,
-                                       cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
-        return o, grouped_heads.reduce_state(state, G)
     pooled = state_indices is not None
     if has_initial_state is not None and not pooled:
         raise ValueError("has_initial_state goes with state_indices (the slots of the state pools)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def expand(x, G: int):
     """[B, T, H, D] -> [B, T, H * G, D], each kv head repeated for its G query heads (None stays None)."""
-    return None if x is None or G == 1 else x.repeat_interleave(G, dim=2)
+    return x if x is None or G == 1 else x.repeat_interleave(G, dim=2)
 
 
 def expand_state(initial_state, G: int):

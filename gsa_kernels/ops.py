@@ -182,8 +182,8 @@ def recurrent_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0:
                      output_final_state: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(o, scores, hk_final, hv_final); scores (float32) are the backward's."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
-    B, _, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, _, _, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]     # H: the kv heads (the states')
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     f32 = dict(dtype=torch.float32, device=q.device)
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
@@ -194,11 +194,11 @@ def recurrent_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0:
 
 @recurrent_fwd_op.register_fake
 def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state):
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, T, H, V), q.new_empty(B, T, H, M, **f32),
+    return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
             q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
             q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
 
@@ -261,8 +261,8 @@ def decode_step_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0: T
     """One token per sequence, no gradient: (o [B, 1, H, V], hk_new, hv_new), new float32 states
     (empty when not stored)."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
-    B, _, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, _, _, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]     # H: the kv heads (the states')
     f32 = dict(dtype=torch.float32, device=q.device)
     hk_new = torch.empty(B, H, K, M, **f32) if store_state else None
     hv_new = torch.empty(B, H, M, V, **f32) if store_state else None
@@ -272,10 +272,10 @@ def decode_step_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, hk0: T
 
 @decode_step_op.register_fake
 def _(q, k, v, s, g, hk0, hv0, scale, store_state):
-    B, _, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    B, _, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, 1, H, V),
+    return (q.new_empty(B, 1, HQ, V),
             q.new_empty(B, H, K, M, **f32) if store_state else q.new_empty(NONE, **f32),
             q.new_empty(B, H, M, V, **f32) if store_state else q.new_empty(NONE, **f32))
 

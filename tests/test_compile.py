@@ -92,16 +92,19 @@ def test_opcheck_chunk_bwd(case, level):
                                     None, 0.25, 0))
 
 
-@pytest.mark.parametrize("case", ["plain", "states", "varlen"])
+@pytest.mark.parametrize("case", ["plain", "gqa-states", "varlen"])
 def test_opcheck_recurrent_fwd(case):
     q, k, v, s, g = gsa_inputs(T=9, requires_grad=True)
-    hk0, hv0 = states(requires_grad=True) if case == "states" else (None, None)
+    if case.startswith("gqa"):     # 4 query heads over the 2 kv heads
+        q = gsa_inputs(T=9, H=4, seed=3, requires_grad=True)[0]
+    hk0, hv0 = states(requires_grad=True) if case.endswith("states") else (None, None)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE) if case == "varlen" else None
     _opcheck(ops.recurrent_fwd_op, (q, k, v, s, g, hk0, hv0, cu, 0.25, case != "plain"))
 
 
 def test_opcheck_recurrent_bwd():
     q, k, v, s, g = gsa_inputs(T=9)
+    q = gsa_inputs(T=9, H=4, seed=3)[0]     # grouped: 4 query heads over the 2 kv heads
     hk0, hv0 = states()
     o, scores, hk, hv = ops.recurrent_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25, True)
     dhk, dhv = states(seed=2)
@@ -112,6 +115,8 @@ def test_opcheck_recurrent_bwd():
 @pytest.mark.parametrize("store", [True, False])
 def test_opcheck_decode(store):
     q, k, v, s, g = gsa_inputs(B=3, T=1)
+    if store:     # grouped: 4 query heads over the 2 kv heads
+        q = gsa_inputs(B=3, T=1, H=4, seed=3)[0]
     hk0, hv0 = states(N=3)
     _opcheck(ops.decode_step_op, (q, k, v, s, g, hk0, hv0, 0.25, store))
 

@@ -141,6 +141,79 @@ def test_decode_with_gradients_takes_the_training_path():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Grouped query heads: one state per kv head, updated once, read by each of its group's query heads
+
+def grouped_step(B, group, H, K, V, M, dtype=torch.float32, seed=0):
+    """One decode step's inputs: q with H * group heads, k, v, s, g and the states with H."""
+    q, *_ = make_inputs(B, 1, H * group, K, V, M, dtype, "mixed", seed=seed + 1)
+    _, k, v, s, g, hk0, hv0 = make_inputs(B, 1, H, K, V, M, dtype, "mixed", seed=seed)
+    return q, k, v, s, g, hk0, hv0
+
+
+# (group, SPLIT, dtype): every combination on the GPU, a cover of each value in the interpreter
+GQA_CASES = [(group, split, dtype) for group in (2, 3, 4) for split in (1, 2, 4) for dtype in DTYPES]
+if not ON_GPU:
+    GQA_CASES = [(2, 2, torch.float32), (4, 1, torch.float16), (3, 4, torch.float32)]
+
+
+@pytest.mark.parametrize("group,split,dtype", GQA_CASES, ids=str)
+def test_decode_grouped_heads(group, split, dtype):
+    """2 kv heads of `group` query heads (3: a group padded to a power of two), K and V two tiles each,
+    SPLIT programs per (batch, kv head), each recomputing the whole group's scores and writing its
+    own tiles: the states per kv head and every query head's output as the float64 recurrence's."""
+    B, H, K, V, M = 2, 2, 32, 24, 5
+    q, k, v, s, g, hk0, hv0 = grouped_step(B, group, H, K, V, M, dtype, seed=group + split)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)
+    hk, hv = torch.full_like(hk0_d, float("nan")), torch.full_like(hv0_d, float("nan"))
+    cfg = {"BK": 16, "BV": 16, "SPLIT": split, "num_warps": 2, "num_stages": 1}
+    with torch.no_grad():
+        o = decode_step(*dev, K ** -0.5, hk0_d, hv0_d, hk, hv, config=cfg)
+    assert o.shape == (B, 1, H * group, V) and hk.shape == (B, H, K, M)
+    check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), dtype)
+
+
+def test_decode_grouped_heads_inplace_and_out():
+    q, k, v, s, g, hk0, hv0 = grouped_step(2, 4, 2, 32, 24, 12, seed=5)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    ref = reference_step(q, k, v, s, g, hk0, hv0)
+    hk0, hv0 = hk0.to(DEVICE), hv0.to(DEVICE)
+    with torch.no_grad():
+        bufs = torch.empty_like(hk0), torch.empty_like(hv0)
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), out=bufs)
+        assert hk is bufs[0] and hv is bufs[1] and "decode" in last_launches()
+        check_step(o, hk, hv, ref, torch.float32)
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), inplace=True)
+        assert hk is hk0 and hv is hv0
+        check_step(o, hk0, hv0, ref, torch.float32)
+
+
+def test_decode_grouped_heads_on_state_pools():
+    """Pools per kv head [S, H, ...]: a row continuing from its slot, a padding row (o = 0 for every
+    query head, nothing written), a row starting from zeros in a reused slot; other slots untouched."""
+    B, group, H, K, V, M, S = 3, 2, 2, 16, 16, 8, 4
+    q, k, v, s, g, _, _ = grouped_step(B, group, H, K, V, M, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    before = torch.randn(S, H, K, M, generator=gen), torch.randn(S, H, M, V, generator=gen)
+    pools = tuple(p.clone().to(DEVICE) for p in before)
+    indices, has_state = [3, -1, 0], [True, True, False]
+    with torch.no_grad():
+        o, returned = fused_recurrent_gsa(*(x.to(DEVICE) for x in (q, k, v, s, g)), initial_state=pools,
+                                          state_indices=torch.tensor(indices, device=DEVICE),
+                                          has_initial_state=torch.tensor(has_state, device=DEVICE), inplace=True)
+    assert returned[0] is pools[0] and returned[1] is pools[1] and o.shape == (B, 1, H * group, V)
+    for n, (slot, has) in enumerate(zip(indices, has_state)):
+        if slot < 0:
+            assert not o[n].any(), "a padding row's output is 0"
+            continue
+        h0 = tuple(p[slot:slot + 1] if has else torch.zeros_like(p[:1]) for p in before)
+        ref = reference_step(*(x[n:n + 1] for x in (q, k, v, s, g)), *h0)
+        check_step(o[n:n + 1], pools[0][slot:slot + 1], pools[1][slot:slot + 1], ref, torch.float32)
+    for slot in (1, 2):
+        assert torch.equal(pools[0][slot].cpu(), before[0][slot]) and torch.equal(pools[1][slot].cpu(), before[1][slot])
+
+
+# ---------------------------------------------------------------------------------------------------
 # GPU-only: the paper's layer shape at the benchmark's batch sizes, and wide slots
 
 @pytest.mark.gpu

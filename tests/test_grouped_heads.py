@@ -96,6 +96,33 @@ def test_grouped_heads_walk_per_kv_head(dtype, group, level, segment, split, mon
         assert {grid[1] for grid in spies[name].grids} == {2 * group}, (name, spies[name].grids)
 
 
+def test_group_sizes_cap_the_chunk_size_or_repeat_the_kv_heads(monkeypatch):
+    """The reverse walk's stacked rows (chunk x group, times the slots) must fit: a large group runs
+    at a smaller chunk size, and one too large for any runs as FLA runs it (kv heads repeated, the
+    walks over every query head), both within the contract."""
+    assert chunk_launchers.stacked_chunk_limit(1, 64) == 64
+    assert chunk_launchers.stacked_chunk_limit(4, 64) == 64
+    assert chunk_launchers.stacked_chunk_limit(8, 64) == 32
+    assert chunk_launchers.stacked_chunk_limit(3, 128) == 32
+    assert chunk_launchers.stacked_chunk_limit(16, 128) == 0
+    spy, chunks = _Grids(chunk_launchers.states_fwd_kernel), _Grids(chunk_launchers.chunk_fwd_kernel)
+    monkeypatch.setattr(chunk_launchers, "states_fwd_kernel", spy)
+    monkeypatch.setattr(chunk_launchers, "chunk_fwd_kernel", chunks)
+    q, k, v, s, g, hk0, hv0 = _grouped(8, 33, torch.float32, "model", seed=7)    # 16 query heads, 2 kv
+    with monkeypatch.context() as m:
+        m.setattr(chunk_launchers, "STACKED_ELEMENTS", 16 * 16 * 4)      # no chunk size fits group 8
+        ours, ref, _ = run_op_and_naive(chunk_gsa, q, k, v, s, g, hk0, hv0, chunk_size=64)
+    assert_close(ours, ref, torch.float32, "GQA group 8, kv heads repeated")
+    assert {grid[1] for grid in spy.grids} == {16}, spy.grids       # walked per query head
+    spy.grids.clear()
+    with monkeypatch.context() as m:
+        m.setattr(chunk_launchers, "STACKED_ELEMENTS", 16 * 8 * 16)      # group 8 fits at chunk 16 only
+        ours, ref, _ = run_op_and_naive(chunk_gsa, q, k, v, s, g, hk0, hv0, chunk_size=64)
+    assert_close(ours, ref, torch.float32, "GQA group 8 at chunk 16")
+    assert {grid[1] for grid in spy.grids} == {2}, spy.grids        # walked per kv head
+    assert chunks.grids[-1] == (3, 16), chunks.grids                # 33 tokens in chunks of 16
+
+
 def test_heads_that_do_not_group_are_refused():
     q, k, v, s, g, _, _ = _grouped(1, 4, torch.float32, "model")
     q3 = torch.cat([q, q[:, :, :1]], 2)            # 3 query heads over 2 kv heads

@@ -169,6 +169,42 @@ def test_inplace_and_out_on_a_sequence():
         assert rel_err(got_k, hk_ref) <= 1e-6 and rel_err(got_v, hv_ref) <= 1e-6
 
 
+# ---------------------------------------------------------------------------------------------------
+# Grouped query heads in the kernels: one state walked per kv head, read by its group's query heads
+# (tests/test_grouped_heads.py checks the op with gradients; here the inference-only buffers)
+
+def grouped_inputs(T, group, H=2, K=16, V=8, M=12, dtype=torch.float32, seed=0, N=1):
+    """q with H * group heads, the rest with H; one (B = 1, packed) or N = B rows; states per kv head."""
+    B = 1 if N > 1 else N
+    q, *_ = make_inputs(B, T, H * group, K, V, M, dtype, "mixed", seed=seed + 1)
+    _, k, v, s, g, _, _ = make_inputs(B, T, H, K, V, M, dtype, "mixed", seed=seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    return q, k, v, s, g, torch.randn(N, H, K, M, generator=gen), torch.randn(N, H, M, V, generator=gen)
+
+
+@pytest.mark.parametrize("group,dtype,lengths", [(2, torch.float32, None), (4, torch.float16, [4, 0, 5]),
+                                                 (3, torch.float32, [9])], ids=str)
+def test_grouped_heads_inference_walks_per_kv_head(group, dtype, lengths):
+    """T > 1 without gradients: the two forward launches over the kv heads, into out= buffers and in
+    place, against the float64 recurrence (packed sequences, one of them empty)."""
+    T = 9
+    cu = None if lengths is None else torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, s, g, hk0, hv0 = grouped_inputs(T, group, dtype=dtype, seed=group, N=1 if cu is None else len(lengths))
+    ro, (rhk, rhv) = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), cu_seqlens=cu,
+                                         initial_state=(hk0.double(), hv0.double()), output_final_state=True)
+    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    cu = None if cu is None else cu.to(DEVICE)
+    hk0, hv0 = hk0.to(DEVICE), hv0.to(DEVICE)
+    o_bound, bound = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 1e-2)}[dtype]
+    with torch.no_grad():
+        bufs = torch.empty_like(hk0), torch.empty_like(hv0)
+        o, (hk, hv) = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), cu_seqlens=cu, out=bufs)
+        assert hk is bufs[0] and o.shape == q.shape[:3] + (8,)
+        assert rel_err(o, ro) <= o_bound and rel_err(hk, rhk) <= bound and rel_err(hv, rhv) <= bound
+        o, _ = fused_recurrent_gsa(*dev, initial_state=(hk0, hv0), cu_seqlens=cu, inplace=True)
+    assert rel_err(o, ro) <= o_bound and rel_err(hk0, rhk) <= bound and rel_err(hv0, rhv) <= bound
+
+
 def test_config_of_each_launch_is_exposed():
     q, k, v, s, g, _, _ = make_inputs(1, 3, 1, 16, 16, 16, torch.float32, "model", seed=2)
     ins = [x.to(DEVICE).requires_grad_() for x in (q, k, v, s, g)]

@@ -23,14 +23,25 @@ dHv_t = a_{t+1} dHv_{t+1} + p_t do_t^T, with dz = p * (dp - sum(p * dp)) and dp_
   bwd_gates   program (n*h): sums the ds parts (a reduction in the kernel, deterministic) and forms
               dg in one reverse walk.
 
+Grouped query heads (GQA: q, o, the scores, dq and dp with HQ = G * H heads; k, v, s, g, their
+gradients and the states with H): every program above owns a tile of one kv head's state, walks it
+once, and serves the G query heads h*G + r (r < G) of its group in a static loop over r. fwd_keys
+writes G score rows per token, fwd_values and bwd_dp read and write G rows, bwd_keys writes G dq rows,
+and the adjoints sum over the group: dHk_t gains scale q_t dz_t^T and dHv_t gains p_t do_t^T of
+every query head of the group, dg the score terms of each. So dk, dv, ds, dg and the initial-state
+gradients come out per kv head with no reduction afterwards, and the state work is 1/G of repeating
+the kv heads. G = 1 runs exactly the ungrouped arithmetic. (fused_recurrent.py says which callers
+still repeat the kv heads.)
+
 The gate gradient without any state: every dependence on g_r runs through a decay exp(Gc_t - Gc_j)
 with j < r <= t (Gc the cumulative sum of g). Summing the products "adjoint x value" over t >= r
 counts every pair (t, j <= t); subtracting s_j ds_j for j >= r removes the pairs with j >= r. So
 
     dg_r = sum_{t >= r} (dz_t * z_t + p_t * dp_t - s_t * ds_t) + sum_k dHk_T * Hk_T + sum_v dHv_T * Hv_T
 
-(the last two only with a final-state gradient). This avoids walking the states backwards, which
-would divide by exp(g) (inf once g < -88, garbage long before), and avoids storing T states.
+(the last two only with a final-state gradient; with grouped heads dz_t * z_t + p_t * dp_t summed
+over the group's query heads). This avoids walking the states backwards, which would divide by
+exp(g) (inf once g < -88, garbage long before), and avoids storing T states.
 """
 import triton
 import triton.language as tl
@@ -66,7 +77,7 @@ def softmax_and_grad(z_row, dp_row, m, M):
 
 @triton.jit
 def recurrent_fwd_keys_kernel(q, k, s, g, hk0, scores, hk_final, cu_seqlens, scale, T,
-                              H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+                              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                               BK: tl.constexpr, BMS: tl.constexpr,
                               USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
                               IS_VARLEN: tl.constexpr):
@@ -83,20 +94,22 @@ def recurrent_fwd_keys_kernel(q, k, s, g, hk0, scores, hk_final, cu_seqlens, sca
     if USE_INITIAL_STATE:
         hk += tl.load(hk0 + hk_off, mask=hk_mask, other=0.0)
     for t in range(bos, eos):
-        qt = tl.load(q + (t * H + h) * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         kt = tl.load(k + (t * H + h) * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         hk = hk * tl.exp(gt)[None, :] + kt[:, None] * st[None, :]
-        z = scale * tl.sum(qt[:, None] * hk, 0)
-        tl.store(scores + (t * H + h) * M + mm, z, mask=mask_m)
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r        # query head h*G + r of token t
+            qt = tl.load(q + qh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
+            z = scale * tl.sum(qt[:, None] * hk, 0)
+            tl.store(scores + qh * M + mm, z, mask=mask_m)
     if STORE_FINAL_STATE:
         tl.store(hk_final + hk_off, hk, mask=hk_mask)
 
 
 @triton.jit
 def recurrent_fwd_values_kernel(v, s, g, scores, hv0, o, hv_final, cu_seqlens, T,
-                                H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                                H: tl.constexpr, G: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                                 BM: tl.constexpr, BV: tl.constexpr,
                                 USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
                                 IS_VARLEN: tl.constexpr):
@@ -113,23 +126,25 @@ def recurrent_fwd_values_kernel(v, s, g, scores, hv0, o, hv_final, cu_seqlens, T
     if USE_INITIAL_STATE:
         hv += tl.load(hv0 + hv_off, mask=hv_mask, other=0.0)
     for t in range(bos, eos):
-        p = slot_softmax(tl.load(scores + (t * H + h) * M + mm, mask=mask_m, other=float("-inf")))
         vt = tl.load(v + (t * H + h) * V + vv, mask=mask_v, other=0.0).to(tl.float32)
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         hv = tl.exp(gt)[:, None] * hv + st[:, None] * vt[None, :]
-        ot = tl.sum(p[:, None] * hv, 0)
-        tl.store(o + (t * H + h) * V + vv, ot.to(o.dtype.element_ty), mask=mask_v)
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r
+            p = slot_softmax(tl.load(scores + qh * M + mm, mask=mask_m, other=float("-inf")))
+            ot = tl.sum(p[:, None] * hv, 0)
+            tl.store(o + qh * V + vv, ot.to(o.dtype.element_ty), mask=mask_v)
     if STORE_FINAL_STATE:
         tl.store(hv_final + hv_off, hv, mask=hv_mask)
 
 
 @triton.jit
 def recurrent_bwd_dp_kernel(v, s, g, do, hv0, dp, cu_seqlens, T,
-                            H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                            H: tl.constexpr, G: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                             BMS: tl.constexpr, BV: tl.constexpr,
                             USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """dp_t = Hv_t do_t, walking forward with Hv[slots, :] (all of V, so the sum is complete)."""
+    """dp_t = Hv_t do_t per query head, walking forward with Hv[slots, :] (all of V, so the sum is complete)."""
     i_m, nh = tl.program_id(0), tl.program_id(1)
     n, h = nh // H, nh % H
     bos, eos = token_span(cu_seqlens, n, T, IS_VARLEN)
@@ -142,17 +157,19 @@ def recurrent_bwd_dp_kernel(v, s, g, do, hv0, dp, cu_seqlens, T,
                       mask=mask_m[:, None] & mask_v[None, :], other=0.0)
     for t in range(bos, eos):
         vt = tl.load(v + (t * H + h) * V + vv, mask=mask_v, other=0.0).to(tl.float32)
-        dot = tl.load(do + (t * H + h) * V + vv, mask=mask_v, other=0.0).to(tl.float32)
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         hv = tl.exp(gt)[:, None] * hv + st[:, None] * vt[None, :]
-        tl.store(dp + (t * H + h) * M + mm, tl.sum(hv * dot[None, :], 1), mask=mask_m)
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r
+            dot = tl.load(do + qh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
+            tl.store(dp + qh * M + mm, tl.sum(hv * dot[None, :], 1), mask=mask_m)
 
 
 @triton.jit
 def recurrent_bwd_keys_kernel(q, k, s, g, scores, dp, hk0, dhk_final, dq, dk, ds_parts, dhk0,
                               cu_seqlens, scale, T, part_stride,
-                              H: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+                              H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                               BKS: tl.constexpr, BM: tl.constexpr,
                               USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
                               IS_VARLEN: tl.constexpr):
@@ -174,23 +191,28 @@ def recurrent_bwd_keys_kernel(q, k, s, g, scores, dp, hk0, dhk_final, dq, dk, ds
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         hk = hk * tl.exp(gt)[None, :] + kt[:, None] * st[None, :]
-        _, dz = softmax_and_grad(scores + (t * H + h) * M, dp + (t * H + h) * M, mm, M)
-        dqt = scale * tl.sum(hk * dz[None, :], 1)
-        tl.store(dq + (t * H + h) * K + kk, dqt.to(dq.dtype.element_ty), mask=mask_k)
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r
+            _, dz = softmax_and_grad(scores + qh * M, dp + qh * M, mm, M)
+            dqt = scale * tl.sum(hk * dz[None, :], 1)
+            tl.store(dq + qh * K + kk, dqt.to(dq.dtype.element_ty), mask=mask_k)
 
-    # reverse walk: before step t's update, dhk holds a_{t+1} * dHk_{t+1}[ktile, :]
+    # reverse walk: before step t's update, dhk holds a_{t+1} * dHk_{t+1}[ktile, :] (the group's
+    # query heads all read Hk_t, so their terms add up in the one adjoint)
     dhk = tl.zeros((BKS, BM), dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         dhk += tl.load(dhk_final + hk_off, mask=hk_mask, other=0.0)
     part = ds_parts + i_k.to(tl.int64) * part_stride
     for i in range(eos - bos):
         t = eos - 1 - i
-        qt = tl.load(q + (t * H + h) * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         kt = tl.load(k + (t * H + h) * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
-        _, dz = softmax_and_grad(scores + (t * H + h) * M, dp + (t * H + h) * M, mm, M)
-        dhk += scale * qt[:, None] * dz[None, :]
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r
+            qt = tl.load(q + qh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
+            _, dz = softmax_and_grad(scores + qh * M, dp + qh * M, mm, M)
+            dhk += scale * qt[:, None] * dz[None, :]
         tl.store(dk + (t * H + h) * K + kk, tl.sum(dhk * st[None, :], 1).to(dk.dtype.element_ty), mask=mask_k)
         tl.store(part + (t * H + h) * M + mm, tl.sum(dhk * kt[:, None], 0), mask=mask_m)
         dhk = dhk * tl.exp(gt)[None, :]
@@ -201,7 +223,7 @@ def recurrent_bwd_keys_kernel(q, k, s, g, scores, dp, hk0, dhk_final, dq, dk, ds
 @triton.jit
 def recurrent_bwd_values_kernel(v, s, g, scores, do, dhv_final, dv, ds_parts, dhv0,
                                 cu_seqlens, T, part_stride,
-                                H: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                                H: tl.constexpr, G: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                                 BM: tl.constexpr, BVS: tl.constexpr,
                                 USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
                                 IS_VARLEN: tl.constexpr):
@@ -213,19 +235,21 @@ def recurrent_bwd_values_kernel(v, s, g, scores, do, dhv_final, dv, ds_parts, dh
     mask_m, mask_v = mm < M, vv < V
     hv_mask = mask_m[:, None] & mask_v[None, :]
     hv_off = nh.to(tl.int64) * M * V + mm[:, None] * V + vv[None, :]
-    # before step t's update, dhv holds a_{t+1} * dHv_{t+1}[:, vtile]
+    # before step t's update, dhv holds a_{t+1} * dHv_{t+1}[:, vtile] (summed over the group's query heads)
     dhv = tl.zeros((BM, BVS), dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         dhv += tl.load(dhv_final + hv_off, mask=hv_mask, other=0.0)
     part = ds_parts + i_v.to(tl.int64) * part_stride
     for i in range(eos - bos):
         t = eos - 1 - i
-        p = slot_softmax(tl.load(scores + (t * H + h) * M + mm, mask=mask_m, other=float("-inf")))
         vt = tl.load(v + (t * H + h) * V + vv, mask=mask_v, other=0.0).to(tl.float32)
-        dot = tl.load(do + (t * H + h) * V + vv, mask=mask_v, other=0.0).to(tl.float32)
         st = tl.load(s + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
         gt = tl.load(g + (t * H + h) * M + mm, mask=mask_m, other=0.0).to(tl.float32)
-        dhv += p[:, None] * dot[None, :]
+        for r in tl.static_range(G):
+            qh = (t * H + h) * G + r
+            p = slot_softmax(tl.load(scores + qh * M + mm, mask=mask_m, other=float("-inf")))
+            dot = tl.load(do + qh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
+            dhv += p[:, None] * dot[None, :]
         tl.store(dv + (t * H + h) * V + vv, tl.sum(dhv * st[:, None], 0).to(dv.dtype.element_ty), mask=mask_v)
         tl.store(part + (t * H + h) * M + mm, tl.sum(dhv * vt[None, :], 1), mask=mask_m)
         dhv = tl.exp(gt)[:, None] * dhv
@@ -236,11 +260,12 @@ def recurrent_bwd_values_kernel(v, s, g, scores, do, dhv_final, dv, ds_parts, dh
 @triton.jit
 def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv_final, dhk_final, dhv_final,
                                ds, dg, cu_seqlens, T, part_stride, NK, NV,
-                               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                               H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                               M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
                                IS_VARLEN: tl.constexpr):
-    """ds = sum of the K-tile and V-tile parts; dg by the reverse sum of the module docstring.
+    """ds = sum of the K-tile and V-tile parts; dg by the reverse sum of the module docstring, its
+    score terms summed over the group's query heads.
     Without an initial state the first gate of a sequence only decays zeros: its dg is exactly 0,
     and is stored as 0 (the reverse sum would leave a float32 cancellation residue there)."""
     nh = tl.program_id(0)
@@ -264,9 +289,14 @@ def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv
     for i in range(eos - bos):
         t = eos - 1 - i
         row = (t * H + h) * M
-        p, dz = softmax_and_grad(scores + row, dp + row, mm, M)
-        z = tl.load(scores + row + mm, mask=mask_m, other=0.0)
-        dpt = tl.load(dp + row + mm, mask=mask_m, other=0.0)
+        # the score terms dz * z + p * dp of the group's query heads
+        score_terms = tl.zeros((BM,), dtype=tl.float32)
+        for r in tl.static_range(G):
+            qrow = ((t * H + h) * G + r) * M
+            p, dz = softmax_and_grad(scores + qrow, dp + qrow, mm, M)
+            z = tl.load(scores + qrow + mm, mask=mask_m, other=0.0)
+            dpt = tl.load(dp + qrow + mm, mask=mask_m, other=0.0)
+            score_terms += dz * z + p * dpt
         st = tl.load(s + row + mm, mask=mask_m, other=0.0).to(tl.float32)
         dst = tl.zeros((BM,), dtype=tl.float32)
         # step the pointers part by part (64-bit address arithmetic: NK * part_stride may pass 2^31)
@@ -278,7 +308,7 @@ def recurrent_bwd_gates_kernel(s, scores, dp, dsk_parts, dsv_parts, hk_final, hv
         for _ in range(NV):
             dst += tl.load(part, mask=mask_m, other=0.0)
             part += part_stride
-        acc += dz * z + p * dpt - st * dst
+        acc += score_terms - st * dst
         tl.store(ds + row + mm, dst.to(ds.dtype.element_ty), mask=mask_m)
         dgt = acc
         if not USE_INITIAL_STATE:

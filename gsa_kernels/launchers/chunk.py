@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels.configs import launch_config, walk_segment_chunks
-from gsa_kernels.intmath import cdiv, pow2_at_least
+from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
 from gsa_kernels.kernels.cumsum import chunk_cumsum_kernel
@@ -225,6 +225,21 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
+# The reverse walk stacks a group's rows into one dot ([BT * GP, BM] tiles of dz, p and G per step);
+# its shared memory grows with BT * GP * BM (sm90, half inputs, K = V = 512 tiles of 64: 384 bytes a
+# stacked row at M = 64 with num_stages 1, three times that with 2), so grouped calls keep
+# BT * GP * BM within STACKED_ELEMENTS and take one stage past PIPELINED_ELEMENTS.
+STACKED_ELEMENTS = 16384
+PIPELINED_ELEMENTS = 8192
+
+
+def stacked_chunk_limit(group: int, M: int) -> int:
+    """The largest chunk size (64, 32 or 16) whose stacked reverse walk fits for this group and M;
+    0 when none does (the op then repeats the kv heads)."""
+    rows = STACKED_ELEMENTS // (next_pow2(group) * pow2_at_least(M))
+    return next((bt for bt in (64, 32, 16) if bt <= rows), 0)
+
+
 def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: ChunkLayout,
                      keys=True, values=True, compact=False):
     """The reverse state walk of the keys' memory, the values' memory or both: (dhk_chunks, dhv_chunks,
@@ -243,6 +258,9 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     dhk_scales = torch.empty(layout.num_slots, H, K, **f32) if keys and compact else None
     dhv_scales = torch.empty(layout.num_slots, H, V, **f32) if values and compact else None
     cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
+    GP = next_pow2(HQ // H)
+    if BT * GP * pow2_at_least(M) > PIPELINED_ELEMENTS:
+        cfg = dict(cfg, num_stages=1)
     cfg, tiles, segments = _walk_plan("states_bwd", cfg, layout, B, T, H, K, V, M, q.device, keys, values)
     use_dht = dhk_final is not None
     dummy = q     # the pointer passed for an absent tensor; the kernel never reads it
@@ -250,7 +268,7 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     common = dict(H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
                   IS_VARLEN=layout.is_varlen, **_warps(cfg))
     walk = dict(common, SPLIT=cfg["SPLIT"], DO_KEYS=keys, DO_VALUES=values, PREC=dot_precision(q.dtype),
-                COMPACT=compact, GROUP=HQ // H, GP=pow2_at_least(HQ // H))
+                COMPACT=compact, GROUP=HQ // H, GP=GP)
     chunk_out = (opt(dhk_chunks), opt(dhv_chunks), opt(dhk_scales), opt(dhv_scales))
     if segments is None:
         states_bwd_kernel[(tiles, N * H)](

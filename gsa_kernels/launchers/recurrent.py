@@ -3,6 +3,11 @@
 recurrent_fwd: 2 launches (scores by slot tiles, then softmax and o by V tiles); recurrent_bwd: 4
 (dp, keys side, values side, gates); decode_step: 1 (both memories, the slot softmax and o of one
 token per sequence, with float32 states).
+
+Grouped query heads: q, o, do, dq [.., HQ, .] and the scores [.., HQ, M] per query head; k, v, s, g,
+their gradients and the states per kv head [.., H, .], HQ = G * H. Every grid runs over the kv heads
+(N * H programs per tile): each program walks its kv head's state once and serves the G query heads
+of its group; G (a constexpr) is read from the shapes.
 """
 from __future__ import annotations
 
@@ -17,26 +22,27 @@ from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bw
 
 
 def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N):
-    """o [B, T, H, V] (q's dtype) and the float32 scores [B, T, H, M]; the final states are written
-    into hk_final / hv_final when those are tensors (they may be hk0 / hv0: every program reads its
-    tile of the initial state before it writes the same tile of the final one)."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    """o [B, T, HQ, V] (q's dtype) and the float32 scores [B, T, HQ, M]; the final states [N, H, ...]
+    are written into hk_final / hv_final when those are tensors (they may be hk0 / hv0: every program
+    reads its tile of the initial state before it writes the same tile of the final one)."""
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
+    G = HQ // H
     dummy = q
     cu = cu_seqlens if cu_seqlens is not None else dummy
     use_h0, store = hk0 is not None, hk_final is not None
-    scores = torch.empty(B, T, H, M, dtype=torch.float32, device=q.device)
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    scores = torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     flags = dict(USE_INITIAL_STATE=use_h0, STORE_FINAL_STATE=store, IS_VARLEN=cu_seqlens is not None)
 
     cfg = launch_config("recurrent_fwd_keys", K=K, V=V, M=M, dtype=q.dtype)
     recurrent_fwd_keys_kernel[(cdiv(M, cfg["BMS"]), N * H)](
         q, k, s, g, hk0 if use_h0 else dummy, scores, hk_final if store else dummy, cu, scale, T,
-        H=H, K=K, M=M, BK=next_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
+        H=H, G=G, K=K, M=M, BK=next_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
     cfg = launch_config("recurrent_fwd_values", K=K, V=V, M=M, dtype=q.dtype)
     recurrent_fwd_values_kernel[(cdiv(V, cfg["BV"]), N * H)](
         v, s, g, scores, hv0 if use_h0 else dummy, o, hv_final if store else dummy, cu, T,
-        H=H, V=V, M=M, BM=next_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
+        H=H, G=G, V=V, M=M, BM=next_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
     return o, scores
 
 
@@ -44,9 +50,11 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
                   cu_seqlens, scale, N):
     """dq, dk, dv, ds, dg (input dtypes) and dhk0, dhv0 (float32, None without initial states).
     dhk_final / dhv_final: float32 contiguous final-state gradients (then hk_final / hv_final are the
-    final states), or both None."""
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    final states), or both None. With grouped query heads dk, dv, ds, dg and the state gradients sum
+    over each group's query heads, inside the kernels."""
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
+    G = HQ // H
     dummy = q
     cu = cu_seqlens if cu_seqlens is not None else dummy
     use_h0, use_dht = hk0 is not None, dhk_final is not None
@@ -54,10 +62,10 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     f32 = dict(dtype=torch.float32, device=q.device)
     part_stride = B * T * H * M
 
-    dp = torch.empty(B, T, H, M, **f32)
+    dp = torch.empty(B, T, HQ, M, **f32)
     cfg = launch_config("recurrent_bwd_dp", K=K, V=V, M=M, dtype=q.dtype)
     recurrent_bwd_dp_kernel[(cdiv(M, cfg["BMS"]), N * H)](
-        v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, V=V, M=M, BMS=cfg["BMS"], BV=next_pow2(V),
+        v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, G=G, V=V, M=M, BMS=cfg["BMS"], BV=next_pow2(V),
         USE_INITIAL_STATE=use_h0, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -71,7 +79,7 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     recurrent_bwd_keys_kernel[(NK, N * H)](
         q, k, s, g, scores, dp, hk0 if use_h0 else dummy, dhk_final if use_dht else dummy,
         dq, dk, dsk_parts, dhk0 if use_h0 else dummy, cu, scale, T, part_stride,
-        H=H, K=K, M=M, BKS=cfg_k["BKS"], BM=next_pow2(M), USE_INITIAL_STATE=use_h0,
+        H=H, G=G, K=K, M=M, BKS=cfg_k["BKS"], BM=next_pow2(M), USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_k["num_warps"])
 
     cfg_v = launch_config("recurrent_bwd_values", K=K, V=V, M=M, dtype=q.dtype)
@@ -79,48 +87,54 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     dsv_parts = torch.empty(NV, B, T, H, M, **f32)
     recurrent_bwd_values_kernel[(NV, N * H)](
         v, s, g, scores, do, dhv_final if use_dht else dummy, dv, dsv_parts, dhv0 if use_h0 else dummy,
-        cu, T, part_stride, H=H, V=V, M=M, BM=next_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
+        cu, T, part_stride, H=H, G=G, V=V, M=M, BM=next_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_v["num_warps"])
 
     cfg = launch_config("recurrent_bwd_gates", K=K, V=V, M=M, dtype=q.dtype)
     recurrent_bwd_gates_kernel[(N * H,)](
         s, scores, dp, dsk_parts, dsv_parts, hk_final if use_dht else dummy, hv_final if use_dht else dummy,
         dhk_final if use_dht else dummy, dhv_final if use_dht else dummy, ds, dg, cu, T, part_stride, NK, NV,
-        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
+        H=H, G=G, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
 
-# (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first call
+# (K, V, M, dtype, B * HQ) -> decode config: the eager decode step skips the lookup after the first call
 _decode_configs: dict = {}
 
 
 def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, state_indices=None,
                 has_initial_state=None):
-    """One token per sequence: o [B, 1, H, V]; new states into hk_new / hv_new (None: not stored).
-    Inputs contiguous [B, 1, H, *]. `config` (a full decode config: BK, BV, SPLIT, num_warps,
-    num_stages) overrides the lookup, for tests and sweeps; writing in place forces SPLIT = 1.
-    state_indices [B] (with has_initial_state [B] bool): hk0 / hv0 and hk_new / hv_new are state
-    pools [S, H, ...] addressed by row (kernels/decode.py, POOLED)."""
-    B, _, H, K = q.shape
-    V, M = v.shape[-1], s.shape[-1]
+    """One token per sequence: o [B, 1, HQ, V]; new states into hk_new / hv_new (None: not stored).
+    Inputs contiguous, q [B, 1, HQ, K] and k, v, s, g [B, 1, H, *] with HQ a multiple of H (grouped
+    query heads: the states are per kv head, [B, H, ...], each updated once for its HQ / H query
+    heads). `config` (a full decode config: BK, BV, SPLIT, num_warps, num_stages) overrides the
+    lookup, for tests and sweeps; writing in place forces SPLIT = 1. state_indices [B] (with
+    has_initial_state [B] bool): hk0 / hv0 and hk_new / hv_new are state pools [S, H, ...] addressed
+    by row (kernels/decode.py, POOLED)."""
+    B, _, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
+    G = HQ // H
     cfg = config
     if cfg is None:
-        key = (K, V, M, q.dtype, B * H)
+        # SPLIT is picked for B * HQ (batch, head) pairs, the query heads': a program computes the
+        # scores of its G query heads over all of Hk, so each extra split repeats G rows of score work
+        # (on the H200 at K = V = 512, M = 64, B = 64: 67 us with G = 4 against 94 us sized by B * H)
+        key = (K, V, M, q.dtype, B * HQ)
         cfg = _decode_configs.get(key)
         if cfg is None:
-            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * H)
+            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * HQ)
     split = cfg["SPLIT"]
     if hk_new is not None and hk0 is not None and (hk_new.data_ptr() == hk0.data_ptr()
                                                    or hv_new.data_ptr() == hv0.data_ptr()):
         split = 1   # in place: see kernels/decode.py
-    o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, 1, HQ, V, dtype=q.dtype, device=q.device)
     use_h0, store, pooled = hk0 is not None, hk_new is not None, state_indices is not None
     decode_kernel[(split, B * H)](
         q, k, v, s, g, hk0 if use_h0 else q, hv0 if use_h0 else q, o,
         hk_new if store else q, hv_new if store else q, state_indices if pooled else q,
         has_initial_state if pooled else q, scale,
-        H=H, K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
+        H=H, G=G, GP=next_pow2(G), K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
         USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return o
