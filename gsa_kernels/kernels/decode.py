@@ -55,12 +55,16 @@ def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, state_indices, has
                   USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr):
     j, bh = tl.program_id(0), tl.program_id(1)    # bh: (batch, kv head); its query heads are rows bh*G + r
     bh64 = bh.to(tl.int64)      # the state row (the pool slot's, when POOLED)
-    read = True                 # whether the initial state is read, and
-    write = True                # the new state written (POOLED: per row)
+    write = True                # whether the new state is written (POOLED: per row)
+    m_read = M                  # the initial state's slots read (POOLED: 0 for a row that reads none)
+    m_write = M                 # and the new state's written; integer bounds, since Triton 3.9's
+                                # interpreter rejects a tile mask and-ed with a scalar condition
     if POOLED:
         slot = tl.load(state_indices + bh // H).to(tl.int64)
         write = slot >= 0
         read = write & (tl.load(has_initial_state + bh // H) != 0)
+        m_read = tl.where(read, M, 0)
+        m_write = tl.where(write, M, 0)
         bh64 = tl.maximum(slot, 0) * H + bh % H
     mm = tl.arange(0, BM)
     mask_m = mm < M
@@ -73,18 +77,17 @@ def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, state_indices, has
     for i in range(tl.cdiv(K, BK)):
         kk = i * BK + tl.arange(0, BK)
         mask_k = kk < K
-        hk_mask = mask_k[:, None] & mask_m[None, :]
         hk_off = bh64 * K * M + kk[:, None] * M + mm[None, :]
         kt = tl.load(k + bh * K + kk, mask=mask_k, other=0.0).to(tl.float32)
         hk = kt[:, None] * st[None, :]
         if USE_INITIAL_STATE:
-            hk += tl.load(hk0 + hk_off, mask=hk_mask & read, other=0.0).to(tl.float32) * alpha[None, :]
+            hk += tl.load(hk0 + hk_off, mask=mask_k[:, None] & (mm < m_read)[None, :], other=0.0).to(tl.float32) * alpha[None, :]
         for r in tl.static_range(G):
             qt = tl.load(q + (bh * G + r) * K + kk, mask=mask_k, other=0.0).to(tl.float32)
             z += tl.where(rows[:, None] == r, tl.sum(qt[:, None] * hk, 0)[None, :], 0.0)
         if STORE_STATE:
             if i % SPLIT == j:
-                tl.store(hk_new + hk_off, hk, mask=hk_mask & write)
+                tl.store(hk_new + hk_off, hk, mask=mask_k[:, None] & (mm < m_write)[None, :])
 
     z = tl.where(mask_m, z * scale, float("-inf"))
     p = tl.exp(z - tl.max(z, 1)[:, None])
@@ -94,15 +97,14 @@ def decode_kernel(q, k, v, s, g, hk0, hv0, o, hk_new, hv_new, state_indices, has
     for i in range(j, tl.cdiv(V, BV), SPLIT):
         vv = i * BV + tl.arange(0, BV)
         mask_v = vv < V
-        hv_mask = mask_m[:, None] & mask_v[None, :]
         hv_off = bh64 * M * V + mm[:, None] * V + vv[None, :]
         vt = tl.load(v + bh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
         hv = st[:, None] * vt[None, :]
         if USE_INITIAL_STATE:
-            hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=hv_mask & read, other=0.0).to(tl.float32)
+            hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=(mm < m_read)[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
         for r in tl.static_range(G):
             pr = tl.sum(tl.where(rows[:, None] == r, p, 0.0), 0)     # row r of p (exact: the rest add 0)
             ot = tl.where(write, tl.sum(pr[:, None] * hv, 0), 0.0)
             tl.store(o + (bh * G + r) * V + vv, ot.to(o.dtype.element_ty), mask=mask_v)
         if STORE_STATE:
-            tl.store(hv_new + hv_off, hv, mask=hv_mask & write)
+            tl.store(hv_new + hv_off, hv, mask=(mm < m_write)[:, None] & mask_v[None, :])
