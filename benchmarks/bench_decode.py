@@ -119,25 +119,27 @@ def sweep_decode(B, bw):
     return rows
 
 
-def time_generate(B, L=4, prompt=128, new=64, vocab=32000, dtype=torch.bfloat16):
-    """GSAModel (hidden 2048, 4 heads, 64 slots, L layers) generation: decode tokens/s (prefill excluded)."""
+def time_generate(B, L=4, prompt=128, new=64, vocab=32000, dtype=torch.bfloat16, cuda_graphs=True):
+    """GSAModel (hidden 2048, 4 heads, 64 slots, L layers) generation: decode tokens/s (prefill excluded),
+    each step replayed from a CUDA graph (layers/generation.py) or run eagerly."""
     from gsa_kernels.layers import GSAModel
     torch.manual_seed(0)
     model = GSAModel(vocab, hidden_size=2048, num_layers=L, num_heads=4, num_slots=64).to("cuda", dtype).eval()
     ids = torch.randint(0, vocab, (B, prompt), device="cuda")
-    model.generate(ids, 4)     # warm-up: compile every kernel
+    model.generate(ids, 4, cuda_graphs=cuda_graphs)     # warm-up: compile every kernel, capture the graph
     torch.cuda.synchronize()
 
     def wall(n):
         t0 = time.perf_counter()
-        model.generate(ids, n)
+        model.generate(ids, n, cuda_graphs=cuda_graphs)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
-    prefill = min(wall(0) for _ in range(3))
-    total = min(wall(new) for _ in range(3))
+    prefill = min(wall(1) for _ in range(3))        # the prefill and the first token (no decode step)
+    total = min(wall(new + 1) for _ in range(3))
     decode_s = total - prefill
-    return {"B": B, "layers": L, "prompt": prompt, "new_tokens": new, "prefill_s": prefill,
-            "decode_s": decode_s, "tokens_per_s": B * new / decode_s, "ms_per_step": decode_s / new * 1e3}
+    return {"B": B, "layers": L, "prompt": prompt, "new_tokens": new, "cuda_graphs": cuda_graphs,
+            "prefill_s": prefill, "decode_s": decode_s, "tokens_per_s": B * new / decode_s,
+            "ms_per_step": decode_s / new * 1e3}
 
 
 def main(argv=None):
@@ -182,12 +184,13 @@ def main(argv=None):
         print(f"| {r['B']} | {r['floor_ms'] * 1e3:.1f} | {f('gsa_kernels', 'eager')} | {f('fla', 'eager')} | "
               f"{f('gsa_kernels', 'graph')} | {f('fla', 'graph')} | {t['gsa_kernels']['graph'] / r['floor_ms']:.2f} | {spd} |")
     if not args.no_generate:
-        print("\n# GSAModel generate (hidden 2048, 4 heads, 64 slots, 4 layers, bf16, prompt 128, 64 new tokens, eager)")
+        print("\n# GSAModel generate (hidden 2048, 4 heads, 64 slots, 4 layers, bf16, prompt 128, 64 new tokens)")
         for B in map(int, args.batches.split(",")):
-            r = time_generate(B)
-            generation.append(r)
-            print(f"B={B:3d}: {r['tokens_per_s']:9.0f} tokens/s, {r['ms_per_step']:.2f} ms per step "
-                  f"(prefill {r['prefill_s'] * 1e3:.1f} ms)", flush=True)
+            for graphs in (True, False):
+                r = time_generate(B, cuda_graphs=graphs)
+                generation.append(r)
+                print(f"B={B:3d} {'CUDA graphs' if graphs else 'eager      '}: {r['tokens_per_s']:9.0f} tokens/s, "
+                      f"{r['ms_per_step']:.3f} ms per step (prefill {r['prefill_s'] * 1e3:.1f} ms)", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows,

@@ -50,21 +50,6 @@ def test_decode_matches_naive(B, H, K, V, M, h0, dtype):
     check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), dtype)
 
 
-@pytest.mark.parametrize("split", [1, 2, 4])
-def test_decode_split_over_programs(split):
-    """Small tiles so that K and V have 3 and 5 tiles: every program recomputes the scores from all of
-    Hk and writes only its own tiles (uneven ownership when the tiles do not divide by SPLIT)."""
-    B, H, K, V, M = 2, 2, 48, 80, 12
-    q, k, v, s, g, hk0, hv0 = make_inputs(B, 1, H, K, V, M, torch.float32, "mixed", seed=split)
-    dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
-    hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)
-    hk, hv = torch.full_like(hk0_d, float("nan")), torch.full_like(hv0_d, float("nan"))
-    cfg = {"BK": 16, "BV": 16, "SPLIT": split, "num_warps": 2, "num_stages": 1}
-    with torch.no_grad():
-        o = decode_step(*dev, K ** -0.5, hk0_d, hv0_d, hk, hv, config=cfg)
-    check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), torch.float32)
-
-
 def test_decode_split_default_fills_the_gpu_at_small_batch():
     # one program per (batch, head) when B * H alone gives two per SM; more below, but no more than tiles
     assert decode_split(512, 512, 64, 64, NH=1024) == 1
@@ -151,17 +136,19 @@ def grouped_step(B, group, H, K, V, M, dtype=torch.float32, seed=0):
 
 
 # (group, SPLIT, dtype): every combination on the GPU, a cover of each value in the interpreter
-GQA_CASES = [(group, split, dtype) for group in (2, 3, 4) for split in (1, 2, 4) for dtype in DTYPES]
+SPLIT_CASES = [(group, split, dtype) for group in (1, 2, 3, 4) for split in (1, 2, 4) for dtype in DTYPES]
 if not ON_GPU:
-    GQA_CASES = [(2, 2, torch.float32), (4, 1, torch.float16), (3, 4, torch.float32)]
+    SPLIT_CASES = [(1, 1, torch.float32), (1, 2, torch.float32), (1, 4, torch.float32), (2, 2, torch.float32),
+                   (4, 1, torch.float16), (3, 4, torch.float32)]
 
 
-@pytest.mark.parametrize("group,split,dtype", GQA_CASES, ids=str)
-def test_decode_grouped_heads(group, split, dtype):
-    """2 kv heads of `group` query heads (3: a group padded to a power of two), K and V two tiles each,
-    SPLIT programs per (batch, kv head), each recomputing the whole group's scores and writing its
-    own tiles: the states per kv head and every query head's output as the float64 recurrence's."""
-    B, H, K, V, M = 2, 2, 32, 24, 5
+@pytest.mark.parametrize("group,split,dtype", SPLIT_CASES, ids=str)
+def test_decode_split_over_programs(group, split, dtype):
+    """SPLIT programs per (batch, kv head), K and V in 3 and 5 tiles (uneven ownership when the tiles
+    do not divide by SPLIT): every program recomputes the scores from all of Hk, for every query head
+    of its kv head's group (3: a group padded to a power of two), and writes only its own tiles; the
+    states per kv head and every query head's output as the float64 recurrence's."""
+    B, H, K, V, M = 2, 2, 48, 80, 12
     q, k, v, s, g, hk0, hv0 = grouped_step(B, group, H, K, V, M, dtype, seed=group + split)
     dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
     hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)

@@ -7,6 +7,7 @@ from torch import nn
 from gsa_kernels.distributed import all_ranks_sum, next_rank_first
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.block import GSABlock
+from gsa_kernels.layers.generation import GraphedDecoder, sample
 from gsa_kernels.layers.loss import linear_cross_entropy
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -132,7 +133,7 @@ class GSAModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
                  temperature: float = 0.0, generator: torch.Generator | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, cuda_graphs: bool | None = None) -> torch.Tensor:
         """Prompt [B, T] -> [B, T + n] tokens: one prefill pass over the prompt, then one decode step
         per new token on the cached states. The prompt is returned as given (padding included) with
         the n new tokens appended, n <= max_new_tokens.
@@ -148,6 +149,14 @@ class GSAModel(nn.Module):
             tokens are sampled from softmax(logits / temperature), with `generator` if given.
         eos_token_id: None, or a token id in [0, vocab_size). A row that emits it keeps emitting it;
             generation stops early once every row has.
+        cuda_graphs: replay each decode step from a CUDA graph (layers/generation.py: the step, the
+            sampling and the state update in one replay, the batch padded to a power-of-two bucket;
+            each bucket's graph is captured on its first use and kept with the model). The graphs
+            sample by Gumbel-max from the device's default generator (the same distribution as the
+            eager loop's, another stream of draws), so `generator` needs the eager loop. Greedy
+            tokens are the eager loop's. Off CUDA, True runs the same static-buffer loop without
+            graphs. None (the default) is the eager loop for now: the graphed loop has run in
+            Triton's interpreter only, and becomes the default on CUDA once it has run on a GPU.
 
         Every argument is checked before the prefill pass; a bad one raises a ValueError naming it.
         """
@@ -160,6 +169,13 @@ class GSAModel(nn.Module):
             next_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         else:
             next_logits = logits[:, -1]
+        if cuda_graphs and temperature > 0 and generator is not None:
+            raise ValueError("cuda_graphs=True samples from the device's default generator: pass "
+                             "generator=None, or cuda_graphs=False to sample with this generator")
+        if cuda_graphs and max_new_tokens > 0:
+            first = sample(next_logits, temperature if temperature > 0 else None)
+            rest = self._graphed_decoder().decode(first, state, max_new_tokens - 1, temperature, eos_token_id)
+            return torch.cat([input_ids, first.to(input_ids.dtype), rest.to(input_ids.dtype)], 1)
         tokens = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
@@ -177,6 +193,17 @@ class GSAModel(nn.Module):
             logits, state = self(nxt, state=state, use_cache=True)
             next_logits = logits[:, -1]
         return torch.cat(tokens, 1)
+
+    def _graphed_decoder(self) -> GraphedDecoder:
+        """This model's decode graphs, made again if its parameters moved (a graph replays the
+        addresses it was captured with: after .to() or .half() those are gone)."""
+        where = tuple(p.data_ptr() for p in self.parameters())
+        if getattr(self, "_decoder_params", None) != where:
+            def step(tokens, state):
+                logits, new_state = self(tokens, state=state, use_cache=True)
+                return logits[:, -1], new_state
+            self._decoder, self._decoder_params = GraphedDecoder(step), where
+        return self._decoder
 
     def _check_generate_args(self, input_ids, max_new_tokens, attention_mask, temperature, eos_token_id):
         """generate's argument checks (see its docstring). Reads the ids and the mask on the host, one
