@@ -161,6 +161,9 @@ class GSAModel(nn.Module):
         Every argument is checked before the prefill pass; a bad one raises a ValueError naming it.
         """
         self._check_generate_args(input_ids, max_new_tokens, attention_mask, temperature, eos_token_id)
+        if cuda_graphs and temperature > 0 and generator is not None:
+            raise ValueError("cuda_graphs=True samples from the device's default generator: pass "
+                             "generator=None, or cuda_graphs=False to sample with this generator")
         temperature = float(temperature)
         logits, state = self(input_ids, use_cache=True, attention_mask=attention_mask)
         if attention_mask is not None:
@@ -169,9 +172,6 @@ class GSAModel(nn.Module):
             next_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         else:
             next_logits = logits[:, -1]
-        if cuda_graphs and temperature > 0 and generator is not None:
-            raise ValueError("cuda_graphs=True samples from the device's default generator: pass "
-                             "generator=None, or cuda_graphs=False to sample with this generator")
         if cuda_graphs and max_new_tokens > 0:
             first = sample(next_logits, temperature if temperature > 0 else None)
             rest = self._graphed_decoder().decode(first, state, max_new_tokens - 1, temperature, eos_token_id)
