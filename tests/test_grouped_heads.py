@@ -129,3 +129,51 @@ def test_heads_that_do_not_group_are_refused():
     for op in OPS.values():
         with pytest.raises(ValueError, match="multiple"):
             op(*(x.to(DEVICE) for x in (q3, k, v, s, g)))
+
+
+_SM90_COMPILE = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gsa_kernels.launchers.chunk import states_bwd_kernel as fn
+const, pointer, options = json.loads(sys.argv[1])
+params = list(inspect.signature(fn.fn).parameters)
+signature = {p: "constexpr" if p in const else pointer.get(p, "*fp32") for p in params}
+aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in const}
+kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const, attrs=aligned),
+                        target=GPUTarget("cuda", 90, 32), options=options)
+print(kernel.metadata.shared)
+"""
+
+
+def test_the_stacked_reverse_walk_fits_sm90_shared_memory():
+    """Triton's interpreter has no shared memory, and the stacked reverse walk's grows with chunk x
+    group x slots (a group padded to 16 rows once needed 589824 bytes and failed every launch on the
+    H200). Compiled for sm90 (no GPU needed; in a process without TRITON_INTERPRET, which would give
+    interpreted functions) at the largest stacking the launcher allows, group 8 at chunk 32 with
+    M = 64 and the default config, both memories, half inputs: within an H200's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gsa_kernels.resources import SMEM_BYTES
+    group, BT, M = 8, 32, 64
+    assert chunk_launchers.stacked_chunk_limit(group, M) == BT
+    GP, cfg = chunk_launchers.stacked_walk(configs.default_config("states_bwd", 512, 512, M, BT, seqs=32),
+                                           BT, group, M)
+    assert GP == group       # the stacked rows: the group's power of two, no more
+    const = dict(T=2048, segment_chunks=1, H=4, K=512, V=512, M=M, BT=BT, BM=M, BK=cfg["BK"], BV=cfg["BV"],
+                 SPLIT=cfg["SPLIT"], DO_KEYS=True, DO_VALUES=True, SEGMENTED=False, USE_FINAL_STATE_GRADIENT=True,
+                 STORE_CHUNKS=True, STORE_INITIAL=True, STORE_DECAY=False, IS_VARLEN=False, PREC="tf32",
+                 COMPACT=True, GROUP=group, GP=GP)
+    pointer = {"q": "*bf16", "do": "*bf16", "dhk_chunks": "*fp16", "dhv_chunks": "*fp16", "cu_seqlens": "*i32",
+               "chunk_offsets": "*i32", "segment_table": "*i32"}
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE, json.dumps([const, pointer, options])], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shared = int(run.stdout.split()[-1])
+    assert 0 < shared <= SMEM_BYTES["sm90"], shared

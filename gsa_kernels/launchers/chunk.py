@@ -240,6 +240,15 @@ def stacked_chunk_limit(group: int, M: int) -> int:
     return next((bt for bt in (64, 32, 16) if bt <= rows), 0)
 
 
+def stacked_walk(cfg: dict, BT: int, group: int, M: int):
+    """(GP, config) of a reverse walk over `group` query heads per kv head: the stacked rows' power of
+    two, and the config with one stage where the stacked tiles would not fit with more."""
+    GP = next_pow2(group)
+    if BT * GP * pow2_at_least(M) > PIPELINED_ELEMENTS:
+        cfg = dict(cfg, num_stages=1)
+    return GP, cfg
+
+
 def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: ChunkLayout,
                      keys=True, values=True, compact=False):
     """The reverse state walk of the keys' memory, the values' memory or both: (dhk_chunks, dhv_chunks,
@@ -258,9 +267,7 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     dhk_scales = torch.empty(layout.num_slots, H, K, **f32) if keys and compact else None
     dhv_scales = torch.empty(layout.num_slots, H, V, **f32) if values and compact else None
     cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
-    GP = next_pow2(HQ // H)
-    if BT * GP * pow2_at_least(M) > PIPELINED_ELEMENTS:
-        cfg = dict(cfg, num_stages=1)
+    GP, cfg = stacked_walk(cfg, BT, HQ // H, M)
     cfg, tiles, segments = _walk_plan("states_bwd", cfg, layout, B, T, H, K, V, M, q.device, keys, values)
     use_dht = dhk_final is not None
     dummy = q     # the pointer passed for an absent tensor; the kernel never reads it
