@@ -20,7 +20,7 @@ from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
 from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_fwd, stacked_chunk_limit
 from gsa_kernels.lookup import backend_for
-from gsa_kernels.ops import chunk_gsa_compiled, compiled_chunk_size
+from gsa_kernels.ops import chunk_gsa_compiled
 from gsa_kernels.problem_keys import problem_key
 
 
@@ -88,19 +88,16 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
         # ABC mode: plain torch ops before any dispatch (eager, autograd and torch.compile alike)
         s, g = abc_gates(s, cu_seqlens, cu_seqlens_cpu)
     scale = problem.K ** -0.5 if scale is None else float(scale)
-    if problem.group > 1:
-        # grouped query heads: a chunk size whose stacked reverse walk fits (launchers/chunk.py);
-        # groups too large for any run as FLA runs them, the kv heads repeated
-        limit = stacked_chunk_limit(problem.group, problem.M)
-        if not limit:
-            G = problem.group
-            return grouped_heads.per_kv_head(chunk_gsa(
-                q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
-                grouped_heads.expand_state(initial_state, G), output_final_state, checkpoint_level, cu_seqlens,
-                cu_seqlens_cpu, chunk_size=chunk_size), G)
-        chunk_size = min(chunk_size or (compiled_chunk_size(problem.K, problem.V, problem.M, q.dtype)
-                                        if torch.compiler.is_compiling()
-                                        else launch_config("chunk", **_sizes(problem, q.dtype))["BT"]), limit)
+    # grouped query heads: the chunk size is capped where it is chosen (below, and ops._chunk_size)
+    # so that the stacked reverse walk fits (launchers/chunk.py); groups too large for any chunk size
+    # run as FLA runs them, the kv heads repeated
+    limit = stacked_chunk_limit(problem.group, problem.M)
+    if not limit:
+        G = problem.group
+        return grouped_heads.per_kv_head(chunk_gsa(
+            q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale,
+            grouped_heads.expand_state(initial_state, G), output_final_state, checkpoint_level, cu_seqlens,
+            cu_seqlens_cpu, chunk_size=chunk_size), G)
     hk0 = hv0 = None
     if initial_state is not None and any(x is not None for x in initial_state):
         hk0, hv0 = initial_state
@@ -131,7 +128,7 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
             q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale=scale,
             initial_state=grouped_heads.expand_state((hk0, hv0), G), output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size or 64), G)
-    BT = chunk_size or launch_config("chunk", **sizes)["BT"]
+    BT = min(chunk_size or launch_config("chunk", **sizes)["BT"], limit)
     layout = ChunkLayout(problem.B, problem.T, BT, cu_seqlens, q.device)
     if q.dtype != torch.float32 and not (torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, s, g, hk0, hv0))):

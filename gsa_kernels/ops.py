@@ -24,7 +24,8 @@ import torch
 
 from gsa_kernels.autograd import chunk_gsa_backward, fused_recurrent_gsa_backward
 from gsa_kernels.configs import launch_config
-from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, num_chunk_slots
+from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, num_chunk_slots,
+                                         stacked_chunk_limit)
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import launch_scope
 
@@ -51,17 +52,18 @@ def compiled_chunk_size(K: int, V: int, M: int, dtype: torch.dtype) -> int:
     return launch_config("chunk", K=K, V=V, M=M, dtype=dtype)["BT"]
 
 
-def _chunk_size(q, v, s, chunk_size: int) -> int:
-    """The call's chunk size: the given one, or (0) the tuned one for the static dims. Also run by the
-    fake implementations at trace time, where int() pins symbolic head dims (they are the model's
-    constants) and leaves T symbolic."""
-    if chunk_size:
-        return chunk_size
-    return compiled_chunk_size(int(q.shape[-1]), int(v.shape[-1]), int(s.shape[-1]), q.dtype)
+def _chunk_size(q, k, v, s, chunk_size: int) -> int:
+    """The call's chunk size: the given one, or (0) the tuned one for the static dims, capped for
+    grouped query heads (launchers/chunk.py `stacked_chunk_limit`; chunk_gsa sends a group with no
+    limit the repeated way). Also run by the fake implementations at trace time, where int() pins
+    symbolic head dims (they are the model's constants) and leaves T symbolic."""
+    BT = chunk_size or compiled_chunk_size(int(q.shape[-1]), int(v.shape[-1]), int(s.shape[-1]), q.dtype)
+    group = int(q.shape[2]) // int(k.shape[2])
+    return BT if group == 1 else min(BT, stacked_chunk_limit(group, int(s.shape[-1])))
 
 
-def _chunk_layout(q, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
-    return ChunkLayout(q.shape[0], q.shape[1], _chunk_size(q, v, s, chunk_size), cu_seqlens, q.device)
+def _chunk_layout(q, k, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
+    return ChunkLayout(q.shape[0], q.shape[1], _chunk_size(q, k, v, s, chunk_size), cu_seqlens, q.device)
 
 
 @torch.library.custom_op("gsa_kernels::chunk_gsa_fwd", mutates_args=())
@@ -75,7 +77,7 @@ def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
     [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T crosses one
     chunk."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
-    layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
+    layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
     o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
         q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
     if checkpoint_level == 2:
@@ -89,7 +91,7 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = 0 if checkpoint_level == 2 else num_chunk_slots(B, T, _chunk_size(q, v, s, chunk_size), N,
+    slots = 0 if checkpoint_level == 2 else num_chunk_slots(B, T, _chunk_size(q, k, v, s, chunk_size), N,
                                                             cu_seqlens is not None)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
@@ -110,7 +112,7 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
                                                                     hk0, hv0)
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
-    layout = _chunk_layout(q, v, s, cu_seqlens, chunk_size)
+    layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
     H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
     if hk_chunks.numel() == 0:
         hk_chunks = hv_chunks = None

@@ -235,7 +235,9 @@ PIPELINED_ELEMENTS = 8192
 
 def stacked_chunk_limit(group: int, M: int) -> int:
     """The largest chunk size (64, 32 or 16) whose stacked reverse walk fits for this group and M;
-    0 when none does (the op then repeats the kv heads)."""
+    0 when none does (the op then repeats the kv heads). Without grouping nothing is stacked: 64."""
+    if group == 1:
+        return 64
     rows = STACKED_ELEMENTS // (next_pow2(group) * pow2_at_least(M))
     return next((bt for bt in (64, 32, 16) if bt <= rows), 0)
 
