@@ -62,7 +62,8 @@ def record_launch(kernel: str, cfg: dict, source: str, entry, file_triton: str |
 
 def amend_launch(kernel: str, cfg: dict):
     """Record the config `kernel` really launched with, after its launcher resolved an automatic
-    choice of the looked-up one (a state walk's SEGMENT 0: launchers/chunk.py)."""
+    choice of the looked-up one (a state walk's SEGMENT 0, a grouped reverse walk's stages:
+    launchers/chunk.py)."""
     this_thread.launches[kernel]["config"] = dict(cfg)
 
 

@@ -269,7 +269,10 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     dhk_scales = torch.empty(layout.num_slots, H, K, **f32) if keys and compact else None
     dhv_scales = torch.empty(layout.num_slots, H, V, **f32) if values and compact else None
     cfg = launch_config("states_bwd", K=K, V=V, M=M, dtype=q.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
-    GP, cfg = stacked_walk(cfg, BT, HQ // H, M)
+    GP, stacked = stacked_walk(cfg, BT, HQ // H, M)
+    if stacked != cfg:
+        cfg = stacked
+        amend_launch("states_bwd", cfg)
     cfg, tiles, segments = _walk_plan("states_bwd", cfg, layout, B, T, H, K, V, M, q.device, keys, values)
     use_dht = dhk_final is not None
     dummy = q     # the pointer passed for an absent tensor; the kernel never reads it
