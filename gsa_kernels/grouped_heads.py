@@ -2,10 +2,11 @@
 g [B, T, H, .] and HQ a multiple of H; initial and final states per kv head, [N, H, ...].
 
 The memories depend only on k, v, s and g, so each kv head has one state, read by its HQ / H query
-heads. The chunk kernels walk the states per kv head (launchers/chunk.py). What here repeats the kv
-heads to the query heads, as FLA does, serves the paths that take one head count: the pure-PyTorch
-chunked form (the torch_compile backend) and whichever recurrent kernels do not group heads
-(fused_recurrent.py says which). Gradients sum over a group through the repeat.
+heads. Every kernel walks the states per kv head (launchers/chunk.py, kernels/recurrent.py,
+kernels/decode.py). What here repeats the kv heads to the query heads, as FLA does, serves the two
+chunk_gsa paths that take one head count: the pure-PyTorch chunked form (the torch_compile backend)
+and groups too large for the stacked reverse walk at any chunk size (launchers/chunk.py
+`stacked_chunk_limit`). Gradients sum over a group through the repeat.
 """
 from __future__ import annotations
 
