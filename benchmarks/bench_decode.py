@@ -1,7 +1,7 @@
 """The decode step (T = 1 with a state), side by side with flash-linear-attention, eager and in a CUDA
 graph, against the floor of reading and writing the float32 state once; plus GSAModel generation.
 
-    python -m benchmarks.bench_decode [--batches 1,8,64] [--no-fla] [--sweep] [--no-generate] [--json PATH]
+    python -m benchmarks.bench_decode [--batches 1,8,64] [--no-fla] [--sweep] [--host] [--no-generate] [--json PATH]
 
 Shape: the paper's layer, H = 4, K = V = 512, M = 64, bf16 inputs, float32 state [B, 4, 512, 64] +
 [B, 4, 64, 512]. "eager" is one call of the public function per step (Python wrapper included),
@@ -96,11 +96,8 @@ def sweep_decode(B, bw):
         ref_o = decode_step(*xs, K ** -0.5, hk, hv, *out, config=default)
         ref = (ref_o, out[0].clone(), out[1].clone())
         rows = []
-        for BK, BV, split, warps, stages in itertools.product(cand["BK"], cand["BV"], cand["SPLIT"][1:],
-                                                              cand["num_warps"], cand["num_stages"]):
-            if BK != BV:    # 45 configs: a couple of minutes
-                continue
-            cfg = {"BK": BK, "BV": BV, "SPLIT": split, "num_warps": warps, "num_stages": stages}
+        for BK, BV, warps in itertools.product(cand["BK"], cand["BV"], cand["num_warps"]):
+            cfg = {"BK": BK, "BV": BV, "num_warps": warps}      # 64 configs: about a minute to compile
             step = lambda: decode_step(*xs, K ** -0.5, hk, hv, *out, config=cfg)   # noqa: E731
             try:
                 ms = bench(cuda_graph(step).replay, rep=100)
@@ -117,6 +114,36 @@ def sweep_decode(B, bw):
         print(f"    {r['ms'] * 1e3:7.1f} us  {r['ms'] / (state_bytes / bw * 1e3):5.2f}x  {r['config']}  "
               f"diff {r['max_rel_diff_vs_default']:.1e}")
     return rows
+
+
+def host_breakdown(B, n=3000):
+    """Where the eager step's host time goes: per call, in a loop the GPU keeps up with (us)."""
+    from gsa_kernels import fused_recurrent_gsa
+    from gsa_kernels.checks import check_inputs
+    from gsa_kernels.launchers.recurrent import decode_step
+    xs, (hk, hv) = make_step_inputs(B)
+    out = torch.empty_like(hk), torch.empty_like(hv)
+    scale = K ** -0.5
+    parts = {
+        "fused_recurrent_gsa": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), output_final_state=True),
+        "fused_recurrent_gsa out=": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=out),
+        "check_inputs": lambda: check_inputs(*xs, scale, (hk, hv), None, bf16_dots=False),
+        "decode_step (2 launches + 2 allocations)": lambda: decode_step(*xs, scale, hk, hv, *out),
+        "torch.empty": lambda: torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda"),
+    }
+    result = {}
+    with torch.no_grad():
+        for name, fn in parts.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            result[name] = (time.perf_counter() - t0) / n * 1e6
+            print(f"  host B={B}: {name:42s} {result[name]:7.1f} us per call", flush=True)
+    return result
 
 
 def time_generate(B, L=4, prompt=128, new=64, vocab=32000, dtype=torch.bfloat16, cuda_graphs=True):
@@ -148,6 +175,7 @@ def main(argv=None):
     ap.add_argument("--no-fla", action="store_true", help="leave out flash-linear-attention")
     ap.add_argument("--sweep", action="store_true", help="also time every decode config candidate")
     ap.add_argument("--no-generate", action="store_true", help="skip the GSAModel generation figure")
+    ap.add_argument("--host", action="store_true", help="also break the eager step's host time down")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -156,7 +184,7 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s, "
           f"H={H} K={K} V={V} M={M}, bf16 inputs, float32 state")
     provs = providers(not args.no_fla)
-    rows, sweeps, generation = [], {}, []
+    rows, sweeps, generation, host = [], {}, [], {}
     for B in map(int, args.batches.split(",")):
         state_bytes = 2 * 4 * B * H * (K * M + M * V)     # read + write the float32 state once
         floor_ms = state_bytes / bw * 1e3
@@ -175,6 +203,8 @@ def main(argv=None):
               flush=True)
         if args.sweep:
             sweeps[B] = sweep_decode(B, bw)
+        if args.host:
+            host[B] = host_breakdown(B)
     print("\n| B | floor us | ours eager us | fla eager us | ours graph us | fla graph us | ours graph x floor | speed-up graph |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -194,7 +224,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows,
-                       "sweeps": {str(b): r for b, r in sweeps.items()}, "generate": generation}, fh, indent=1)
+                       "sweeps": {str(b): r for b, r in sweeps.items()}, "generate": generation,
+                       "host_us": {str(b): r for b, r in host.items()}}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,10 @@ RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
     "recurrent_bwd_keys": {"BKS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
     "recurrent_bwd_values": {"BVS": [8, 16, 32, 64], "num_warps": [2, 4, 8]},
     "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
-    # the T = 1 decode step; SPLIT 0 means "pick from the batch": programs per (batch, head).
-    # num_stages stays 1: its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS
-    # is the same for 1, 2 and 3 stages; the compiler unrolls the constant-trip tile loops instead)
-    "decode": {"BK": [32, 64, 128], "BV": [32, 64, 128], "SPLIT": [0, 1, 2, 4, 8, 16],
-               "num_warps": [2, 4, 8], "num_stages": [1]},
+    # the T = 1 decode step (two launches: BK for the keys' side, BV for the values'). No num_stages:
+    # its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS is the same for 1, 2
+    # and 3 stages)
+    "decode": {"BK": [16, 32, 64, 128], "BV": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8]},
 }
 
 

@@ -59,7 +59,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     tile of each memory (SPLIT) fills the GPU, with many a program per pair of tiles shares the loads.
     """
     if kernel.startswith("recurrent_") or kernel == "decode":
-        return _recurrent_default(kernel, K, V, M)
+        return _recurrent_default(kernel, K, V, M, seqs)
     BM = pow2_at_least(M)
     BT = BT or 32
     BK = min(128, pow2_at_least(K), max(16, 8192 // BM))
@@ -106,7 +106,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     return _safe(kernel, cfg, BT)
 
 
-def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
+def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) -> dict:
     BK, BV, BM = next_pow2(K), next_pow2(V), next_pow2(M)
     cfg = {
         "recurrent_fwd_keys": {"BMS": _tile(BK, M), "num_warps": 4},
@@ -115,9 +115,7 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int) -> dict:
         "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
         "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
         "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
-        # decode: [64, BM] tiles of Hk and [BM, 64] of Hv per loop step (16 KB at M = 64)
-        "decode": {"BK": min(64, max(16, BK)), "BV": min(64, max(16, BV)), "SPLIT": 0,
-                   "num_warps": 4, "num_stages": 1},
+        "decode": {"BK": decode_tile(K, M, seqs or 1), "BV": decode_tile(V, M, seqs or 1), "num_warps": 4},
     }[kernel]
     return dict(cfg)
 
@@ -130,14 +128,13 @@ def _num_sms() -> int:
     return 132
 
 
-def decode_split(K: int, V: int, BK: int, BV: int, NH: int) -> int:
-    """Programs per (batch, head) of the decode step: the smallest power of two that gives the
-    B * H * SPLIT programs at least two per SM (each program walks its tiles one after another, so
-    the loads in flight come from programs side by side), and no more than there are K or V tiles to
-    own. Every extra program per head re-reads that head's Hk from L2 (not HBM): the cost side."""
-    tiles = max(cdiv(K, BK), cdiv(V, BV))
-    want = next_pow2(cdiv(2 * _num_sms(), max(NH, 1)))
-    return max(1, min(want, next_pow2(tiles)))
+def decode_tile(D: int, M: int, NH: int) -> int:
+    """The decode step's tile of K (or V) rows: one program per tile and (batch, kv head), NH = B * H
+    of those. 64 once 64-row tiles give every SM two programs (the bytes in flight come from programs
+    side by side: each reads its tile once), else 32, so that small batches spread over more SMs; at
+    most 8192 // BM rows (a float32 [tile, BM] state tile stays at 32 KB) and at least 16."""
+    tile = 64 if NH * cdiv(D, 64) >= 2 * _num_sms() else 32
+    return max(16, min(tile, next_pow2(D), 8192 // next_pow2(M)))
 
 
 def walk_segment_chunks(segment: int, programs: int, chunks: int) -> int:
@@ -173,7 +170,7 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
     (gsa_kernels/problem_keys.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
     No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles; for the
-    decode step seqs = B*H sets SPLIT, its programs per (batch, head)). From any source, a known
+    decode step seqs = B*H sets its tiles: `decode_tile`). From any source, a known
     miscompile (`miscompiled`) launches with 4 warps instead of 8.
     """
     if kernel in candidates.RECURRENT_CANDIDATES:
@@ -189,8 +186,6 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
         # a tuned entry is keyed by shape, not chunk size: its configs may come from a chunk-32
         # sweep and meet a call's chunk_size=64
         cfg = _safe(kernel, cfg, BT)
-    if kernel == "decode" and cfg["SPLIT"] == 0:
-        cfg["SPLIT"] = decode_split(K, V, cfg["BK"], cfg["BV"], seqs or 1)
     launches.record_launch(kernel, cfg, source, None if entry is None else entry.key,
                            None if entry is None else entry.triton)
     return cfg

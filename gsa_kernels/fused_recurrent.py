@@ -1,8 +1,9 @@
 """fused_recurrent_gsa, the public token-by-token op (decode steps and short sequences).
 
 Four ways through, picked per call:
-  * decode step: T == 1, no cu_seqlens, nothing needs a gradient -> one launch of decode_kernel
-    (kernels/decode.py): both memories, the slot softmax and o, with float32 states.
+  * decode step: T == 1, no cu_seqlens, nothing needs a gradient -> the two launches of
+    kernels/decode.py (the keys' memory and partial scores by K tiles; the slot softmax, the values'
+    memory and o by V tiles), with float32 states.
   * inference on T > 1 (nothing needs a gradient) -> the two forward launches, no autograd.
   * training -> FusedRecurrentGSAFunction (autograd.py): forward 2 launches (scores by slot tiles,
     then softmax and o by V tiles), backward 4 (dp, keys side, values side, gates); see
@@ -122,7 +123,7 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     Returns o [B, T, HQ, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 when
     output_final_state, else (None, None). HQ = H without grouping; grouped query heads (HQ a multiple
     of H, FLA's GQA) read the memory of their kv head hq // (HQ / H), the states are per kv head. For
-    T == 1 without gradients this is the single-launch decode step. The initial state is only read.
+    T == 1 without gradients this is the decode step (two launches by state tiles). The initial state is only read.
     The positions are flash-linear-attention 0.6.0's.
 
     reverse=True runs the recurrence from each sequence's last token to its first (the initial state
@@ -132,8 +133,7 @@ def fused_recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, outp
     gradients).
 
     Inference only (nothing may require a gradient):
-      inplace=True     write the new states into initial_state (float32, contiguous) and return it;
-                       the decode step then runs one program per (batch, kv head), slower at small batch.
+      inplace=True     write the new states into initial_state (float32, contiguous) and return it.
       out=(hk, hv)     write the new states into these float32 buffers and return them (use two
                        pairs alternately for a state that stays at fixed addresses, e.g. CUDA graphs).
       initial_state=(hk_pool, hv_pool), state_indices=idx, has_initial_state=flags, inplace=True

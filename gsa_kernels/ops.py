@@ -284,7 +284,7 @@ def _(q, k, v, s, g, hk0, hv0, scale, store_state):
 
 def fused_recurrent_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, output_final_state, decode):
     """fused_recurrent_gsa as custom ops: (o, hk_final or None, hv_final or None); `decode` (T = 1,
-    no gradient) takes the one-launch decode step."""
+    no gradient) takes the decode step."""
     if decode:
         o, hk, hv = decode_step_op(q, k, v, s, g, hk0, hv0, scale, output_final_state)
     else:

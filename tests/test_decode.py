@@ -1,5 +1,5 @@
-"""The decode step (fused_recurrent_gsa with T = 1, a state and no gradients): one launch that updates
-both memories and reads the output, against the float64 naive recurrence; the caller's state is
+"""The decode step (fused_recurrent_gsa with T = 1, a state and no gradients): two launches that update
+both memories and read the output, against the float64 naive recurrence; the caller's state is
 never written unless asked (inplace=True / out=).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from gsa_kernels import fused_recurrent_gsa, last_launches
-from gsa_kernels.configs import decode_split
+from gsa_kernels.configs import decode_tile
 from gsa_kernels.launchers.recurrent import decode_step
 from reference import naive_recurrent_gsa
 from test_chunk import BOUNDS, DTYPES, make_inputs, rel_err
@@ -50,11 +50,13 @@ def test_decode_matches_naive(B, H, K, V, M, h0, dtype):
     check_step(o, hk, hv, reference_step(q, k, v, s, g, hk0, hv0), dtype)
 
 
-def test_decode_split_default_fills_the_gpu_at_small_batch():
-    # one program per (batch, head) when B * H alone gives two per SM; more below, but no more than tiles
-    assert decode_split(512, 512, 64, 64, NH=1024) == 1
-    assert decode_split(512, 512, 64, 64, NH=4) == 8
-    assert decode_split(16, 16, 16, 16, NH=1) == 1
+def test_decode_tiles_fill_the_gpu_at_small_batch():
+    # 64-row tiles once they give two programs per SM (132 SMs in the interpreter), 32 below; a
+    # [tile, BM] float32 tile at most 8192 elements; never wider than the (padded) dimension
+    assert decode_tile(512, 64, NH=256) == 64
+    assert decode_tile(512, 64, NH=4) == 32
+    assert decode_tile(512, 256, NH=256) == 32
+    assert decode_tile(16, 16, NH=1) == 16 and decode_tile(24, 5, NH=1) == 32
 
 
 def test_decode_loop_equals_the_sequence():
@@ -137,25 +139,26 @@ def grouped_step(B, group, H, K, V, M, dtype=torch.float32, seed=0):
     return q, k, v, s, g, hk0, hv0
 
 
-# (group, SPLIT, dtype): every combination on the GPU, a cover of each value in the interpreter
-SPLIT_CASES = [(group, split, dtype) for group in (1, 2, 3, 4) for split in (1, 2, 4) for dtype in DTYPES]
+# (group, (BK, BV), dtype): every combination on the GPU, a cover of each value in the interpreter
+TILE_CASES = [(group, tiles, dtype) for group in (1, 2, 3, 4) for tiles in ((16, 16), (32, 64), (64, 16))
+              for dtype in DTYPES]
 if not ON_GPU:
-    SPLIT_CASES = [(1, 1, torch.float32), (1, 2, torch.float32), (1, 4, torch.float32), (2, 2, torch.float32),
-                   (4, 1, torch.float16), (3, 4, torch.float32)]
+    TILE_CASES = [(1, (16, 16), torch.float32), (1, (32, 64), torch.float32), (2, (64, 16), torch.float32),
+                  (4, (16, 16), torch.float16), (3, (32, 64), torch.float32)]
 
 
-@pytest.mark.parametrize("group,split,dtype", SPLIT_CASES, ids=str)
-def test_decode_split_over_programs(group, split, dtype):
-    """SPLIT programs per (batch, kv head), K and V in 3 and 5 tiles (uneven ownership when the tiles
-    do not divide by SPLIT): every program recomputes the scores from all of Hk, for every query head
-    of its kv head's group (3: a group padded to a power of two), and writes only its own tiles; the
-    states per kv head and every query head's output as the float64 recurrence's."""
+@pytest.mark.parametrize("group,tiles,dtype", TILE_CASES, ids=str)
+def test_decode_tiles(group, tiles, dtype):
+    """K = 48 and V = 80 in 1 to 5 tiles (some partial): the keys' launch writes each K tile's share of
+    the scores for every query head of the kv head's group (3: a group padded to a power of two), the
+    values' launch sums them over the tiles; the states per kv head and every query head's output as
+    the float64 recurrence's."""
     B, H, K, V, M = 2, 2, 48, 80, 12
-    q, k, v, s, g, hk0, hv0 = grouped_step(B, group, H, K, V, M, dtype, seed=group + split)
+    q, k, v, s, g, hk0, hv0 = grouped_step(B, group, H, K, V, M, dtype, seed=group + tiles[0])
     dev = [x.to(DEVICE) for x in (q, k, v, s, g)]
     hk0_d, hv0_d = hk0.to(DEVICE), hv0.to(DEVICE)
     hk, hv = torch.full_like(hk0_d, float("nan")), torch.full_like(hv0_d, float("nan"))
-    cfg = {"BK": 16, "BV": 16, "SPLIT": split, "num_warps": 2, "num_stages": 1}
+    cfg = {"BK": tiles[0], "BV": tiles[1], "num_warps": 2}
     with torch.no_grad():
         o = decode_step(*dev, K ** -0.5, hk0_d, hv0_d, hk, hv, config=cfg)
     assert o.shape == (B, 1, H * group, V) and hk.shape == (B, H, K, M)

@@ -1,8 +1,9 @@
 """Launchers of the token-by-token kernels (kernels/recurrent.py) and of the decode step (kernels/decode.py).
 
 recurrent_fwd: 2 launches (scores by slot tiles, then softmax and o by V tiles); recurrent_bwd: 4
-(dp, keys side, values side, gates); decode_step: 1 (both memories, the slot softmax and o of one
-token per sequence, with float32 states).
+(dp, keys side, values side, gates); decode_step: 2 (the keys' memory and the partial
+scores by K tiles; the slot softmax, the values' memory and o by V tiles; one token per sequence,
+float32 states).
 
 Grouped query heads: q, o, do, dq [.., HQ, .] and the scores [.., HQ, M] per query head; k, v, s, g,
 their gradients and the states per kv head [.., H, .], HQ = G * H. Every grid runs over the kv heads
@@ -15,7 +16,7 @@ import torch
 
 from gsa_kernels.configs import launch_config
 from gsa_kernels.intmath import cdiv, next_pow2
-from gsa_kernels.kernels.decode import decode_kernel
+from gsa_kernels.kernels.decode import decode_keys_kernel, decode_values_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
                                            recurrent_bwd_keys_kernel, recurrent_bwd_values_kernel,
                                            recurrent_fwd_keys_kernel, recurrent_fwd_values_kernel)
@@ -99,42 +100,39 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
 
-# (K, V, M, dtype, B * HQ) -> decode config: the eager decode step skips the lookup after the first call
+# (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first call
 _decode_configs: dict = {}
 
 
 def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, state_indices=None,
                 has_initial_state=None):
-    """One token per sequence: o [B, 1, HQ, V]; new states into hk_new / hv_new (None: not stored).
-    Inputs contiguous, q [B, 1, HQ, K] and k, v, s, g [B, 1, H, *] with HQ a multiple of H (grouped
-    query heads: the states are per kv head, [B, H, ...], each updated once for its HQ / H query
-    heads). `config` (a full decode config: BK, BV, SPLIT, num_warps, num_stages) overrides the
-    lookup, for tests and sweeps; writing in place forces SPLIT = 1. state_indices [B] (with
+    """One token per sequence: o [B, 1, HQ, V]; new states into hk_new / hv_new (None: not stored;
+    they may be hk0 / hv0: in place). Inputs contiguous, q [B, 1, HQ, K] and k, v, s, g [B, 1, H, *]
+    with HQ a multiple of H (grouped query heads: the states are per kv head, [B, H, ...], each
+    updated once for its HQ / H query heads). Two launches (kernels/decode.py): the keys' side by K
+    tiles with the partial scores, then the softmax and the values' side by V tiles. `config` (BK, BV,
+    num_warps) overrides the default, for tests and sweeps. state_indices [B] (with
     has_initial_state [B] bool): hk0 / hv0 and hk_new / hv_new are state pools [S, H, ...] addressed
     by row (kernels/decode.py, POOLED)."""
     B, _, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
-    G = HQ // H
+    G, GP, BM = HQ // H, next_pow2(HQ // H), next_pow2(M)
     cfg = config
     if cfg is None:
-        # SPLIT is picked for B * HQ (batch, head) pairs, the query heads': a program computes the
-        # scores of its G query heads over all of Hk, so each extra split repeats G rows of score work
-        # (on the H200 at K = V = 512, M = 64, B = 64: 67 us with G = 4 against 94 us sized by B * H)
-        key = (K, V, M, q.dtype, B * HQ)
+        key = (K, V, M, q.dtype, B * H)
         cfg = _decode_configs.get(key)
         if cfg is None:
-            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * HQ)
-    split = cfg["SPLIT"]
-    if hk_new is not None and hk0 is not None and (hk_new.data_ptr() == hk0.data_ptr()
-                                                   or hv_new.data_ptr() == hv0.data_ptr()):
-        split = 1   # in place: see kernels/decode.py
+            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * H)
+    nkt = cdiv(K, cfg["BK"])
+    zpart = torch.empty(nkt, B * H, GP, BM, dtype=torch.float32, device=q.device)
     o = torch.empty(B, 1, HQ, V, dtype=q.dtype, device=q.device)
     use_h0, store, pooled = hk0 is not None, hk_new is not None, state_indices is not None
-    decode_kernel[(split, B * H)](
-        q, k, v, s, g, hk0 if use_h0 else q, hv0 if use_h0 else q, o,
-        hk_new if store else q, hv_new if store else q, state_indices if pooled else q,
-        has_initial_state if pooled else q, scale,
-        H=H, G=G, GP=next_pow2(G), K=K, V=V, M=M, BM=next_pow2(M), BK=cfg["BK"], BV=cfg["BV"], SPLIT=split,
-        USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    flags = dict(H=H, G=G, GP=GP, M=M, BM=BM, USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled,
+                 num_warps=cfg["num_warps"])
+    rows = (state_indices, has_initial_state) if pooled else (q, q)
+    decode_keys_kernel[(nkt, B * H)](
+        q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
+    decode_values_kernel[(cdiv(V, cfg["BV"]), B * H)](
+        v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
+        BV=cfg["BV"], **flags)
     return o
