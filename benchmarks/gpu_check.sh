@@ -12,9 +12,11 @@
 #               --compile-backend off"); the steps after it read that file (GSA_KERNELS_TUNED_CONFIGS)
 #     bench     benchmarks/bench_chunk.py (BENCH_ARGS, e.g. "--shapes a --no-fla")
 #     profile   benchmarks/profile_kernels.py (PROFILE_ARGS)
-#     decode    the token-by-token, decode and layer tests, then benchmarks/bench_decode.py (vs FLA,
-#               eager and CUDA graph, B = 1, 8, 64, GSAModel tokens/s; DECODE_ARGS="--sweep" adds
-#               the decode config sweep)
+#     decode    benchmarks/bench_decode.py (vs FLA, eager and CUDA graph, B = 1, 8, 64, GSAModel
+#               tokens/s; DECODE_ARGS="--sweep" adds the decode config sweep, "--host" the eager
+#               step's host time by part)
+#     context   benchmarks/bench_context.py: decode tokens/s against context length, GSA against a
+#               KV-cache Transformer (CONTEXT_ARGS), with its plot
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
 #               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile)
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
@@ -76,10 +78,11 @@ for step in ${steps//,/ }; do
     profile)
       python3 -m benchmarks.profile_kernels ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" || status=1 ;;
     decode)
-      python3 -m pytest -q -rs --durations=10 tests/test_recurrent.py tests/test_decode.py tests/test_layers.py \
-        2>&1 | tee "$OUT/tests_decode.log" || status=1
       python3 -m benchmarks.bench_decode ${DECODE_ARGS:-} --json "$OUT/bench_decode.json" 2>&1 \
         | tee "$OUT/bench_decode.log" || status=1 ;;
+    context)
+      python3 -m benchmarks.bench_context ${CONTEXT_ARGS:-} --json "$OUT/bench_context.json" \
+        --plot "$OUT/decode_vs_context.png" 2>&1 | tee "$OUT/bench_context.log" || status=1 ;;
     compile)
       python3 -m pytest -q -rs --durations=10 tests/test_compile.py 2>&1 | tee "$OUT/tests_compile.log" || status=1
       python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \

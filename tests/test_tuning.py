@@ -1159,30 +1159,25 @@ def test_packaging_declares_the_autotuner_entry_point():
         is tuning.autotuner.register
 
 
-# Kernels edited since the shipped sweep and not re-tuned yet: they launch with their default configs
-# (and the file's one warning names them). The shipped file is an H100 sweep and no H100 is lent now;
-# the H200 re-tune is tuning v2's per-device sweep (tuned_configs/README.md, "Pending re-tune").
 def test_shipped_sm90_file_is_fresh_and_covers_the_promised_grid():
     """tuned_configs/sm90.yaml, as committed, the file of every sm90 GPU without its own: a GPU sweep
     (not a dry run) made for these kernels, candidate lists and Triton version (an edit to a kernel
     or a helper it calls makes that kernel's configs stale: it must come with its sweep), with an
-    exact entry for every benchmark and common shape in bf16. It is the H200's sweep (the H100's went
-    stale with the grouped-heads kernels and no H100 was at hand to re-run it: tuned_configs/README.md),
-    fp16 pending as in the H200 file."""
+    exact entry for every benchmark and common shape in bf16 and fp16. It is the H200's sweep (the
+    H100's went stale with the grouped-heads kernels and no H100 was at hand to re-run it:
+    tuned_configs/README.md)."""
     from gsa_kernels._paths import tuned_configs_dir
     doc = yaml.safe_load((tuned_configs_dir() / "sm90.yaml").read_text())
     meta, entries, stale = tuned_file.validate(doc, arch="sm90")      # raises FileProblem if malformed
     assert not stale, f"stale configs for {stale}: re-run the sweep for them"
     assert not meta["dry_run"] and meta["gpu"].startswith("NVIDIA H")
-    _assert_covers(entries, "bench,common", dtypes=("bfloat16",))
+    _assert_covers(entries, "bench,common")
 
 
 def test_shipped_h200_file_is_fresh_and_covers_the_promised_grid():
     """tuned_configs/sm90-nvidia-h200.yaml, as committed: a GPU sweep on an H200 for these kernels
     (none stale: an edit to a kernel must come with its sweep on the H200), with an exact entry for
-    every benchmark, common and long shape in bf16, and read first on an H200. Its fp16 entries are
-    pending (tuned_configs/README.md: the sweep ran out of device time after the bf16 half, and the
-    file says complete: false; `--resume` adds them); fp16 calls take the nearest entry until then."""
+    every benchmark, common and long shape in bf16 and fp16, and read first on an H200."""
     from gsa_kernels._paths import tuned_configs_dir
     from gsa_kernels.tuned_file import device_file_name
     name = device_file_name("sm90", problem_keys.device_slug("NVIDIA H200"))
@@ -1190,8 +1185,8 @@ def test_shipped_h200_file_is_fresh_and_covers_the_promised_grid():
     doc = yaml.safe_load((tuned_configs_dir() / name).read_text())
     meta, entries, stale = tuned_file.validate(doc, arch="sm90", model="nvidia-h200")
     assert not stale, f"stale configs for {stale}: re-run the sweep on an H200 with --kernels {','.join(stale)}"
-    assert not meta["dry_run"] and meta["gpu"] == "NVIDIA H200"
-    _assert_covers(entries, "bench,common,long", dtypes=("bfloat16",))
+    assert not meta["dry_run"] and meta["gpu"] == "NVIDIA H200" and meta["complete"]
+    _assert_covers(entries, "bench,common,long")
 
 
 def _assert_covers(entries, grid: str, dtypes=("bfloat16", "float16")):
