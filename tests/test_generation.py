@@ -87,3 +87,18 @@ def test_graphs_refuse_a_sampling_generator():
     ids = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="generator"):
         model.generate(ids, 2, temperature=1.0, generator=torch.Generator(device=DEVICE), cuda_graphs=True)
+
+
+def test_default_is_graphs_on_cuda_except_with_a_sampling_generator(monkeypatch):
+    """cuda_graphs=None: the graphed loop on CUDA, the eager loop off CUDA and whenever a generator is
+    given for sampling (graphs draw from the device's default generator)."""
+    model = small_model(seed=25)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
+    used = []
+    real = type(model)._graphed_decoder
+    monkeypatch.setattr(type(model), "_graphed_decoder", lambda self: used.append(1) or real(self))
+    model.generate(ids, 2)
+    assert bool(used) == ON_GPU
+    used.clear()
+    model.generate(ids, 2, temperature=1.0, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    assert not used

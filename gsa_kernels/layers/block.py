@@ -1,10 +1,10 @@
 """GSABlock: pre-norm residual block, GSA token mixer then SwiGLU channel mixer (the paper's layer)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from gsa_kernels.layers import _args
+from gsa_kernels.layers.fused import silu_mul
 from gsa_kernels.layers.gsa import GatedSlotAttention
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -32,7 +32,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class GSABlock(nn.Module):

@@ -1,8 +1,11 @@
-"""RMSNorm in plain PyTorch (float32 statistics, output in the input's dtype)."""
+"""RMSNorm (float32 statistics, output in the input's dtype): one fused launch each way on CUDA in
+eager mode, plain PyTorch otherwise (layers/fused.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from gsa_kernels.layers.fused import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,11 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, elementwise_affine={self.weight is not None}"

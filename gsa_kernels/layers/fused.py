@@ -1,0 +1,123 @@
+"""The layers' RMSNorm and SwiGLU product as one Triton launch each way (kernels/rms_norm.py,
+kernels/silu_mul.py), with their autograd.
+
+`rms_norm` and `silu_mul` take the fused path on CUDA tensors in eager mode, and the plain PyTorch
+form under torch.compile (Inductor fuses that form itself, and a graph stays whole) and on other
+devices. `rms_norm_fused` / `silu_mul_fused` always take the kernels: the tests run them in Triton's
+interpreter against the plain forms. Results: float32 inside, one rounding to the input's dtype at
+the end (the plain SwiGLU rounds silu(a) to the input's dtype before the product as well).
+
+Written here rather than taken from Liger-Kernel (which has both): these are two short kernels,
+the tests run them in Triton's interpreter on a CPU (Liger's kernels do not run there), and no
+dependency is added.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gsa_kernels.configs import _num_sms
+from gsa_kernels.intmath import cdiv, next_pow2
+from gsa_kernels.kernels.rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
+from gsa_kernels.kernels.silu_mul import silu_mul_bwd_kernel, silu_mul_fwd_kernel
+
+ELEMENTWISE_BLOCK = 1024
+
+
+def _norm_launch(rows: int, N: int):
+    """(programs, num_warps): a row per [BLOCK] tile, programs walking rows; enough programs for a
+    few per SM, more warps for wide rows."""
+    BLOCK = next_pow2(N)
+    return min(rows, 4 * _num_sms()), max(1, min(16, BLOCK // 256))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        N = x.shape[-1]
+        x2 = x.contiguous().view(-1, N)
+        rows = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        if rows:
+            programs, warps = _norm_launch(rows, N)
+            rms_norm_fwd_kernel[(programs,)](x2, weight if weight is not None else x2, y, rstd, rows, N, eps,
+                                             BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, num_warps=warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        rows, N = x2.shape
+        dy2 = dy.contiguous().view(rows, N)
+        dx = torch.empty_like(x2)
+        dw = None
+        if rows:
+            programs, warps = _norm_launch(rows, N)
+            share = torch.empty(programs, N, dtype=torch.float32, device=x2.device) if weight is not None else dx
+            rms_norm_bwd_kernel[(programs,)](x2, weight if weight is not None else x2, dy2, rstd, dx, share, rows, N,
+                                             BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, num_warps=warps)
+            if weight is not None:
+                dw = share.sum(0).to(weight.dtype)
+        elif weight is not None:
+            dw = torch.zeros_like(weight)
+        return dx.view(ctx.shape), dw, None
+
+
+class SiLUMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        y = torch.empty_like(a)
+        n = a.numel()
+        if n:
+            silu_mul_fwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, y, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        dy = dy.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        n = a.numel()
+        if n:
+            silu_mul_bwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, dy, da, db, n, BLOCK=ELEMENTWISE_BLOCK,
+                                                                num_warps=4)
+        return da, db
+
+
+def rms_norm_plain(x, weight, eps):
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rms_norm_fused(x, weight, eps):
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def silu_mul_fused(a, b):
+    return SiLUMulFunction.apply(a, b)
+
+
+def _fused_here(x) -> bool:
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim (weight may be None), in x's dtype."""
+    if _fused_here(x):
+        return rms_norm_fused(x, weight, eps)
+    return rms_norm_plain(x, weight, eps)
+
+
+def silu_mul(a, b):
+    """silu(a) * b."""
+    if _fused_here(a) and a.shape == b.shape and a.dtype == b.dtype:
+        return silu_mul_fused(a, b)
+    return F.silu(a) * b
