@@ -1,10 +1,12 @@
 """One training step of a GSAModel, eager vs torch.compile(fullgraph=True), and the compile time.
 
-    python -m benchmarks.bench_compile [--layers 4 --hidden 2048 --heads 4 --slots 64 --T 2048 --B 4]
+    python -m benchmarks.bench_compile [--layers 4 --hidden 2048 --heads 4 --slots 64 --T 2048 --B 4] [--loss logits]
 
 The model is the issue's: 4 GSABlocks, hidden 2048, 4 heads (K = V = 512), 64 slots, bf16 weights and
 activations, vocabulary 32000 (a Llama-sized LM head; the issue names none). A step is forward, the
-shifted cross-entropy loss and backward (gradients set to None before each). Times are medians of
+shifted cross-entropy loss and backward (gradients set to None before each). The loss is the
+model's own (`model(ids, labels=ids)`: chunked, no float32 logits formed) unless `--loss logits`
+(full logits, then F.cross_entropy). Times are medians of
 triton.testing.do_bench after warm-up; the compile time is the wall time of the first compiled step
 (Dynamo + AOTAutograd + Inductor for forward and backward, our Triton kernels already built by the
 eager warm-up) minus one eager step. A second length T/2 then checks that the compiled model does not
@@ -31,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--mode", default="default", help="torch.compile mode")
+    ap.add_argument("--loss", choices=("labels", "logits"), default="labels",
+                    help="labels: the model's chunked loss; logits: full logits and F.cross_entropy")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -46,6 +50,8 @@ def main(argv=None):
     torch._dynamo.mark_dynamic(ids, 1)
 
     def step(ids):
+        if args.loss == "labels":
+            return model(ids, labels=ids)[0]
         logits, _ = model(ids)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
@@ -89,7 +95,7 @@ def main(argv=None):
                   compile_s=compile_s, eager_peak_gib=eager_peak, compiled_peak_gib=compiled_peak,
                   eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled)
     print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
-          f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, on {result['device']}")
+          f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, loss from {args.loss}, on {result['device']}")
     print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
     print(f"{'eager':>10} {eager_ms:9.2f} {eager_peak:9.2f} {eager_loss:9.4f}")
     print(f"{'compiled':>10} {compiled_ms:9.2f} {compiled_peak:9.2f} {compiled_loss:9.4f}")

@@ -123,10 +123,24 @@ def host_breakdown(B, n=3000):
     from gsa_kernels import fused_recurrent_gsa
     from gsa_kernels.checks import check_inputs
     from gsa_kernels.launchers.recurrent import decode_step
+    from gsa_kernels.configs import launch_config
+    from gsa_kernels.intmath import cdiv, next_pow2
+    from gsa_kernels.launchers import recurrent as launchers
     xs, (hk, hv) = make_step_inputs(B)
     out = torch.empty_like(hk), torch.empty_like(hv)
     scale = K ** -0.5
+    # one launch of the values' kernel, through Triton's binding and through direct_launch.DirectKernel
+    cfg = launch_config("decode", K=K, V=V, M=M, dtype=torch.bfloat16, seqs=B * H)
+    nkt = cdiv(K, cfg["BK"])
+    zpart = torch.zeros(nkt, B * H, 1, next_pow2(M), device="cuda")
+    o = torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda")
+    args = (xs[2], xs[3], xs[4], hv, o, out[1], zpart, xs[0], xs[0], scale)
+    kw = dict(H=H, G=1, GP=1, M=M, BM=next_pow2(M), USE_INITIAL_STATE=True, STORE_STATE=True, POOLED=False,
+              num_warps=cfg["num_warps"], V=V, NKT=nkt, BV=cfg["BV"])
+    grid = (cdiv(V, cfg["BV"]), B * H)
     parts = {
+        "one launch, kernel[grid]": lambda: launchers.decode_values_kernel[grid](*args, **kw),
+        "one launch, DirectKernel": lambda: launchers._decode_values[grid](*args, **kw),
         "fused_recurrent_gsa": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), output_final_state=True),
         "fused_recurrent_gsa out=": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=out),
         "check_inputs": lambda: check_inputs(*xs, scale, (hk, hv), None, bf16_dots=False),

@@ -115,7 +115,8 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) ->
         "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
         "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
         "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
-        "decode": {"BK": decode_tile(K, M, seqs or 1), "BV": decode_tile(V, M, seqs or 1), "num_warps": 4},
+        "decode": {"BK": decode_tile(K, M, seqs or 1), "BV": decode_tile(V, M, seqs or 1),
+                   "num_warps": decode_warps(decode_tile(K, M, seqs or 1), decode_tile(V, M, seqs or 1), M)},
     }[kernel]
     return dict(cfg)
 
@@ -130,11 +131,20 @@ def _num_sms() -> int:
 
 def decode_tile(D: int, M: int, NH: int) -> int:
     """The decode step's tile of K (or V) rows: one program per tile and (batch, kv head), NH = B * H
-    of those. 64 once 64-row tiles give every SM two programs (the bytes in flight come from programs
-    side by side: each reads its tile once), else 32, so that small batches spread over more SMs; at
-    most 8192 // BM rows (a float32 [tile, BM] state tile stays at 32 KB) and at least 16."""
-    tile = 64 if NH * cdiv(D, 64) >= 2 * _num_sms() else 32
+    of those. Small tiles while the programs are few (each program reads its tile once, so at small
+    batch more, smaller programs put more bytes in flight), 64 rows once 64-row tiles give every SM
+    eight programs; at most 8192 // BM rows (a float32 [tile, BM] state tile stays at 32 KB) and at
+    least 16. On the H200 (bench_decode --sweep, K = V = 512, M = 64, H = 4): 16 at B = 1 (9.8 us
+    against 11.1 with 32), 32 at B = 8 and 16, 64 at B = 64."""
+    programs64 = NH * cdiv(D, 64)
+    tile = 16 if 2 * programs64 < _num_sms() else 32 if programs64 < 8 * _num_sms() else 64
     return max(16, min(tile, next_pow2(D), 8192 // next_pow2(M)))
+
+
+def decode_warps(BK: int, BV: int, M: int) -> int:
+    """One warp per 4096 elements of the larger state tile: one warp was fastest on the H200 for
+    tiles up to [64, 64] at every batch size (B = 64: 43.9 us against 46.5 with four)."""
+    return max(1, min(8, max(BK, BV) * next_pow2(M) // 4096))
 
 
 def walk_segment_chunks(segment: int, programs: int, chunks: int) -> int:

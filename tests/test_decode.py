@@ -9,7 +9,7 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from gsa_kernels import fused_recurrent_gsa, last_launches
-from gsa_kernels.configs import decode_tile
+from gsa_kernels.configs import decode_tile, decode_warps
 from gsa_kernels.launchers.recurrent import decode_step
 from reference import naive_recurrent_gsa
 from test_chunk import BOUNDS, DTYPES, make_inputs, rel_err
@@ -51,12 +51,15 @@ def test_decode_matches_naive(B, H, K, V, M, h0, dtype):
 
 
 def test_decode_tiles_fill_the_gpu_at_small_batch():
-    # 64-row tiles once they give two programs per SM (132 SMs in the interpreter), 32 below; a
-    # [tile, BM] float32 tile at most 8192 elements; never wider than the (padded) dimension
+    # 132 SMs in the interpreter: 16-row tiles while 64-row ones would leave half the SMs without a
+    # program, 32 up to eight per SM, then 64; a [tile, BM] float32 tile at most 8192 elements; never
+    # wider than the (padded) dimension
+    assert decode_tile(512, 64, NH=4) == 16
+    assert decode_tile(512, 64, NH=32) == decode_tile(512, 64, NH=64) == 32
     assert decode_tile(512, 64, NH=256) == 64
-    assert decode_tile(512, 64, NH=4) == 32
     assert decode_tile(512, 256, NH=256) == 32
-    assert decode_tile(16, 16, NH=1) == 16 and decode_tile(24, 5, NH=1) == 32
+    assert decode_tile(16, 16, NH=1) == 16 and decode_tile(24, 5, NH=1) == 16
+    assert decode_warps(64, 64, 64) == 1 and decode_warps(32, 32, 256) == 2
 
 
 def test_decode_loop_equals_the_sequence():
