@@ -129,7 +129,7 @@ def host_breakdown(B, n=3000):
     xs, (hk, hv) = make_step_inputs(B)
     out = torch.empty_like(hk), torch.empty_like(hv)
     scale = K ** -0.5
-    # one launch of the values' kernel, through Triton's binding and through direct_launch.DirectKernel
+    # one launch of the values' kernel alone: what a launch costs the host
     cfg = launch_config("decode", K=K, V=V, M=M, dtype=torch.bfloat16, seqs=B * H)
     nkt = cdiv(K, cfg["BK"])
     zpart = torch.zeros(nkt, B * H, 1, next_pow2(M), device="cuda")
@@ -139,8 +139,7 @@ def host_breakdown(B, n=3000):
               num_warps=cfg["num_warps"], V=V, NKT=nkt, BV=cfg["BV"])
     grid = (cdiv(V, cfg["BV"]), B * H)
     parts = {
-        "one launch, kernel[grid]": lambda: launchers.decode_values_kernel[grid](*args, **kw),
-        "one launch, DirectKernel": lambda: launchers._decode_values[grid](*args, **kw),
+        "one launch of decode_values_kernel": lambda: launchers.decode_values_kernel[grid](*args, **kw),
         "fused_recurrent_gsa": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), output_final_state=True),
         "fused_recurrent_gsa out=": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=out),
         "check_inputs": lambda: check_inputs(*xs, scale, (hk, hv), None, bf16_dots=False),

@@ -221,13 +221,13 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_training_step_compiles_fullgraph(dtype, monkeypatch):
-    """GSAModel forward + loss + backward: zero graph breaks (Dynamo's explain and fullgraph=True),
-    eager's loss and parameter gradients, and no recompilation when T changes."""
+    """GSAModel forward + its own loss (labels=) + backward: zero graph breaks (Dynamo's explain and
+    fullgraph=True), eager's loss (the chunked one) and parameter gradients, and no recompilation when
+    T changes (T is dynamic: the eager loss's loop over token chunks would specialize it)."""
     model = small_model(dtype).train()
 
     def step_loss(ids):
-        logits, _ = model(ids)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return model(ids, labels=ids)[0]
 
     ids = torch.randint(0, 97, (2, 40), device=DEVICE)
     explained = torch._dynamo.explain(step_loss)(ids)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels.configs import launch_config
-from gsa_kernels.direct_launch import DirectKernel
 from gsa_kernels.intmath import cdiv, next_pow2
 from gsa_kernels.kernels.decode import decode_keys_kernel, decode_values_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
@@ -103,9 +102,6 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
 
 # (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first call
 _decode_configs: dict = {}
-# the decode step's launches skip Triton's per-call argument binding (direct_launch.py): its host time
-_decode_keys = DirectKernel(decode_keys_kernel)
-_decode_values = DirectKernel(decode_values_kernel)
 
 
 def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, state_indices=None,
@@ -134,9 +130,9 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, sta
     flags = dict(H=H, G=G, GP=GP, M=M, BM=BM, USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled,
                  num_warps=cfg["num_warps"])
     rows = (state_indices, has_initial_state) if pooled else (q, q)
-    _decode_keys[(nkt, B * H)](
+    decode_keys_kernel[(nkt, B * H)](
         q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
-    _decode_values[(cdiv(V, cfg["BV"]), B * H)](
+    decode_values_kernel[(cdiv(V, cfg["BV"]), B * H)](
         v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
         BV=cfg["BV"], **flags)
     return o

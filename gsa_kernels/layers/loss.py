@@ -9,10 +9,15 @@ gradients of h and W are computed in the same pass (the loss is a scalar, so its
 scales them): memory is one chunk of logits plus the two gradients, and W h is computed once.
 The logits are h W^T in h's dtype, then float32 (as `lm_head(h).float()` would give); an all-ignored
 batch gives NaN, as torch.nn.functional.cross_entropy does.
+
+Under torch.compile the loss is cross_entropy on the whole logits, left to the compiler: a Python loop
+over token chunks would fix the token count in the graph (a dynamic T raises a constraint violation;
+a static one recompiles for every length).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # float32 logits per chunk: 128 MiB
 _CHUNK_BYTES = 128 << 20
@@ -67,5 +72,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight (shape {tuple(weight.shape)}) must be [vocab, {hidden.shape[-1]}]")
     h = hidden.reshape(-1, hidden.shape[-1])
+    if torch.compiler.is_compiling():
+        return F.cross_entropy((h @ weight.T).float(), labels.reshape(-1), ignore_index=ignore_index)
     chunk = chunk_tokens or max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
     return _LinearCrossEntropy.apply(h, weight, labels.reshape(-1), ignore_index, chunk)
