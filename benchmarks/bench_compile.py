@@ -11,6 +11,12 @@ triton.testing.do_bench after warm-up; the compile time is the wall time of the 
 (Dynamo + AOTAutograd + Inductor for forward and backward, our Triton kernels already built by the
 eager warm-up) minus one eager step. A second length T/2 then checks that the compiled model does not
 recompile (T is marked dynamic). Prints a table and writes --json.
+
+--fla adds flash-linear-attention 0.6.0's GSAForCausalLM in the same run (eager, its own fused norms,
+SwiGLU and loss from labels): our model is then built from its config (`GSAModel.from_fla`) and loads
+its weights, so both compute the same function from the same parameters (their losses are printed
+side by side). FLA's model classes need transformers (benchmarks/gpu_check.sh installs the wheels of
+.whl_hf/ when carried: ../shared/GPU.md).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--mode", default="default", help="torch.compile mode")
     ap.add_argument("--loss", choices=("labels", "logits"), default="labels",
                     help="labels: the model's chunked loss; logits: full logits and F.cross_entropy")
+    ap.add_argument("--fla", action="store_true", help="also time FLA's GSAForCausalLM (eager) in this run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -44,8 +51,17 @@ def main(argv=None):
     from gsa_kernels.layers import GSAModel
 
     torch.manual_seed(0)
-    model = GSAModel(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     num_slots=args.slots).to(device="cuda", dtype=torch.bfloat16).train()
+    fla_model = None
+    if args.fla:
+        from fla.models import GSAConfig, GSAForCausalLM
+        fla_config = GSAConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                               num_heads=args.heads, num_slots=args.slots)
+        fla_model = GSAForCausalLM(fla_config).to(device="cuda", dtype=torch.bfloat16).train()
+        model = GSAModel.from_fla(fla_config, fla_model.state_dict()).to(device="cuda", dtype=torch.bfloat16).train()
+        fla_model.cpu()         # off the GPU while ours is measured: each peak holds one model
+    else:
+        model = GSAModel(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                         num_slots=args.slots).to(device="cuda", dtype=torch.bfloat16).train()
     ids = torch.randint(0, args.vocab, (args.B, args.T), device="cuda")
     torch._dynamo.mark_dynamic(ids, 1)
 
@@ -90,15 +106,33 @@ def main(argv=None):
     compiled_step(half).backward()
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before
 
+    fla = {}
+    if fla_model is not None:
+        model.cpu()
+        fla_model.cuda()
+
+        def fla_run():
+            fla_model.zero_grad(set_to_none=True)
+            loss = fla_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss
+        fla["loss"] = fla_run().item()          # warm-up: FLA autotunes its kernels on the first call
+        fla["ms"] = triton.testing.do_bench(fla_run, warmup=100, rep=1000, return_mode="median")
+        torch.cuda.reset_peak_memory_stats()
+        fla_run()
+        fla["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   shape=vars(args), eager_ms=eager_ms, compiled_ms=compiled_ms, speedup=eager_ms / compiled_ms,
                   compile_s=compile_s, eager_peak_gib=eager_peak, compiled_peak_gib=compiled_peak,
-                  eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled)
+                  eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled, fla=fla)
     print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
           f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, loss from {args.loss}, on {result['device']}")
     print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
     print(f"{'eager':>10} {eager_ms:9.2f} {eager_peak:9.2f} {eager_loss:9.4f}")
     print(f"{'compiled':>10} {compiled_ms:9.2f} {compiled_peak:9.2f} {compiled_loss:9.4f}")
+    if fla:
+        print(f"{'FLA eager':>10} {fla['ms']:9.2f} {fla['peak_gib']:9.2f} {fla['loss']:9.4f}")
     print(f"speed-up {eager_ms / compiled_ms:.2f}x; compile time {compile_s:.1f} s (mode {args.mode!r}); "
           f"new graphs at T = {args.T // 2}: {recompiled}")
     if args.json:

@@ -18,7 +18,8 @@
 #     context   benchmarks/bench_context.py: decode tokens/s against context length, GSA against a
 #               KV-cache Transformer (CONTEXT_ARGS), with its plot
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
-#               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile)
+#               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile;
+#               COMPILE_ARGS="--fla" adds FLA's GSAForCausalLM: carry .whl_hf too)
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
@@ -39,7 +40,11 @@ steps=${1:-tests,bench}; shift || true
 export OUT=${OUT:-/tmp/gsa-out}; mkdir -p "$OUT"
 start=$SECONDS
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  # .whl_hf/ (when carried): transformers 5.6.2 and the dependencies the GPU image lacks, for FLA's
+  # model classes (bench_compile --fla); the image's own numpy, pyyaml, packaging, filelock, fsspec and
+  # typing_extensions are left to it
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    $(ls .whl_hf/*.whl 2>/dev/null) || exit 1
   export PYTHONPATH=$PWD:/tmp/site
 else
   export PYTHONPATH=$PWD
