@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_chunk import cuda_graph
+
 VOCAB, HIDDEN, LAYERS = 32000, 2048, 4
 
 
@@ -117,15 +119,7 @@ def transformer_rate(model, B, context, new):
         tokens.copy_(nxt)
         pos.add_(1)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    graph = cuda_graph(body)
 
     def run():
         pos.fill_(context)
