@@ -108,6 +108,7 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
 
 def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) -> dict:
     BK, BV, BM = next_pow2(K), next_pow2(V), next_pow2(M)
+    DK, DV = decode_tile(K, M, seqs or 1), decode_tile(V, M, seqs or 1)
     cfg = {
         "recurrent_fwd_keys": {"BMS": _tile(BK, M), "num_warps": 4},
         "recurrent_fwd_values": {"BV": _tile(BM, V, lo=8), "num_warps": 4},
@@ -115,8 +116,7 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) ->
         "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
         "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
         "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
-        "decode": {"BK": decode_tile(K, M, seqs or 1), "BV": decode_tile(V, M, seqs or 1),
-                   "num_warps": decode_warps(decode_tile(K, M, seqs or 1), decode_tile(V, M, seqs or 1), M)},
+        "decode": {"BK": DK, "BV": DV, "num_warps": decode_warps(DK, DV, M)},
     }[kernel]
     return dict(cfg)
 
