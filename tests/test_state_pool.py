@@ -106,3 +106,15 @@ def test_pools_refuse_gradients_and_wrong_pools():
         fused_recurrent_gsa(*xs, initial_state=_pools(), state_indices=idx, inplace=True)
     with torch.no_grad(), pytest.raises(ValueError, match="hk_pool"):
         fused_recurrent_gsa(*xs, initial_state=(_pools()[0].half(), _pools()[1]), state_indices=idx, inplace=True)
+
+
+def test_continuous_batching_example_serves_each_request_as_alone():
+    """examples/continuous_batching.py: 6 requests through 4 slots (reused after a request finishes)
+    and a decode batch of 3 rows (padding rows once fewer run): every output a request was served
+    equals one call on its whole sequence from zeros."""
+    from examples import continuous_batching
+    requests = [continuous_batching.Request(rid, prompt=3 + 5 * rid % 7, new=2 + rid % 4) for rid in range(6)]
+    finished, steps = continuous_batching.serve(requests, slots=4, batch=3, device=DEVICE)
+    assert sorted(r.rid for r in finished) == list(range(6)) and steps >= 6
+    assert all(sum(o.shape[1] for o in r.outputs) == r.prompt + r.new for r in finished)
+    assert continuous_batching.check(finished, DEVICE) <= 1e-5
