@@ -27,9 +27,11 @@ from benchmarks.bench_chunk import copy_bandwidth, cuda_graph
 H, K, V, M = 4, 512, 512, 64
 
 
-def make_step_inputs(B, dtype=torch.bfloat16, seed=0):
+def make_step_inputs(B, dtype=torch.bfloat16, seed=0, group=1):
+    """One step's inputs; group > 1: q with H * group heads over the H kv heads (GQA)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=gen) for D in (K, K, V))
+    q = torch.randn(B, 1, H * group, K, device="cuda", dtype=dtype, generator=gen)
+    k, v = (torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=gen) for D in (K, V))
     g = F.logsigmoid(torch.randn(B, 1, H, M, device="cuda", generator=gen)) / 8
     s = 1 - g.exp()
     hk = torch.randn(B, H, K, M, device="cuda", generator=gen)
@@ -61,10 +63,10 @@ def providers(include_fla):
     return out
 
 
-def time_decode(B, provs):
+def time_decode(B, provs, group=1):
     """{provider: {"eager": ms, "graph": ms}} for one decode step at batch B, plus the out= variant."""
     from gsa_kernels import fused_recurrent_gsa
-    xs, (hk, hv) = make_step_inputs(B)
+    xs, (hk, hv) = make_step_inputs(B, group=group)
     times, outputs = {}, {}
     with torch.no_grad():
         for name, fn in provs.items():
@@ -191,19 +193,21 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time every decode config candidate")
     ap.add_argument("--no-generate", action="store_true", help="skip the GSAModel generation figure")
     ap.add_argument("--host", action="store_true", help="also break the eager step's host time down")
+    ap.add_argument("--group", type=int, default=1,
+                    help="query heads per kv head (GQA: q has H * group heads; the state stays per kv head)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e9:.0f} GB/s, "
-          f"H={H} K={K} V={V} M={M}, bf16 inputs, float32 state")
+          f"H={H} K={K} V={V} M={M}, query heads {H * args.group}, bf16 inputs, float32 state")
     provs = providers(not args.no_fla)
     rows, sweeps, generation, host = [], {}, [], {}
     for B in map(int, args.batches.split(",")):
         state_bytes = 2 * 4 * B * H * (K * M + M * V)     # read + write the float32 state once
         floor_ms = state_bytes / bw * 1e3
-        times, agree = time_decode(B, provs)
+        times, agree = time_decode(B, provs, args.group)
         row = {"B": B, "floor_ms": floor_ms, "ms": times, "agreement_with_fla": agree}
         for mode in ("eager", "graph"):
             if "fla" in times:
@@ -238,7 +242,7 @@ def main(argv=None):
                       f"{r['ms_per_step']:.3f} ms per step (prefill {r['prefill_s'] * 1e3:.1f} ms)", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": rows,
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "group": args.group, "rows": rows,
                        "sweeps": {str(b): r for b, r in sweeps.items()}, "generate": generation,
                        "host_us": {str(b): r for b, r in host.items()}}, fh, indent=1)
 
