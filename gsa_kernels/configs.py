@@ -69,10 +69,10 @@ def _default_config(kernel: str, K: int, V: int, M: int, BT: int | None, seqs: i
     # per SM: split them (c forward walk 0.64 -> 0.49 ms). Split programs under two per SM: the
     # backward walk also gains from halved tiles and 3 stages (c 0.48 -> 0.45 ms; 3 stages hold
     # [BT, BM] G and p/dz tiles and a q/do tile: up to 64 KB in float32).
-    split = int(seqs is not None and max(cdiv(K, SK), cdiv(V, SV)) * seqs < _num_sms())
+    split = int(seqs is not None and max(cdiv(K, SK), cdiv(V, SV)) * seqs < num_sms())
     deep = 3 if BT * BM <= 4096 else 2      # stages whose [BT, BM] float32 copies fit shared memory
     DK, DV, bwd_stages = SK, SV, 2
-    if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * _num_sms():
+    if split and (cdiv(K, SK) + cdiv(V, SV)) * seqs < 2 * num_sms():
         DK, DV, bwd_stages = min(32, SK), min(32, SV), deep
     # The forward walk: `deep` stages keep its G and s copies two chunks ahead (never slower on a-d),
     # and a split program, alone on its SM, gains from 8 warps (c 0.42 -> 0.39 ms)
@@ -122,7 +122,7 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms() -> int:
+def num_sms() -> int:
     """Streaming multiprocessors of the current GPU (132 on an H100 SXM; the interpreter uses that)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -137,7 +137,7 @@ def decode_tile(D: int, M: int, NH: int) -> int:
     least 16. On the H200 (bench_decode --sweep, K = V = 512, M = 64, H = 4): 16 at B = 1 (9.8 us
     against 11.1 with 32), 32 at B = 8 and 16, 64 at B = 64."""
     programs64 = NH * cdiv(D, 64)
-    tile = 16 if 2 * programs64 < _num_sms() else 32 if programs64 < 8 * _num_sms() else 64
+    tile = 16 if 2 * programs64 < num_sms() else 32 if programs64 < 8 * num_sms() else 64
     return max(16, min(tile, next_pow2(D), 8192 // next_pow2(M)))
 
 
@@ -161,7 +161,7 @@ def walk_segment_chunks(segment: int, programs: int, chunks: int) -> int:
     and 32), and lost 8% at [2, 8192, 4, 512, 64] (128 programs at one level) and 30-40% where the
     GPU was full (docs/history/perf-notes.md, "v15")."""
     if segment == 0:
-        sms = _num_sms()
+        sms = num_sms()
         if 2 * programs > sms:
             return 0
         segments = max(2, 2 * sms // max(programs, 1))     # all in one wave: a second wave doubles the time

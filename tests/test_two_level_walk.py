@@ -124,7 +124,7 @@ def test_the_rule_picks_two_levels_for_one_long_sequence():
 
 
 def test_segment_rule():
-    sms = configs._num_sms()
+    sms = configs.num_sms()
     assert configs.walk_segment_chunks(0, sms // 2 + 1, 1024) == 0     # most SMs have a program
     assert configs.walk_segment_chunks(0, 64, 1024) == max(16, -(-1024 // max(2, 2 * sms // 64)))
     assert configs.walk_segment_chunks(0, 64, 20) == 0                 # segments of 16 cover it

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gsa_kernels.configs import _num_sms
+from gsa_kernels.configs import num_sms
 from gsa_kernels.intmath import cdiv, next_pow2
 from gsa_kernels.kernels.rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
 from gsa_kernels.kernels.silu_mul import silu_mul_bwd_kernel, silu_mul_fwd_kernel
@@ -28,7 +28,7 @@ def _norm_launch(rows: int, N: int):
     """(programs, num_warps): a row per [BLOCK] tile, programs walking rows; enough programs for a
     few per SM, more warps for wide rows."""
     BLOCK = next_pow2(N)
-    return min(rows, 4 * _num_sms()), max(1, min(16, BLOCK // 256))
+    return min(rows, 4 * num_sms()), max(1, min(16, BLOCK // 256))
 
 
 class RMSNormFunction(torch.autograd.Function):
