@@ -24,6 +24,9 @@
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
 #               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log
+#     mqar      python -m examples.mqar MQAR_ARGS (e.g. "--jobs 12 --epochs 8") into docs/mqar on the machine,
+#               cut at MQAR_TIMEOUT seconds (runs finished by then are kept); runs.json, the plot and the
+#               log come back (the checkpoints stay: too many files for $OUT)
 #     report    python -m benchmarks.report --json-only into $OUT (REPORT_ARGS, REPORT_TIMEOUT seconds,
 #               REPORT_RESUME=1 to continue docs/benchmarks/report.json), then packs FLA's autotune results
 #   The whole suite does not fit one 10-minute call: test_chunk_matches_naive alone takes ~420 s at
@@ -103,6 +106,11 @@ for step in ${steps//,/ }; do
       else
         echo "AB_PATCH does not apply" | tee "$OUT/ab_base.log"; status=1
       fi ;;
+    mqar)
+      timeout "${MQAR_TIMEOUT:-500}" python3 -m examples.mqar ${MQAR_ARGS:-} --out docs/mqar 2>&1 \
+        | tee "$OUT/mqar.log" || status=1
+      python3 -m examples.mqar --gather --out docs/mqar || status=1
+      cp docs/mqar/runs.json docs/mqar/mqar.png "$OUT/" 2>/dev/null ;;
     report)
       # rows are saved as they come, so a call cut short keeps them; REPORT_RESUME=1 continues from the
       # committed docs/benchmarks/report.json. Only the JSON comes back: draw with --plot-only here.

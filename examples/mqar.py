@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR), the GSA paper's recall task, trained on these kernels.
 
     python -m examples.mqar [--widths 64,128,256] [--models gsa,attention] [--lrs 1e-3,3e-3]
-                            [--out docs/mqar] [--resume] [--tiny]
+                            [--epochs 16] [--jobs 1] [--out docs/mqar] [--resume] [--tiny]
 
 The task (the Zoology benchmark's setup, which the paper used): a sequence opens with key-value pairs
 (k_1 v_1 k_2 v_2 ...; keys from the first half of the vocabulary, values from the second), then holds
@@ -16,9 +16,13 @@ GSA: gsa_kernels.layers.GatedSlotAttention, 4 heads, width / 4 slots, gate norma
 MQAR runs). The reference: causal softmax attention (SDPA) of the same width and heads, with learned
 absolute positions (GSA needs none). Training: AdamW (weight decay 0.1), cosine decay after a short
 warm-up, bf16 autocast on a GPU, a short sweep of learning rates; each run's best test accuracy over
-its epochs is kept. Each finished run is saved to OUT/runs.json at once (a killed sweep resumes with
---resume and skips them); the model's checkpoint is saved every epoch (OUT/ckpt/*.pt) and a resumed
-run continues from it. OUT/mqar.png plots accuracy against width (matplotlib, the `bench` extra).
+its epochs is kept. The head runs on the answer positions only (64 of 512 per sequence): the other
+positions carry no loss, so their logits would be 7/8 of the head's work for nothing. `--jobs N` trains
+N runs at once in separate processes: the models are small, so one run leaves most of a large GPU idle
+between its launches. Each finished run is saved to OUT/runs/NAME.json at once and gathered into
+OUT/runs.json (a killed sweep resumes with --resume and skips them); the model's checkpoint is saved
+every epoch (OUT/ckpt/*.pt) and a resumed run continues from it. OUT/mqar.png plots accuracy against
+width (matplotlib, the `bench` extra).
 
 Why examples/ and not benchmarks/: this trains models end to end and reports what they learn; the
 benchmarks time kernels.
@@ -120,12 +124,15 @@ class RecallModel(nn.Module):
         self.final = RMSNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
 
-    def forward(self, ids):
+    def forward(self, ids, select=None):
+        """Logits [B, T, vocab], or [n, vocab] at the n positions where the bool mask `select` is set."""
         h = self.embed(ids)
         if self.pos is not None:
             h = h + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for norm, mix in zip(self.norms, self.mixers):
             h = h + mix(norm(h))
+        if select is not None:
+            h = h[select]
         return self.head(self.final(h))
 
 
@@ -153,17 +160,19 @@ def evaluate(model, inputs, labels, batch, device, autocast) -> tuple[float, flo
     with torch.no_grad(), autocast():
         for i in range(0, len(inputs), batch):
             ids, lab = inputs[i:i + batch].to(device), labels[i:i + batch].to(device)
-            logits = model(ids).float()
             mask = lab != IGNORE
-            total_loss += F.cross_entropy(logits[mask], lab[mask], reduction="sum").item()
-            correct += (logits[mask].argmax(-1) == lab[mask]).sum().item()
+            logits = model(ids, select=mask).float()
+            total_loss += F.cross_entropy(logits, lab[mask], reduction="sum").item()
+            correct += (logits.argmax(-1) == lab[mask]).sum().item()
             count += mask.sum().item()
     model.train()
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
-def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress=True, max_steps=None) -> dict:
-    """Train one model; returns its record (losses per epoch, best test accuracy, seconds)."""
+def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress="bar", max_steps=None) -> dict:
+    """Train one model; returns its record (losses per epoch, best test accuracy, seconds).
+
+    progress: "bar" (one line redrawn), "lines" (a line per 5% of the steps, for runs side by side) or None."""
     (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(task.seed)
     model = RecallModel(run.model, task.vocab, run.width, run.layers, run.heads, task.length).to(device)
@@ -188,31 +197,34 @@ def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress
     for _ in range(record["epochs_done"]):           # the same shuffles as an unbroken run
         torch.randperm(len(x_train), generator=gen)
     t0 = time.monotonic() - record["seconds"]
+    report_every, end = (20, "") if progress == "bar" else (max(1, total // 20), "\n")
     for epoch in range(record["epochs_done"], run.epochs):
         order = torch.randperm(len(x_train), generator=gen)
-        running, seen = 0.0, 0
+        running, seen = torch.zeros((), device=device), 0
         for i in range(0, len(order), run.batch):
             if step >= total:
                 break
             idx = order[i:i + run.batch]
             ids, lab = x_train[idx].to(device), y_train[idx].to(device)
+            mask = lab != IGNORE
             with autocast():
-                logits = model(ids)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE)
+                logits = model(ids, select=mask)
+            loss = F.cross_entropy(logits.float(), lab[mask])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            running, seen = running + loss.item(), seen + 1
-            if progress and (step % 20 == 0 or step == total):
+            running, seen = running + loss.detach(), seen + 1          # no host sync per step
+            if progress and (step % report_every == 0 or step == total):
                 el = time.monotonic() - t0
                 eta = el / step * (total - step)
-                print(f"\r{run.name} epoch {epoch + 1}/{run.epochs} step {step}/{total} loss {running / seen:.3f} "
-                      f"elapsed {el:.0f}s ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+                print(("\r" if progress == "bar" else "") + f"{run.name} epoch {epoch + 1}/{run.epochs} step "
+                      f"{step}/{total} loss {running.item() / seen:.3f} elapsed {el:.0f}s ETA {eta:.0f}s",
+                      end=end, file=sys.stderr, flush=True)
         test_loss, test_acc = evaluate(model, x_test, y_test, run.batch, device, autocast)
-        record["train_loss"].append(running / max(seen, 1))
+        record["train_loss"].append(float(running) / max(seen, 1))
         record["test_loss"].append(test_loss)
         record["test_acc"].append(test_acc)
         record["epochs_done"] = epoch + 1
@@ -224,7 +236,8 @@ def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress
                         "record": record, "step": step}, tmp)
             tmp.replace(ckpt)
         if progress:
-            print(f"\n{run.name} epoch {epoch + 1}: test accuracy {test_acc:.4f}", file=sys.stderr)
+            print(("\n" if progress == "bar" else "") + f"{run.name} epoch {epoch + 1}: test accuracy {test_acc:.4f}",
+                  file=sys.stderr)
         if step >= total:
             break
     record["best_test_acc"] = max(record["test_acc"]) if record["test_acc"] else None
@@ -252,6 +265,26 @@ def plot(records: list, path: Path):
     fig.savefig(path, dpi=120)
 
 
+_DATA = {}
+
+
+def train_and_save(run: Run, task: Task, out: Path, progress, max_steps=None) -> dict:
+    """Train one run (its data drawn once per process) and save its record as OUT/runs/NAME.json."""
+    if task not in _DATA:
+        _DATA[task] = (make_examples(task, task.train, task.seed), make_examples(task, task.test, task.seed + 1000))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rec = train(run, task, _DATA[task], device, ckpt=out / "ckpt" / f"{run.name}.pt", progress=progress,
+                max_steps=max_steps)
+    rec["name"] = run.name
+    path = out / "runs" / f"{run.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)
+    print(f"{run.name}: best test accuracy {rec['best_test_acc']:.4f} in {rec['seconds']:.0f} s", file=sys.stderr)
+    return rec
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gsa,attention")
@@ -260,36 +293,47 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="stop each run after this many steps (a timing probe)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     ap.add_argument("--out", default="docs/mqar")
-    ap.add_argument("--resume", action="store_true", help="skip the runs OUT/runs.json holds; continue a "
-                                                          "killed run from its checkpoint")
+    ap.add_argument("--resume", action="store_true", help="skip the runs OUT/runs holds; continue a killed run "
+                                                          "from its checkpoint")
+    ap.add_argument("--gather", action="store_true", help="train nothing: gather OUT/runs into runs.json and the "
+                                                          "plot (after a sweep cut short)")
     ap.add_argument("--tiny", action="store_true", help="a CPU-sized task (vocabulary 64, length 64, 8 pairs)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     task = Task(vocab=64, length=64, pairs=8, train=2048, test=256) if args.tiny else Task()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs_file = out / "runs.json"
-    records = json.loads(runs_file.read_text()) if args.resume and runs_file.is_file() else []
-    done = {r["name"] for r in records}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and "gsa" in args.models.split(",") and os.environ.get("TRITON_INTERPRET") != "1":
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if args.resume and (out / "runs.json").is_file():       # a committed runs.json seeds a fresh machine
+        for rec in json.loads((out / "runs.json").read_text()):
+            path = out / "runs" / f"{rec['name']}.json"
+            if not path.is_file():
+                path.write_text(json.dumps(rec, indent=1))
+    elif not args.gather:
+        for old in (out / "runs").glob("*.json"):
+            old.unlink()
+    if not args.gather and not torch.cuda.is_available() and "gsa" in args.models.split(",") and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: the GSA model runs the Triton kernels, which need a GPU (or TRITON_INTERPRET=1 set "
                  "before starting, for the interpreter: very slow); --models attention runs on a CPU")
-    data = (make_examples(task, task.train, task.seed), make_examples(task, task.test, task.seed + 1000))
-    for model in args.models.split(","):
-        for width in (int(w) for w in args.widths.split(",")):
-            for lr in (float(x) for x in args.lrs.split(",")):
-                run = Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch)
-                if run.name in done:
-                    continue
-                rec = train(run, task, data, device, ckpt=out / "ckpt" / f"{run.name}.pt")
-                rec["name"] = run.name
-                records.append(rec)
-                tmp = runs_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(records, indent=1))
-                tmp.replace(runs_file)
-                print(f"{run.name}: best test accuracy {rec['best_test_acc']:.4f} in {rec['seconds']:.0f} s",
-                      file=sys.stderr)
+    runs = [Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch)
+            for model in args.models.split(",")
+            for width in (int(w) for w in args.widths.split(","))
+            for lr in (float(x) for x in args.lrs.split(","))]
+    todo = [] if args.gather else [r for r in runs if not (out / "runs" / f"{r.name}.json").is_file()]
+    if args.jobs == 1:
+        for run in todo:
+            train_and_save(run, task, out, "bar", args.steps)
+    else:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            pool.starmap(train_and_save, [(run, task, out, "lines", args.steps) for run in todo], chunksize=1)
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    tmp = out / "runs.tmp"
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(out / "runs.json")
     try:
         plot(records, out / "mqar.png")
     except ImportError:

@@ -65,6 +65,28 @@ def test_silu_mul_matches_float64(shape, dtype):
         assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 40, 24), (2049, 16)] + ([(4, 2048, 5632, 2048)] if ON_GPU else []),
+                         ids=str)
+def test_silu_mul_linear_matches_float64(shape, dtype):
+    """down(silu(a) * b) with the product recomputed in the backward: output and the gradients of a, b
+    and the weight."""
+    *lead, inter, out = shape
+    a, b, dy = _leaves((*lead, inter), (*lead, inter), (*lead, out), seed=inter + out)
+    (w,) = _leaves((out, inter), seed=out)
+    w = w / inter ** 0.5
+
+    def plain(a, b, w):
+        return F.linear(F.silu(a) * b, w)
+    ref = _grads(plain, [a, b, w], torch.float64, dy)
+    got = _grads(fused.silu_mul_linear_fused, [a, b, w], dtype, dy)
+    base = _grads(plain, [a, b, w], dtype, dy)
+    assert got[0].dtype == dtype and got[0].shape == (*lead, out)
+    for name, g, p, r in zip(["y", "da", "db", "dw"], got, base, ref):
+        err = rel_err(g, r)
+        assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
+
+
 def test_layers_take_the_fused_path_on_cuda_in_eager_only(monkeypatch):
     """RMSNorm and SwiGLU call the kernels on CUDA tensors outside torch.compile, the plain forms
     elsewhere."""
@@ -72,8 +94,9 @@ def test_layers_take_the_fused_path_on_cuda_in_eager_only(monkeypatch):
     from gsa_kernels.layers.norms import RMSNorm
     calls = []
     monkeypatch.setattr(fused, "rms_norm_fused", lambda *a: calls.append("norm") or fused.rms_norm_plain(*a))
-    monkeypatch.setattr(fused, "silu_mul_fused", lambda a, b: calls.append("silu_mul") or F.silu(a) * b)
+    monkeypatch.setattr(fused, "silu_mul_linear_fused",
+                        lambda a, b, w: calls.append("silu_mul_linear") or F.linear(F.silu(a) * b, w))
     x = torch.randn(2, 3, 16, device=DEVICE)
     RMSNorm(16).to(DEVICE)(x)
     SwiGLU(16, intermediate_size=8).to(DEVICE)(x)
-    assert calls == (["norm", "silu_mul"] if x.is_cuda else [])
+    assert calls == (["norm", "silu_mul_linear"] if x.is_cuda else [])

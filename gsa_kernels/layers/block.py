@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from gsa_kernels.layers import _args
-from gsa_kernels.layers.fused import silu_mul
+from gsa_kernels.layers.fused import silu_mul_linear
 from gsa_kernels.layers.gsa import GatedSlotAttention
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -32,7 +32,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return silu_mul_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 class GSABlock(nn.Module):

@@ -1,7 +1,10 @@
 """The layers' RMSNorm and SwiGLU product as one Triton launch each way (kernels/rms_norm.py,
-kernels/silu_mul.py), with their autograd.
+kernels/silu_mul.py), with their autograd. SwiGLU's down projection takes the product through
+`silu_mul_linear`, which recomputes it in the backward instead of keeping it: at the model's size
+(8192 tokens x 5632 channels, bf16) that is 92 MB per layer less between forward and backward, for
+one more elementwise launch.
 
-`rms_norm` and `silu_mul` take the fused path on CUDA tensors in eager mode, and the plain PyTorch
+`rms_norm`, `silu_mul` and `silu_mul_linear` take the fused path on CUDA tensors in eager mode, and the plain PyTorch
 form under torch.compile (Inductor fuses that form itself, and a graph stays whole) and on other
 devices. `rms_norm_fused` / `silu_mul_fused` always take the kernels: the tests run them in Triton's
 interpreter against the plain forms. Results: float32 inside, one rounding to the input's dtype at
@@ -66,27 +69,56 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+def _silu_mul_fwd(a, b):
+    y = torch.empty_like(a)
+    n = a.numel()
+    if n:
+        silu_mul_fwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, y, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return y
+
+
+def _silu_mul_bwd(a, b, dy):
+    dy = dy.contiguous()
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    if n:
+        silu_mul_bwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, dy, da, db, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+    return da, db
+
+
 class SiLUMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
-        y = torch.empty_like(a)
-        n = a.numel()
-        if n:
-            silu_mul_fwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, y, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
         ctx.save_for_backward(a, b)
-        return y
+        return _silu_mul_fwd(a, b)
 
     @staticmethod
     def backward(ctx, dy):
-        a, b = ctx.saved_tensors
-        dy = dy.contiguous()
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        n = a.numel()
-        if n:
-            silu_mul_bwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](a, b, dy, da, db, n, BLOCK=ELEMENTWISE_BLOCK,
-                                                                num_warps=4)
-        return da, db
+        return _silu_mul_bwd(*ctx.saved_tensors, dy)
+
+
+class SiLUMulLinearFunction(torch.autograd.Function):
+    """F.linear(silu(a) * b, weight) that keeps a and b for the backward and computes the product again
+    there: the product, a [tokens, intermediate] tensor, is not held between forward and backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, a, b, weight):
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b, weight)
+        return F.linear(_silu_mul_fwd(a, b), weight)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        a, b, weight = ctx.saved_tensors
+        dweight = None
+        if ctx.needs_input_grad[2]:
+            y = _silu_mul_fwd(a, b)
+            dweight = (dout.reshape(-1, dout.shape[-1]).T @ y.reshape(-1, y.shape[-1])).to(weight.dtype)
+        da, db = _silu_mul_bwd(a, b, dout @ weight.to(dout.dtype))
+        return da, db, dweight
 
 
 def rms_norm_plain(x, weight, eps):
@@ -105,6 +137,10 @@ def silu_mul_fused(a, b):
     return SiLUMulFunction.apply(a, b)
 
 
+def silu_mul_linear_fused(a, b, weight):
+    return SiLUMulLinearFunction.apply(a, b, weight)
+
+
 def _fused_here(x) -> bool:
     return x.is_cuda and not torch.compiler.is_compiling()
 
@@ -121,3 +157,11 @@ def silu_mul(a, b):
     if _fused_here(a) and a.shape == b.shape and a.dtype == b.dtype:
         return silu_mul_fused(a, b)
     return F.silu(a) * b
+
+
+def silu_mul_linear(a, b, weight):
+    """F.linear(silu(a) * b, weight) (SwiGLU's down projection); fused, the product is recomputed in the
+    backward instead of saved."""
+    if _fused_here(a) and a.shape == b.shape and a.dtype == b.dtype:
+        return silu_mul_linear_fused(a, b, weight)
+    return F.linear(silu_mul(a, b), weight)

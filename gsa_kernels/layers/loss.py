@@ -42,13 +42,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = total + torch.where(vc, lse - logits.gather(1, target)[:, 0], 0).sum()
             if grad_h is None and grad_w is None:
                 continue
-            p = (logits - lse[:, None]).exp_()
+            p = logits.sub_(lse[:, None]).exp_()      # the logits are dead once the loss is summed
             p.scatter_add_(1, target, torch.full_like(p[:, :1], -1.0))
-            p.mul_((vc.float() * scale)[:, None])
-            if grad_w is not None:      # from the float32 probabilities, before their rounding below
-                grad_w.addmm_(p.T, hc.float())
+            p = p.mul_((vc.float() * scale)[:, None]).to(h.dtype)
+            if grad_w is not None:
+                # the gradient of the logits in h's dtype, as autograd through `linear(h).float()` has
+                # it; a half-precision product on the tensor cores (a float32 one runs ~10x slower),
+                # summed over the chunks in float32
+                if p.dtype == torch.float32:
+                    grad_w.addmm_(p.T, hc)
+                else:
+                    grad_w.add_(p.T @ hc)
             if grad_h is not None:
-                grad_h[start:start + chunk] = p.to(h.dtype) @ weight
+                grad_h[start:start + chunk] = p @ weight
         ctx.save_for_backward(grad_h, grad_w)
         return total / count.float()
 
