@@ -124,16 +124,25 @@ class RecallModel(nn.Module):
         self.final = RMSNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
 
-    def forward(self, ids, select=None):
-        """Logits [B, T, vocab], or [n, vocab] at the n positions where the bool mask `select` is set."""
+    def forward(self, ids, positions=None):
+        """Logits [B, T, vocab], or [B, P, vocab] at the positions [B, P] (indices along T)."""
         h = self.embed(ids)
         if self.pos is not None:
             h = h + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for norm, mix in zip(self.norms, self.mixers):
             h = h + mix(norm(h))
-        if select is not None:
-            h = h[select]
+        if positions is not None:
+            h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
         return self.head(self.final(h))
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[n, pairs]: where each row's labels are set (every row has the same count), in order."""
+    mask = labels != IGNORE
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every example must hold the same number of queries")
+    return mask.nonzero()[:, 1].view(len(labels), int(counts[0]))
 
 
 @dataclass
@@ -156,65 +165,142 @@ class Run:
 def evaluate(model, inputs, labels, batch, device, autocast) -> tuple[float, float]:
     """(loss, accuracy) over the query positions."""
     model.eval()
+    positions = answer_positions(labels)
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad(), autocast():
         for i in range(0, len(inputs), batch):
-            ids, lab = inputs[i:i + batch].to(device), labels[i:i + batch].to(device)
-            mask = lab != IGNORE
-            logits = model(ids, select=mask).float()
-            total_loss += F.cross_entropy(logits, lab[mask], reduction="sum").item()
-            correct += (logits.argmax(-1) == lab[mask]).sum().item()
-            count += mask.sum().item()
+            ids, pos = inputs[i:i + batch].to(device), positions[i:i + batch].to(device)
+            target = labels[i:i + batch].to(device).gather(1, pos).flatten()
+            logits = model(ids, pos).float().flatten(0, 1)
+            total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(-1) == target).sum().item()
+            count += target.numel()
     model.train()
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
-def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress="bar", max_steps=None) -> dict:
+class GraphedStep:
+    """One training step (forward, loss, backward, clipping, AdamW) captured in a CUDA graph and
+    replayed on static input buffers: the models here are small, so an eager step is mostly host time
+    (a few hundred launches). The capture needs a few warm-up steps; the parameters and the optimizer
+    state are put back afterwards, so the run is the eager run's."""
+
+    def __init__(self, model, opt, step_body, ids, positions, targets):
+        self.ids, self.positions, self.targets = ids.clone(), positions.clone(), targets.clone()
+        saved_params = [p.detach().clone() for p in model.parameters()]
+        saved_state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
+                       for k, v in opt.state.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                step_body(self.ids, self.positions, self.targets)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)     # the captured backward then writes the gradients, not adds
+        with torch.cuda.graph(self.graph):
+            self.loss = step_body(self.ids, self.positions, self.targets)
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), saved_params):
+                p.copy_(saved)
+            for param, state in opt.state.items():
+                for name, t in state.items():
+                    if torch.is_tensor(t):
+                        t.copy_(saved_state[param][name]) if param in saved_state else t.zero_()
+
+    def __call__(self, ids, positions, targets):
+        self.ids.copy_(ids, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.targets.copy_(targets, non_blocking=True)
+        self.graph.replay()
+        return self.loss
+
+
+def write_json(path: Path, obj):
+    """Write atomically (a killed sweep never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress="bar", max_steps=None,
+          graph: bool = True, record_path: Path | None = None) -> dict:
     """Train one model; returns its record (losses per epoch, best test accuracy, seconds).
 
-    progress: "bar" (one line redrawn), "lines" (a line per 5% of the steps, for runs side by side) or None."""
+    progress: "bar" (one line redrawn), "lines" (a line per 5% of the steps, for runs side by side) or None.
+    graph: on a GPU, replay the training step from a CUDA graph (GraphedStep).
+    record_path: where the record is written after every epoch ("finished" false until the last)."""
     (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(task.seed)
     model = RecallModel(run.model, task.vocab, run.width, run.layers, run.heads, task.length).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, betas=(0.9, 0.98))
-    steps_per_epoch = math.ceil(len(x_train) / run.batch)
+    on_gpu = device.type == "cuda"
+    graphed = on_gpu and graph
+    # capturable: the optimizer's step counts and learning rate live on the GPU, so a graph can hold it
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(run.lr, device=device) if graphed else run.lr,
+                            weight_decay=run.weight_decay, betas=(0.9, 0.98), capturable=graphed)
+    steps_per_epoch = len(x_train) // run.batch             # whole batches: a graph has one shape
     total = steps_per_epoch * run.epochs if max_steps is None else max_steps
     warm = max(1, int(run.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
-    on_gpu = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+
+    def set_lr(step):       # linear warm-up, then cosine decay; filled in place when the graph holds it
+        lr = run.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+        for group in opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+    # the autocast cache must be off inside a CUDA graph (its casts would be captured once, then stale)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed)) if on_gpu
+                else contextlib.nullcontext)
     record = {**asdict(run), "task": asdict(task), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-              "epochs_done": 0, "train_loss": [], "test_loss": [], "test_acc": [], "seconds": 0.0}
+              "cuda_graph": graphed, "epochs_done": 0, "train_loss": [], "test_loss": [], "test_acc": [],
+              "seconds": 0.0}
     step = 0
     if ckpt is not None and ckpt.is_file():          # resume this run where its last epoch ended
         saved = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
         record, step = saved["record"], saved["step"]
+    positions = answer_positions(y_train)
+    targets = y_train.gather(1, positions)
+
+    def step_body(ids, pos, tgt):       # forward, loss, backward, clipping, update; no host sync
+        with autocast():
+            logits = model(ids, pos)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    def eager_step(ids, pos, tgt):
+        opt.zero_grad(set_to_none=True)
+        return step_body(ids, pos, tgt)
+
     gen = torch.Generator().manual_seed(task.seed + 1)
     for _ in range(record["epochs_done"]):           # the same shuffles as an unbroken run
         torch.randperm(len(x_train), generator=gen)
+    train_step = eager_step
     t0 = time.monotonic() - record["seconds"]
     report_every, end = (20, "") if progress == "bar" else (max(1, total // 20), "\n")
     for epoch in range(record["epochs_done"], run.epochs):
         order = torch.randperm(len(x_train), generator=gen)
         running, seen = torch.zeros((), device=device), 0
-        for i in range(0, len(order), run.batch):
+        for i in range(0, steps_per_epoch * run.batch, run.batch):
             if step >= total:
                 break
             idx = order[i:i + run.batch]
-            ids, lab = x_train[idx].to(device), y_train[idx].to(device)
-            mask = lab != IGNORE
-            with autocast():
-                logits = model(ids, select=mask)
-            loss = F.cross_entropy(logits.float(), lab[mask])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            batch = [t[idx].to(device, non_blocking=True) for t in (x_train, positions, targets)]
+            set_lr(step)
+            if graphed and train_step is eager_step:
+                try:
+                    train_step = GraphedStep(model, opt, step_body, *batch)
+                except RuntimeError as err:     # keep training, eagerly, and say so in the record
+                    print(f"{run.name}: CUDA graph capture failed ({err}); training eagerly", file=sys.stderr)
+                    graphed = record["cuda_graph"] = False
+            loss = train_step(*batch)
             step += 1
             running, seen = running + loss.detach(), seen + 1          # no host sync per step
             if progress and (step % report_every == 0 or step == total):
@@ -229,18 +315,21 @@ def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress
         record["test_acc"].append(test_acc)
         record["epochs_done"] = epoch + 1
         record["seconds"] = time.monotonic() - t0
+        record["best_test_acc"] = max(record["test_acc"])
+        record["finished"] = step >= total or epoch + 1 == run.epochs
+        if record_path is not None:
+            write_json(record_path, {**record, "name": run.name})
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "record": record, "step": step}, tmp)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "record": record, "step": step}, tmp)
             tmp.replace(ckpt)
         if progress:
             print(("\n" if progress == "bar" else "") + f"{run.name} epoch {epoch + 1}: test accuracy {test_acc:.4f}",
                   file=sys.stderr)
         if step >= total:
             break
-    record["best_test_acc"] = max(record["test_acc"]) if record["test_acc"] else None
+    record.setdefault("best_test_acc", None)
     return record
 
 
@@ -273,14 +362,11 @@ def train_and_save(run: Run, task: Task, out: Path, progress, max_steps=None) ->
     if task not in _DATA:
         _DATA[task] = (make_examples(task, task.train, task.seed), make_examples(task, task.test, task.seed + 1000))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rec = train(run, task, _DATA[task], device, ckpt=out / "ckpt" / f"{run.name}.pt", progress=progress,
-                max_steps=max_steps)
-    rec["name"] = run.name
     path = out / "runs" / f"{run.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)
+    rec = train(run, task, _DATA[task], device, ckpt=out / "ckpt" / f"{run.name}.pt", progress=progress,
+                max_steps=max_steps, record_path=path)
+    rec["name"] = run.name
+    write_json(path, rec)
     print(f"{run.name}: best test accuracy {rec['best_test_acc']:.4f} in {rec['seconds']:.0f} s", file=sys.stderr)
     return rec
 
@@ -311,7 +397,7 @@ def main(argv=None):
         for rec in json.loads((out / "runs.json").read_text()):
             path = out / "runs" / f"{rec['name']}.json"
             if not path.is_file():
-                path.write_text(json.dumps(rec, indent=1))
+                write_json(path, rec)
     elif not args.gather:
         for old in (out / "runs").glob("*.json"):
             old.unlink()
@@ -322,18 +408,21 @@ def main(argv=None):
             for model in args.models.split(",")
             for width in (int(w) for w in args.widths.split(","))
             for lr in (float(x) for x in args.lrs.split(","))]
-    todo = [] if args.gather else [r for r in runs if not (out / "runs" / f"{r.name}.json").is_file()]
+    def finished(run):
+        path = out / "runs" / f"{run.name}.json"
+        return path.is_file() and json.loads(path.read_text()).get("finished", False)
+    todo = [] if args.gather else [r for r in runs if not finished(r)]
     if args.jobs == 1:
         for run in todo:
             train_and_save(run, task, out, "bar", args.steps)
     else:
         import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        # one CPU thread per run: runs side by side would otherwise each start a thread per core
+        with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads, initargs=(1,),
+                                                       maxtasksperchild=1) as pool:
             pool.starmap(train_and_save, [(run, task, out, "lines", args.steps) for run in todo], chunksize=1)
     records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-    tmp = out / "runs.tmp"
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(out / "runs.json")
+    write_json(out / "runs.json", records)
     try:
         plot(records, out / "mqar.png")
     except ImportError:
