@@ -57,6 +57,7 @@ class Task:
     train: int = 100_000
     test: int = 3_000
     alpha: float = 0.01
+    noise: bool = False             # random tokens between the queries instead of 0
     seed: int = 0
 
 
@@ -68,8 +69,9 @@ def make_examples(task: Task, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
     if context + 2 * task.pairs > task.length:
         raise ValueError(f"length {task.length} cannot hold {task.pairs} pairs and their queries")
     keys = np.stack([rng.choice(np.arange(1, half), task.pairs, replace=False) for _ in range(n)])
-    values = rng.integers(half, task.vocab, size=(n, task.pairs))
-    inputs = rng.integers(1, task.vocab, size=(n, task.length))        # the noise between queries
+    values = np.stack([rng.choice(np.arange(half, task.vocab), task.pairs, replace=False) for _ in range(n)])
+    inputs = (rng.integers(1, task.vocab, size=(n, task.length)) if task.noise
+              else np.zeros((n, task.length), dtype=np.int64))
     inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
     # query slots: the even offsets after the context; offset i (0-based) drawn with p ~ (i+1)^(alpha-1)
     slots = (task.length - context) // 2
