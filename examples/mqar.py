@@ -1,11 +1,12 @@
 """Multi-query associative recall (MQAR), the GSA paper's recall task, trained on these kernels.
 
     python -m examples.mqar [--widths 64,128,256] [--models gsa,attention] [--lrs 1e-3,3e-3]
-                            [--epochs 16] [--jobs 1] [--out docs/mqar] [--resume] [--tiny]
+                            [--epochs 16] [--jobs 1] [--out docs/mqar] [--resume] [--gather] [--tiny]
 
 The task (the Zoology benchmark's setup, which the paper used): a sequence opens with key-value pairs
 (k_1 v_1 k_2 v_2 ...; keys from the first half of the vocabulary, values from the second), then holds
-queries, each a key of its context, at even offsets after it, with random tokens in between. The model
+queries, each a key of its context, at even offsets after it, with 0 in between (Zoology's figure-2
+runs; `Task(noise=True)`: random tokens, Zoology's later default). The model
 must emit a query's value at the query's position; loss and accuracy count those positions only. The
 offset of each query is drawn from a power law that favours near positions (p(gap) ~ gap^(alpha - 1),
 alpha 0.01). Defaults: vocabulary 8192, length 512, 64 pairs, 100k training and 3k test examples,
@@ -16,12 +17,13 @@ GSA: gsa_kernels.layers.GatedSlotAttention, 4 heads, width / 4 slots, gate norma
 MQAR runs). The reference: causal softmax attention (SDPA) of the same width and heads, with learned
 absolute positions (GSA needs none). Training: AdamW (weight decay 0.1), cosine decay after a short
 warm-up, bf16 autocast on a GPU, a short sweep of learning rates; each run's best test accuracy over
-its epochs is kept. The head runs on the answer positions only (64 of 512 per sequence): the other
+its epochs is kept. On a GPU each step is one CUDA-graph replay (`GraphedStep`). The head runs on the answer positions only (64 of 512 per sequence): the other
 positions carry no loss, so their logits would be 7/8 of the head's work for nothing. `--jobs N` trains
 N runs at once in separate processes: the models are small, so one run leaves most of a large GPU idle
-between its launches. Each finished run is saved to OUT/runs/NAME.json at once and gathered into
-OUT/runs.json (a killed sweep resumes with --resume and skips them); the model's checkpoint is saved
-every epoch (OUT/ckpt/*.pt) and a resumed run continues from it. OUT/mqar.png plots accuracy against
+between its launches. Each run's record is saved to OUT/runs/NAME.json after every epoch and gathered
+into OUT/runs.json (a killed sweep resumes with --resume and skips the finished ones; --gather only
+gathers); the model's checkpoint is saved every epoch (OUT/ckpt/*.pt) and a resumed run continues
+from it. OUT/mqar.png plots accuracy against
 width (matplotlib, the `bench` extra).
 
 Why examples/ and not benchmarks/: this trains models end to end and reports what they learn; the
@@ -403,7 +405,8 @@ def main(argv=None):
     elif not args.gather:
         for old in (out / "runs").glob("*.json"):
             old.unlink()
-    if not args.gather and not torch.cuda.is_available() and "gsa" in args.models.split(",") and os.environ.get("TRITON_INTERPRET") != "1":
+    needs_gpu = not args.gather and "gsa" in args.models.split(",")
+    if needs_gpu and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: the GSA model runs the Triton kernels, which need a GPU (or TRITON_INTERPRET=1 set "
                  "before starting, for the interpreter: very slow); --models attention runs on a CPU")
     runs = [Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch)

@@ -4,9 +4,9 @@ kernels/silu_mul.py), with their autograd. SwiGLU's down projection takes the pr
 (8192 tokens x 5632 channels, bf16) that is 92 MB per layer less between forward and backward, for
 one more elementwise launch.
 
-`rms_norm`, `silu_mul` and `silu_mul_linear` take the fused path on CUDA tensors in eager mode, and the plain PyTorch
-form under torch.compile (Inductor fuses that form itself, and a graph stays whole) and on other
-devices. `rms_norm_fused` / `silu_mul_fused` always take the kernels: the tests run them in Triton's
+`rms_norm`, `silu_mul` and `silu_mul_linear` take the fused path on CUDA tensors in eager mode, and
+the plain PyTorch form under torch.compile (Inductor fuses that form itself, and a graph stays whole)
+and on other devices. `rms_norm_fused` / `silu_mul_fused` always take the kernels: the tests run them in Triton's
 interpreter against the plain forms. Results: float32 inside, one rounding to the input's dtype at
 the end (the plain SwiGLU rounds silu(a) to the input's dtype before the product as well).
 
