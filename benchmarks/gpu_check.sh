@@ -96,7 +96,7 @@ for step in ${steps//,/ }; do
       python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \
         | tee "$OUT/bench_compile.log" || status=1 ;;
     ab)
-      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels benchmarks tuned_configs /tmp/ab/
+      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels benchmarks tuned_configs tests docs README.md /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
         for side in base patched; do
           root=$PWD; [ $side = patched ] && root=/tmp/ab
