@@ -106,10 +106,10 @@ class Attention(nn.Module):
 
 
 class GSAMixer(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, short_conv: bool = False):
         super().__init__()
         self.attn = GatedSlotAttention(hidden_size=width, num_heads=heads, num_slots=width // 4,
-                                       gate_logit_normalizer=16, recurrent_threshold=0)
+                                       gate_logit_normalizer=16, recurrent_threshold=0, use_short_conv=short_conv)
 
     def forward(self, x):
         return self.attn.mix(x, use_cache=False)[0]
@@ -118,13 +118,14 @@ class GSAMixer(nn.Module):
 class RecallModel(nn.Module):
     """Embedding -> L x [RMSNorm -> mixer -> residual] -> RMSNorm -> head (no MLPs, as the paper's runs)."""
 
-    def __init__(self, kind: str, vocab: int, width: int, layers: int, heads: int, length: int):
+    def __init__(self, kind: str, vocab: int, width: int, layers: int, heads: int, length: int,
+                 short_conv: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(length, width) if kind == "attention" else None
-        mixer = {"gsa": GSAMixer, "attention": Attention}[kind]
         self.norms = nn.ModuleList(RMSNorm(width) for _ in range(layers))
-        self.mixers = nn.ModuleList(mixer(width, heads) for _ in range(layers))
+        self.mixers = nn.ModuleList(GSAMixer(width, heads, short_conv) if kind == "gsa" else Attention(width, heads)
+                                    for _ in range(layers))
         self.final = RMSNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
 
@@ -160,10 +161,12 @@ class Run:
     batch: int = 64
     warmup: float = 0.1            # fraction of the steps
     weight_decay: float = 0.1
+    short_conv: bool = False       # GSA's causal depthwise convolutions on q, k, v (conv_size 4)
 
     @property
     def name(self) -> str:
-        return f"{self.model}-w{self.width}-L{self.layers}-lr{self.lr:g}"
+        conv = "-conv" if self.short_conv and self.model == "gsa" else ""
+        return f"{self.model}{conv}-w{self.width}-L{self.layers}-lr{self.lr:g}"
 
 
 def evaluate(model, inputs, labels, batch, device, autocast) -> tuple[float, float]:
@@ -238,7 +241,8 @@ def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress
     record_path: where the record is written after every epoch ("finished" false until the last)."""
     (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(task.seed)
-    model = RecallModel(run.model, task.vocab, run.width, run.layers, run.heads, task.length).to(device)
+    model = RecallModel(run.model, task.vocab, run.width, run.layers, run.heads, task.length,
+                        run.short_conv).to(device)
     on_gpu = device.type == "cuda"
     graphed = on_gpu and graph
     # capturable: the optimizer's step counts and learning rate live on the GPU, so a graph can hold it
@@ -383,6 +387,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--short-conv", action="store_true", help="GSA layers with short convolutions on q, k, v")
     ap.add_argument("--steps", type=int, default=None, help="stop each run after this many steps (a timing probe)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     ap.add_argument("--out", default="docs/mqar")
@@ -409,7 +414,8 @@ def main(argv=None):
     if needs_gpu and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: the GSA model runs the Triton kernels, which need a GPU (or TRITON_INTERPRET=1 set "
                  "before starting, for the interpreter: very slow); --models attention runs on a CPU")
-    runs = [Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch)
+    runs = [Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch,
+                short_conv=args.short_conv)
             for model in args.models.split(",")
             for width in (int(w) for w in args.widths.split(","))
             for lr in (float(x) for x in args.lrs.split(","))]
