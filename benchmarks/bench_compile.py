@@ -29,6 +29,30 @@ import torch._dynamo
 import torch.nn.functional as F
 
 
+def kernel_times(fn, top: int) -> tuple[list, float]:
+    """([(kernel, ms, launches)] of the `top` GPU kernels of one call of fn by total time, the total ms
+    of all its kernels), from torch.profiler after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((e.key, us / 1e3, e.count))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top], sum(ms for _, ms, _ in rows)
+
+
+def print_kernels(title: str, rows: list, total: float):
+    print(f"{title}: {total:.2f} ms of GPU kernels in one step; the largest:")
+    for name, ms, count in rows:
+        print(f"  {ms:8.3f} ms {count:5d}x  {name[:90]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -42,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--loss", choices=("labels", "logits"), default="labels",
                     help="labels: the model's chunked loss; logits: full logits and F.cross_entropy")
     ap.add_argument("--fla", action="store_true", help="also time FLA's GSAForCausalLM (eager) in this run")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N GPU kernels of one eager step (ours, and FLA's with --fla) that take "
+                         "the most time, from torch.profiler")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -106,6 +133,10 @@ def main(argv=None):
     compiled_step(half).backward()
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before
 
+    profiles = {}
+    if args.profile:
+        profiles["ours"] = kernel_times(eager, args.profile)
+
     fla = {}
     if fla_model is not None:
         model.cpu()
@@ -121,11 +152,14 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         fla_run()
         fla["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.profile:
+            profiles["fla"] = kernel_times(fla_run, args.profile)
 
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   shape=vars(args), eager_ms=eager_ms, compiled_ms=compiled_ms, speedup=eager_ms / compiled_ms,
                   compile_s=compile_s, eager_peak_gib=eager_peak, compiled_peak_gib=compiled_peak,
-                  eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled, fla=fla)
+                  eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled, fla=fla,
+                  kernels={who: dict(total_ms=total, top=rows) for who, (rows, total) in profiles.items()})
     print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
           f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, loss from {args.loss}, on {result['device']}")
     print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
@@ -135,6 +169,8 @@ def main(argv=None):
         print(f"{'FLA eager':>10} {fla['ms']:9.2f} {fla['peak_gib']:9.2f} {fla['loss']:9.4f}")
     print(f"speed-up {eager_ms / compiled_ms:.2f}x; compile time {compile_s:.1f} s (mode {args.mode!r}); "
           f"new graphs at T = {args.T // 2}: {recompiled}")
+    for who, (rows, total) in profiles.items():
+        print_kernels({"ours": "ours, eager", "fla": "FLA, eager"}[who], rows, total)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -19,7 +19,8 @@
 #               KV-cache Transformer (CONTEXT_ARGS), with its plot
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
 #               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile;
-#               COMPILE_ARGS="--fla" adds FLA's GSAForCausalLM: carry .whl_hf too)
+#               COMPILE_ARGS="--fla" adds FLA's GSAForCausalLM: carry .whl_hf too; "--profile 25" the
+#               largest GPU kernels of one eager step)
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
