@@ -211,10 +211,14 @@ class GraphedStep:
         with torch.no_grad():
             for p, saved in zip(model.parameters(), saved_params):
                 p.copy_(saved)
-            for param, state in opt.state.items():
+            for param, state in opt.state.items():       # created by the warm-up steps if it was empty
                 for name, t in state.items():
-                    if torch.is_tensor(t):
-                        t.copy_(saved_state[param][name]) if param in saved_state else t.zero_()
+                    if not torch.is_tensor(t):
+                        continue
+                    if param in saved_state:
+                        t.copy_(saved_state[param][name])
+                    else:
+                        t.zero_()
 
     def __call__(self, ids, positions, targets):
         self.ids.copy_(ids, non_blocking=True)
