@@ -6,7 +6,7 @@ one more elementwise launch.
 
 `rms_norm`, `silu_mul` and `silu_mul_linear` take the fused path on CUDA tensors in eager mode, and
 the plain PyTorch form under torch.compile (Inductor fuses that form itself, and a graph stays whole)
-and on other devices. `rms_norm_fused` / `silu_mul_fused` always take the kernels: the tests run them in Triton's
+and on other devices. The `*_fused` forms always take the kernels: the tests run them in Triton's
 interpreter against the plain forms. Results: float32 inside, one rounding to the input's dtype at
 the end (the plain SwiGLU rounds silu(a) to the input's dtype before the product as well).
 
