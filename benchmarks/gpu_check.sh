@@ -20,11 +20,13 @@
 #     compile   tests/test_compile.py on CUDA (opcheck, fullgraph, no recompiles), then
 #               benchmarks/bench_compile.py (GSAModel training step, eager vs torch.compile;
 #               COMPILE_ARGS="--fla" adds FLA's GSAForCausalLM: carry .whl_hf too; "--profile 25" the
-#               largest GPU kernels of one eager step)
+#               largest GPU kernels of one eager step; COMPILE_TESTS=0 skips the tests)
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
-#               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log
+#               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log. AB_TESTS: pytest
+#               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk_fwd,chunk_fwd_compact"):
+#               re-time the patched kernels at the shipped configs (AB_SWEEP_SHAPES, default bench,common; bf16) so both sides run tuned
 #     mqar      python -m examples.mqar MQAR_ARGS (e.g. "--jobs 12 --epochs 8") into docs/mqar on the machine,
 #               cut at MQAR_TIMEOUT seconds (runs finished by then are kept); runs.json, the plot and the
 #               log come back (the checkpoints stay: too many files for $OUT)
@@ -93,15 +95,28 @@ for step in ${steps//,/ }; do
       python3 -m benchmarks.bench_context ${CONTEXT_ARGS:-} --json "$OUT/bench_context.json" \
         --plot "$OUT/decode_vs_context.png" 2>&1 | tee "$OUT/bench_context.log" || status=1 ;;
     compile)
-      python3 -m pytest -q -rs --durations=10 tests/test_compile.py 2>&1 | tee "$OUT/tests_compile.log" || status=1
+      if [ "${COMPILE_TESTS:-1}" = 1 ]; then
+        python3 -m pytest -q -rs --durations=10 tests/test_compile.py 2>&1 | tee "$OUT/tests_compile.log" || status=1
+      fi
       python3 -m benchmarks.bench_compile ${COMPILE_ARGS:-} --json "$OUT/bench_compile.json" 2>&1 \
         | tee "$OUT/bench_compile.log" || status=1 ;;
     ab)
       rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels benchmarks tuned_configs tests docs README.md /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
+        [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
+          | tee "$OUT/ab_tests.log"
+        base_cfg=none; patched_cfg=none
+        if [ -n "${AB_SWEEP:-}" ]; then
+          # the patched kernels re-timed from the shipped file's configs (a re-validation, not a search),
+          # so that both sides run tuned: base with the shipped file, patched with this one
+          (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m tuning.sweep --arch sm90 --kernels "$AB_SWEEP" \
+            --seed tuned_configs/sm90-nvidia-h200.yaml --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" --dtypes bf16 \
+            --output "$OUT/ab_sm90.yaml") 2>&1 | tee "$OUT/ab_sweep.log"
+          base_cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; patched_cfg=$OUT/ab_sm90.yaml
+        fi
         for side in base patched; do
-          root=$PWD; [ $side = patched ] && root=/tmp/ab
-          (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=none PYTHONPATH=$root:/tmp/site python3 -m benchmarks.bench_chunk \
+          root=$PWD; cfg=$base_cfg; [ $side = patched ] && root=/tmp/ab && cfg=$patched_cfg
+          (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=$cfg PYTHONPATH=$root:/tmp/site python3 -m benchmarks.bench_chunk \
             --graph ${AB_ARGS:---shapes a,e --no-fla --no-sdpa} --json "$OUT/ab_$side.json") 2>&1 | tee "$OUT/ab_$side.log"
         done
       else

@@ -33,19 +33,20 @@ def _grads(fn, inputs, dtype, dy):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["weight", "no-weight"])
-def test_rms_norm_matches_float64(shape, affine, dtype):
+@pytest.mark.parametrize("silu", [False, True], ids=["norm", "silu-norm"])
+def test_rms_norm_matches_float64(shape, affine, silu, dtype):
     N = shape[-1]
     x, dy, w = _leaves(shape, shape, (N,), seed=sum(shape))
     w = 1 + 0.5 * w
     eps = 1e-6
     if affine:
-        ref = _grads(lambda x, w: fused.rms_norm_plain(x, w, eps), [x, w], torch.float64, dy)
-        got = _grads(lambda x, w: fused.rms_norm_fused(x, w, eps), [x, w], dtype, dy)
-        plain = _grads(lambda x, w: fused.rms_norm_plain(x, w, eps), [x, w], dtype, dy)
+        ref = _grads(lambda x, w: fused.rms_norm_plain(x, w, eps, silu), [x, w], torch.float64, dy)
+        got = _grads(lambda x, w: fused.rms_norm_fused(x, w, eps, silu), [x, w], dtype, dy)
+        plain = _grads(lambda x, w: fused.rms_norm_plain(x, w, eps, silu), [x, w], dtype, dy)
     else:
-        ref = _grads(lambda x: fused.rms_norm_plain(x, None, eps), [x], torch.float64, dy)
-        got = _grads(lambda x: fused.rms_norm_fused(x, None, eps), [x], dtype, dy)
-        plain = _grads(lambda x: fused.rms_norm_plain(x, None, eps), [x], dtype, dy)
+        ref = _grads(lambda x: fused.rms_norm_plain(x, None, eps, silu), [x], torch.float64, dy)
+        got = _grads(lambda x: fused.rms_norm_fused(x, None, eps, silu), [x], dtype, dy)
+        plain = _grads(lambda x: fused.rms_norm_plain(x, None, eps, silu), [x], dtype, dy)
     assert got[0].dtype == dtype and got[0].shape == shape
     for name, g, p, r in zip(["y", "dx", "dw"], got, plain, ref):
         err = rel_err(g, r)
@@ -87,6 +88,44 @@ def test_silu_mul_linear_matches_float64(shape, dtype):
         assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("outs, silu", [((24,), True), ((24, 8, 40), False)], ids=["o_proj", "projections"])
+@pytest.mark.parametrize("lead", [(3, 7), (70,)] + ([(4, 2048)] if ON_GPU else []), ids=str)
+def test_rms_norm_linear_matches_float64(lead, outs, silu, dtype):
+    """The norm and its projections with the normed input recomputed in the backward: every output and
+    the gradients of x, the norm's weight and each projection's weight (one of the three projections
+    left out of the loss, as a layer's unused output would be)."""
+    N = 48 if not ON_GPU or lead != (4, 2048) else 2048
+    x, w = _leaves((*lead, N), (N,), seed=N + len(outs))
+    w = 1 + 0.5 * w
+    Ws = [W / N ** 0.5 for W in _leaves(*[(o, N) for o in outs], seed=sum(outs))]
+    dys = _leaves(*[(*lead, o) for o in outs], seed=7)
+    used = [i != 1 for i in range(len(outs))]
+    eps = 1e-6
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(DEVICE, dtype).clone().requires_grad_() for t in (x, w, *Ws)]
+        ys = fn(leaves[0], leaves[1], leaves[2:])
+        sum((y * dy.to(DEVICE, dtype)).sum() for y, dy, u in zip(ys, dys, used) if u).backward()
+        return list(ys) + [t.grad for t in leaves]
+
+    def plain(x, w, Ws):
+        y = fused.rms_norm_plain(x, w, eps, silu)
+        return [F.linear(y, W) for W in Ws]
+
+    ref = run(plain, torch.float64)
+    got = run(lambda x, w, Ws: fused.rms_norm_linear_fused(x, w, eps, Ws, silu), dtype)
+    base = run(plain, dtype)
+    names = [f"y{i}" for i in range(len(outs))] + ["dx", "dw"] + [f"dW{i}" for i in range(len(outs))]
+    for name, g, p, r in zip(names, got, base, ref):
+        if r is None:    # the unused projection's weight: no gradient, fused or not
+            assert g is None and p is None, name
+            continue
+        assert g.dtype == dtype and g.shape == r.shape, name
+        err = rel_err(g, r)
+        assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
+
+
 def test_layers_take_the_fused_path_on_cuda_in_eager_only(monkeypatch):
     """RMSNorm and SwiGLU call the kernels on CUDA tensors outside torch.compile, the plain forms
     elsewhere."""
@@ -94,9 +133,12 @@ def test_layers_take_the_fused_path_on_cuda_in_eager_only(monkeypatch):
     from gsa_kernels.layers.norms import RMSNorm
     calls = []
     monkeypatch.setattr(fused, "rms_norm_fused", lambda *a: calls.append("norm") or fused.rms_norm_plain(*a))
+    monkeypatch.setattr(fused, "rms_norm_linear_fused", lambda x, w, eps, Ws, silu: calls.append("norm_linear")
+                        or [F.linear(fused.rms_norm_plain(x, w, eps, silu), W) for W in Ws])
     monkeypatch.setattr(fused, "silu_mul_linear_fused",
                         lambda a, b, w: calls.append("silu_mul_linear") or F.linear(F.silu(a) * b, w))
     x = torch.randn(2, 3, 16, device=DEVICE)
-    RMSNorm(16).to(DEVICE)(x)
-    SwiGLU(16, intermediate_size=8).to(DEVICE)(x)
-    assert calls == (["norm", "silu_mul_linear"] if x.is_cuda else [])
+    norm = RMSNorm(16).to(DEVICE)
+    norm(x)
+    SwiGLU(16, intermediate_size=8).to(DEVICE)(x, input_norm=norm)
+    assert calls == (["norm", "norm_linear", "silu_mul_linear"] if x.is_cuda else [])

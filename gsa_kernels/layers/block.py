@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from gsa_kernels.layers import _args
-from gsa_kernels.layers.fused import silu_mul_linear
+from gsa_kernels.layers.fused import rms_norm_linear, silu_mul_linear
 from gsa_kernels.layers.gsa import GatedSlotAttention
 from gsa_kernels.layers.norms import RMSNorm
 
@@ -31,8 +31,14 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
-        return silu_mul_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+    def forward(self, x, input_norm: RMSNorm | None = None):
+        """input_norm: a pre-norm block's RMSNorm, applied to x with gate_proj and up_proj (the normed x
+        is recomputed in the backward instead of kept)."""
+        if input_norm is None:
+            a, b = self.gate_proj(x), self.up_proj(x)
+        else:
+            a, b = rms_norm_linear(x, input_norm.weight, input_norm.eps, [self.gate_proj.weight, self.up_proj.weight])
+        return silu_mul_linear(a, b, self.down_proj.weight)
 
 
 class GSABlock(nn.Module):
@@ -55,7 +61,7 @@ class GSABlock(nn.Module):
         self.mlp = SwiGLU(hidden_size, hidden_ratio, intermediate_size)
 
     def forward(self, x, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None):
-        o, state = self.attn.mix(self.attn_norm(x), state=state, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                                 attention_mask=attention_mask)
+        o, state = self.attn.mix(x, state=state, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                                 attention_mask=attention_mask, input_norm=self.attn_norm)
         h = x + o
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + self.mlp(h, input_norm=self.mlp_norm), state

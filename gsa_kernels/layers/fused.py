@@ -34,39 +34,89 @@ def _norm_launch(rows: int, N: int):
     return min(rows, 4 * num_sms()), max(1, min(16, BLOCK // 256))
 
 
+def _rms_norm_fwd(x2, weight, eps, silu):
+    rows, N = x2.shape
+    y = torch.empty_like(x2)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    if rows:
+        programs, warps = _norm_launch(rows, N)
+        rms_norm_fwd_kernel[(programs,)](x2, weight if weight is not None else x2, y, rstd, rows, N, eps,
+                                         BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, SILU=silu,
+                                         num_warps=warps)
+    return y, rstd
+
+
+def _rms_norm_bwd(x2, weight, rstd, dy2, silu):
+    rows, N = x2.shape
+    dx = torch.empty_like(x2)
+    dw = None
+    if rows:
+        programs, warps = _norm_launch(rows, N)
+        share = torch.empty(programs, N, dtype=torch.float32, device=x2.device) if weight is not None else dx
+        rms_norm_bwd_kernel[(programs,)](x2, weight if weight is not None else x2, dy2.contiguous(), rstd, dx, share,
+                                         rows, N, BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, SILU=silu,
+                                         num_warps=warps)
+        if weight is not None:
+            dw = share.sum(0).to(weight.dtype)
+    elif weight is not None:
+        dw = torch.zeros_like(weight)
+    return dx, dw
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        N = x.shape[-1]
-        x2 = x.contiguous().view(-1, N)
-        rows = x2.shape[0]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        if rows:
-            programs, warps = _norm_launch(rows, N)
-            rms_norm_fwd_kernel[(programs,)](x2, weight if weight is not None else x2, y, rstd, rows, N, eps,
-                                             BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, num_warps=warps)
+    def forward(ctx, x, weight, eps, silu):
+        x2 = x.contiguous().view(-1, x.shape[-1])
+        y, rstd = _rms_norm_fwd(x2, weight, eps, silu)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = x.shape
+        ctx.shape, ctx.silu = x.shape, silu
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        rows, N = x2.shape
-        dy2 = dy.contiguous().view(rows, N)
-        dx = torch.empty_like(x2)
-        dw = None
-        if rows:
-            programs, warps = _norm_launch(rows, N)
-            share = torch.empty(programs, N, dtype=torch.float32, device=x2.device) if weight is not None else dx
-            rms_norm_bwd_kernel[(programs,)](x2, weight if weight is not None else x2, dy2, rstd, dx, share, rows, N,
-                                             BLOCK=next_pow2(N), HAS_WEIGHT=weight is not None, num_warps=warps)
-            if weight is not None:
-                dw = share.sum(0).to(weight.dtype)
-        elif weight is not None:
-            dw = torch.zeros_like(weight)
-        return dx.view(ctx.shape), dw, None
+        dx, dw = _rms_norm_bwd(x2, weight, rstd, dy.reshape(x2.shape), ctx.silu)
+        return dx.view(ctx.shape), dw, None, None
+
+
+class RMSNormLinearFunction(torch.autograd.Function):
+    """F.linear(norm(x), W) for each W of `weights`, keeping x and rstd for the backward and computing
+    norm(x) again there: the normed [tokens, hidden] tensor, which every projection would otherwise
+    keep, is not held between forward and backward (one more norm launch in the backward)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, eps, silu, *weights):
+        x2 = x.contiguous().view(-1, x.shape[-1])
+        y, rstd = _rms_norm_fwd(x2, weight, eps, silu)
+        ctx.save_for_backward(x2, weight, rstd, *weights)
+        ctx.shape, ctx.eps, ctx.silu = x.shape, eps, silu
+        ctx.set_materialize_grads(False)   # an unused projection's gradient stays None: no zeros multiplied
+        y = y.view(x.shape)
+        return tuple(F.linear(y, W) for W in weights)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, *douts):
+        x2, weight, rstd, *weights = ctx.saved_tensors
+        y = dy = None
+        dweights = []
+        for W, dout, needs in zip(weights, douts, ctx.needs_input_grad[4:]):
+            if dout is None:
+                dweights.append(None)
+                continue
+            dout = dout.reshape(-1, dout.shape[-1])
+            if needs:
+                if y is None:
+                    y, _ = _rms_norm_fwd(x2, weight, ctx.eps, ctx.silu)
+                dweights.append((dout.T @ y).to(W.dtype))
+            else:
+                dweights.append(None)
+            dy = dout @ W.to(dout.dtype) if dy is None else dy.addmm_(dout, W.to(dout.dtype))
+        if dy is None:
+            return None, None, None, None, *dweights
+        dx, dw = _rms_norm_bwd(x2, weight, rstd, dy, ctx.silu)
+        return dx.view(ctx.shape), dw, None, None, *dweights
 
 
 def _silu_mul_fwd(a, b):
@@ -121,7 +171,9 @@ class SiLUMulLinearFunction(torch.autograd.Function):
         return da, db, dweight
 
 
-def rms_norm_plain(x, weight, eps):
+def rms_norm_plain(x, weight, eps, silu=False):
+    if silu:
+        x = F.silu(x)
     y = x.float()
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -129,8 +181,12 @@ def rms_norm_plain(x, weight, eps):
     return y.to(x.dtype)
 
 
-def rms_norm_fused(x, weight, eps):
-    return RMSNormFunction.apply(x, weight, eps)
+def rms_norm_fused(x, weight, eps, silu=False):
+    return RMSNormFunction.apply(x, weight, eps, silu)
+
+
+def rms_norm_linear_fused(x, weight, eps, weights, silu=False):
+    return RMSNormLinearFunction.apply(x, weight, eps, silu, *weights)
 
 
 def silu_mul_fused(a, b):
@@ -145,11 +201,22 @@ def _fused_here(x) -> bool:
     return x.is_cuda and not torch.compiler.is_compiling()
 
 
-def rms_norm(x, weight, eps):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim (weight may be None), in x's dtype."""
+def rms_norm(x, weight, eps, silu=False):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim (weight may be None), in x's dtype; with
+    silu, of silu(x)."""
     if _fused_here(x):
-        return rms_norm_fused(x, weight, eps)
-    return rms_norm_plain(x, weight, eps)
+        return rms_norm_fused(x, weight, eps, silu)
+    return rms_norm_plain(x, weight, eps, silu)
+
+
+def rms_norm_linear(x, weight, eps, weights, silu=False):
+    """(F.linear(y, W) for W in weights) with y = rms_norm(x, weight, eps, silu): a pre-norm block's
+    projections, or the GSA layer's output norm and o_proj. Fused, y is recomputed in the backward
+    instead of saved."""
+    if _fused_here(x):
+        return rms_norm_linear_fused(x, weight, eps, weights, silu)
+    y = rms_norm(x, weight, eps, silu)
+    return tuple(F.linear(y, W) for W in weights)
 
 
 def silu_mul(a, b):

@@ -57,6 +57,7 @@ from gsa_kernels.distributed import chunk_gsa_cp, preceding_inputs
 from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.conv import ShortConvolution
+from gsa_kernels.layers.fused import rms_norm, rms_norm_linear
 from gsa_kernels.layers.norms import RMSNorm
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x, None: lambda x: x}
@@ -167,12 +168,15 @@ class GatedSlotAttention(nn.Module):
                                    layer_idx=self.layer_idx, offset=T)
         return y, None, past_key_values
 
-    def mix(self, x: torch.Tensor, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None):
+    def mix(self, x: torch.Tensor, state=None, use_cache: bool = True, cu_seqlens=None, attention_mask=None,
+            input_norm: RMSNorm | None = None):
         """y [B, T, hidden], and the new state when use_cache (else None): the state-passing view.
 
         state: (hk [N, H, K, M], hv [N, H, M, V]) from the previous call (with use_short_conv:
         (hk, hv, (q_cache, k_cache, v_cache)), the caches [N, D, conv_size]), or None for a fresh
-        start. It is only read; the returned state is new tensors.
+        start. It is only read; the returned state is new tensors. input_norm: a pre-norm block's
+        RMSNorm, applied to x here together with the projections (layers/fused.py
+        `rms_norm_linear`: the normed x is recomputed in the backward instead of kept).
         """
         recurrent_state = conv_state = None
         if state is not None:
@@ -181,12 +185,12 @@ class GatedSlotAttention(nn.Module):
             recurrent_state = tuple(state[:2])
             conv_state = state[2] if self.use_short_conv else None
         y, recurrent_state, conv_state = self._mix(x, recurrent_state, conv_state, use_cache, cu_seqlens,
-                                                   attention_mask)
+                                                   attention_mask, input_norm)
         if not use_cache:
             return y, None
         return y, (recurrent_state if not self.use_short_conv else (*recurrent_state, conv_state))
 
-    def _mix(self, x, recurrent_state, conv_state, use_cache, cu_seqlens, attention_mask):
+    def _mix(self, x, recurrent_state, conv_state, use_cache, cu_seqlens, attention_mask, input_norm=None):
         """(y, new recurrent state, new conv caches) of both views."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x (shape {tuple(x.shape)}) must be [B, T, hidden_size={self.hidden_size}]")
@@ -197,7 +201,13 @@ class GatedSlotAttention(nn.Module):
         if cp is not None and (cu_seqlens is not None or attention_mask is not None):
             raise ValueError("a context-parallel layer takes each rank's slice of the same B sequences: "
                              "cu_seqlens and attention_mask are not supported there")
-        q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
+        projections = [self.q_proj, self.k_proj, self.v_proj, self.f_proj]
+        if self.use_output_gate:
+            projections.append(self.g_proj)
+        if input_norm is None:
+            q, k, v, f, *gate = (proj(x) for proj in projections)
+        else:
+            q, k, v, f, *gate = rms_norm_linear(x, input_norm.weight, input_norm.eps, [p.weight for p in projections])
 
         indices = None
         if attention_mask is not None:
@@ -241,11 +251,16 @@ class GatedSlotAttention(nn.Module):
         if indices is not None:
             o = o.new_zeros(B * T, self.num_heads, self.head_v_dim).index_copy(0, indices, o[0]).view(B, T, -1, self.head_v_dim)
 
-        o = F.silu(o.reshape(B, T, self.value_dim))
-        if self.use_norm:
-            o = self.g_norm(o)
+        o = o.reshape(B, T, self.value_dim)
+        if not self.use_norm:
+            o = F.silu(o)
+        elif self.use_output_gate:
+            o = rms_norm(o, self.g_norm.weight, self.g_norm.eps, silu=True)
+        else:   # the normed output recomputed in o_proj's backward, not kept
+            y, = rms_norm_linear(o, self.g_norm.weight, self.g_norm.eps, [self.o_proj.weight], silu=True)
+            return y, (new_state if use_cache else None), new_conv
         if self.use_output_gate:
-            o = o * F.silu(self.g_proj(x))
+            o = o * F.silu(gate[0])
         return self.o_proj(o), (new_state if use_cache else None), new_conv
 
     def _kernel_inputs(self, q, k, v, f):
