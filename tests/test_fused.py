@@ -1,4 +1,4 @@
-"""The layers' fused RMSNorm and SwiGLU product (layers/fused.py) against float64, forward and every
+"""The layers' fused norms, SwiGLU product and gates (layers/fused.py) against float64, forward and every
 gradient, by relative L2 error: float32 within 1e-5, half precision within one rounding of the
 output (the plain PyTorch forms are held to the same bound on the same inputs)."""
 from __future__ import annotations
@@ -122,6 +122,28 @@ def test_rms_norm_linear_matches_float64(lead, outs, silu, dtype):
             assert g is None and p is None, name
             continue
         assert g.dtype == dtype and g.shape == r.shape, name
+        err = rel_err(g, r)
+        assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalizer", [8.0, 1.0])
+@pytest.mark.parametrize("shape", [(3, 7, 2, 16), (2049,)] + ([(4, 2048, 4, 64)] if ON_GPU else []), ids=str)
+def test_gates_match_float64(shape, normalizer, dtype):
+    """s = 1 - exp(g), g = logsigmoid(f) / normalizer: both outputs and df, with f spread over
+    [-40, 40] (saturated sigmoids on both sides)."""
+    f, ds, dg = _leaves(shape, shape, shape, seed=len(shape) + int(normalizer))
+    f = 10 * f
+    outs = {}
+    for name, fn, dt in [("ref", fused.gates_plain, torch.float64), ("got", fused.gates_fused, dtype),
+                         ("plain", fused.gates_plain, dtype)]:
+        leaf = f.to(DEVICE, dt).clone().requires_grad_()
+        s, g = fn(leaf, normalizer, dt)
+        ((s * ds.to(DEVICE, dt)).sum() + (g * dg.to(DEVICE, dt)).sum()).backward()
+        outs[name] = (s, g, leaf.grad)
+    assert outs["got"][0].dtype == dtype and outs["got"][1].dtype == dtype and outs["got"][0].shape == shape
+    assert (outs["got"][1] <= 0).all()
+    for name, g, p, r in zip(["s", "g", "df"], outs["got"], outs["plain"], outs["ref"]):
         err = rel_err(g, r)
         assert err <= max(BOUND[dtype], 1.5 * rel_err(p, r)), (name, err, rel_err(p, r))
 

@@ -1,18 +1,24 @@
-"""The layers' RMSNorm and SwiGLU product as one Triton launch each way (kernels/rms_norm.py,
-kernels/silu_mul.py), with their autograd. SwiGLU's down projection takes the product through
-`silu_mul_linear`, which recomputes it in the backward instead of keeping it: at the model's size
-(8192 tokens x 5632 channels, bf16) that is 92 MB per layer less between forward and backward, for
-one more elementwise launch.
+"""The layers' elementwise and norm work as one Triton launch each way, with their autograd:
 
-`rms_norm`, `silu_mul` and `silu_mul_linear` take the fused path on CUDA tensors in eager mode, and
-the plain PyTorch form under torch.compile (Inductor fuses that form itself, and a graph stays whole)
-and on other devices. The `*_fused` forms always take the kernels: the tests run them in Triton's
-interpreter against the plain forms. Results: float32 inside, one rounding to the input's dtype at
-the end (the plain SwiGLU rounds silu(a) to the input's dtype before the product as well).
+    rms_norm          RMSNorm, optionally of silu(x) (the GSA output path)        kernels/rms_norm.py
+    rms_norm_linear   a norm and the projections that read it; the normed tensor is recomputed in
+                      the backward instead of kept: a pre-norm block's q/k/v/f or gate/up
+                      projections, the GSA output's silu-norm-o_proj (32 MB a use at 8192 tokens x
+                      2048 channels, bf16)
+    silu_mul          SwiGLU's product                                            kernels/silu_mul.py
+    silu_mul_linear   that product and the down projection; the product is recomputed in the
+                      backward (92 MB per layer at 8192 x 5632)
+    gates             the GSA gates s, g from the forget projection               kernels/gates.py
 
-Written here rather than taken from Liger-Kernel (which has both): these are two short kernels,
-the tests run them in Triton's interpreter on a CPU (Liger's kernels do not run there), and no
-dependency is added.
+Each takes the fused path on CUDA tensors in eager mode, and the plain PyTorch form under
+torch.compile (Inductor fuses that form itself, and a graph stays whole) and on other devices. The
+`*_fused` forms always take the kernels: the tests run them in Triton's interpreter against float64
+and the plain forms. Results: float32 inside, one rounding to the output's dtype at the end (the
+plain forms round silu(a) or silu(x) to the input's dtype first).
+
+Written here rather than taken from Liger-Kernel (which has a fused norm and SwiGLU): these are
+short kernels, the tests run them in Triton's interpreter on a CPU (Liger's kernels do not run
+there), and no dependency is added.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 
 from gsa_kernels.configs import num_sms
 from gsa_kernels.intmath import cdiv, next_pow2
+from gsa_kernels.kernels.gates import gates_bwd_kernel, gates_fwd_kernel
 from gsa_kernels.kernels.rms_norm import rms_norm_bwd_kernel, rms_norm_fwd_kernel
 from gsa_kernels.kernels.silu_mul import silu_mul_bwd_kernel, silu_mul_fwd_kernel
 
@@ -171,6 +178,39 @@ class SiLUMulLinearFunction(torch.autograd.Function):
         return da, db, dweight
 
 
+class GatesFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f, normalizer, dtype):
+        f = f.contiguous()
+        s, g = torch.empty_like(f, dtype=dtype), torch.empty_like(f, dtype=dtype)
+        n = f.numel()
+        if n:
+            gates_fwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](f, s, g, n, normalizer, BLOCK=ELEMENTWISE_BLOCK,
+                                                            num_warps=4)
+        ctx.save_for_backward(f)
+        ctx.normalizer = normalizer
+        return s, g
+
+    @staticmethod
+    def backward(ctx, ds, dg):
+        (f,) = ctx.saved_tensors
+        df = torch.empty_like(f)
+        n = f.numel()
+        if n:
+            gates_bwd_kernel[(cdiv(n, ELEMENTWISE_BLOCK),)](f, ds.contiguous(), dg.contiguous(), df, n, ctx.normalizer,
+                                                            BLOCK=ELEMENTWISE_BLOCK, num_warps=4)
+        return df, None, None
+
+
+def gates_plain(f, normalizer, dtype):
+    g = F.logsigmoid(f.float()) / normalizer
+    return (1 - g.exp()).to(dtype), g.to(dtype)
+
+
+def gates_fused(f, normalizer, dtype):
+    return GatesFunction.apply(f, normalizer, dtype)
+
+
 def rms_norm_plain(x, weight, eps, silu=False):
     if silu:
         x = F.silu(x)
@@ -217,6 +257,13 @@ def rms_norm_linear(x, weight, eps, weights, silu=False):
         return rms_norm_linear_fused(x, weight, eps, weights, silu)
     y = rms_norm(x, weight, eps, silu)
     return tuple(F.linear(y, W) for W in weights)
+
+
+def gates(f, normalizer, dtype):
+    """(s, g) in dtype: g = logsigmoid(f) / normalizer, s = 1 - exp(g) (kernels/gates.py), from float32."""
+    if _fused_here(f):
+        return gates_fused(f, float(normalizer), dtype)
+    return gates_plain(f, normalizer, dtype)
 
 
 def silu_mul(a, b):

@@ -57,7 +57,7 @@ from gsa_kernels.distributed import chunk_gsa_cp, preceding_inputs
 from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.layers import _args
 from gsa_kernels.layers.conv import ShortConvolution
-from gsa_kernels.layers.fused import rms_norm, rms_norm_linear
+from gsa_kernels.layers.fused import gates, rms_norm, rms_norm_linear
 from gsa_kernels.layers.norms import RMSNorm
 
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "identity": lambda x: x, None: lambda x: x}
@@ -271,8 +271,7 @@ class GatedSlotAttention(nn.Module):
         q = phi(q).view(B, T, self.num_heads, self.head_k_dim)
         k = phi(k).view(B, T, self.num_kv_heads, self.head_k_dim)
         v = F.silu(v).view(B, T, self.num_kv_heads, self.head_v_dim)
-        g = F.logsigmoid(f.float()) / self.gate_logit_normalizer
-        s = (1 - g.exp()).to(q.dtype)
-        g = g.to(q.dtype).view(B, T, self.num_kv_heads, self.num_slots)
+        s, g = gates(f, self.gate_logit_normalizer, q.dtype)
+        g = g.view(B, T, self.num_kv_heads, self.num_slots)
         s = s.view(B, T, self.num_kv_heads, self.num_slots)
         return q, k, v, s, g
