@@ -124,6 +124,12 @@ def main(argv=None):
     torch.cuda.reset_peak_memory_stats()
     train_step(compiled_step)()
     compiled_peak = torch.cuda.max_memory_allocated() / 2**30
+    # printed as they come: FLA's first call (its autotuning) can outlast a device call
+    print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
+          f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, loss from {args.loss}, on {torch.cuda.get_device_name()}")
+    print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
+    print(f"{'eager':>10} {eager_ms:9.2f} {eager_peak:9.2f} {eager_loss:9.4f}")
+    print(f"{'compiled':>10} {compiled_ms:9.2f} {compiled_peak:9.2f} {compiled_loss:9.4f}", flush=True)
 
     # a second length: the compiled step must not recompile
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -152,6 +158,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         fla_run()
         fla["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"{'FLA eager':>10} {fla['ms']:9.2f} {fla['peak_gib']:9.2f} {fla['loss']:9.4f}", flush=True)
         if args.profile:
             profiles["fla"] = kernel_times(fla_run, args.profile)
 
@@ -160,13 +167,6 @@ def main(argv=None):
                   compile_s=compile_s, eager_peak_gib=eager_peak, compiled_peak_gib=compiled_peak,
                   eager_loss=eager_loss, compiled_loss=compiled_loss, new_graphs_for_T_half=recompiled, fla=fla,
                   kernels={who: dict(total_ms=total, top=rows) for who, (rows, total) in profiles.items()})
-    print(f"GSAModel {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.slots} slots, "
-          f"vocab {args.vocab}, B {args.B}, T {args.T}, bf16, loss from {args.loss}, on {result['device']}")
-    print(f"{'':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>9}")
-    print(f"{'eager':>10} {eager_ms:9.2f} {eager_peak:9.2f} {eager_loss:9.4f}")
-    print(f"{'compiled':>10} {compiled_ms:9.2f} {compiled_peak:9.2f} {compiled_loss:9.4f}")
-    if fla:
-        print(f"{'FLA eager':>10} {fla['ms']:9.2f} {fla['peak_gib']:9.2f} {fla['loss']:9.4f}")
     print(f"speed-up {eager_ms / compiled_ms:.2f}x; compile time {compile_s:.1f} s (mode {args.mode!r}); "
           f"new graphs at T = {args.T // 2}: {recompiled}")
     for who, (rows, total) in profiles.items():
