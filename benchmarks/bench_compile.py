@@ -142,6 +142,7 @@ def main(argv=None):
     profiles = {}
     if args.profile:
         profiles["ours"] = kernel_times(eager, args.profile)
+        print_kernels("ours, eager", *profiles["ours"])
 
     fla = {}
     if fla_model is not None:
@@ -161,6 +162,7 @@ def main(argv=None):
         print(f"{'FLA eager':>10} {fla['ms']:9.2f} {fla['peak_gib']:9.2f} {fla['loss']:9.4f}", flush=True)
         if args.profile:
             profiles["fla"] = kernel_times(fla_run, args.profile)
+            print_kernels("FLA, eager", *profiles["fla"])
 
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   shape=vars(args), eager_ms=eager_ms, compiled_ms=compiled_ms, speedup=eager_ms / compiled_ms,
@@ -169,8 +171,6 @@ def main(argv=None):
                   kernels={who: dict(total_ms=total, top=rows) for who, (rows, total) in profiles.items()})
     print(f"speed-up {eager_ms / compiled_ms:.2f}x; compile time {compile_s:.1f} s (mode {args.mode!r}); "
           f"new graphs at T = {args.T // 2}: {recompiled}")
-    for who, (rows, total) in profiles.items():
-        print_kernels({"ours": "ours, eager", "fla": "FLA, eager"}[who], rows, total)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
