@@ -260,7 +260,8 @@ def rms_norm_linear(x, weight, eps, weights, silu=False):
 
 
 def gates(f, normalizer, dtype):
-    """(s, g) in dtype: g = logsigmoid(f) / normalizer, s = 1 - exp(g) (kernels/gates.py), from float32."""
+    """(s, g) in dtype: g = logsigmoid(f) / normalizer, s = 1 - exp(g) (kernels/gates.py), computed in
+    float32 and rounded once."""
     if _fused_here(f):
         return gates_fused(f, float(normalizer), dtype)
     return gates_plain(f, normalizer, dtype)

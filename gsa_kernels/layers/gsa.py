@@ -252,16 +252,14 @@ class GatedSlotAttention(nn.Module):
             o = o.new_zeros(B * T, self.num_heads, self.head_v_dim).index_copy(0, indices, o[0]).view(B, T, -1, self.head_v_dim)
 
         o = o.reshape(B, T, self.value_dim)
-        if not self.use_norm:
-            o = F.silu(o)
-        elif self.use_output_gate:
-            o = rms_norm(o, self.g_norm.weight, self.g_norm.eps, silu=True)
-        else:   # the normed output recomputed in o_proj's backward, not kept
+        if self.use_norm and not self.use_output_gate:   # the normed output recomputed in o_proj's backward
             y, = rms_norm_linear(o, self.g_norm.weight, self.g_norm.eps, [self.o_proj.weight], silu=True)
-            return y, (new_state if use_cache else None), new_conv
-        if self.use_output_gate:
-            o = o * F.silu(gate[0])
-        return self.o_proj(o), (new_state if use_cache else None), new_conv
+        else:
+            o = rms_norm(o, self.g_norm.weight, self.g_norm.eps, silu=True) if self.use_norm else F.silu(o)
+            if self.use_output_gate:
+                o = o * F.silu(gate[0])
+            y = self.o_proj(o)
+        return y, (new_state if use_cache else None), new_conv
 
     def _kernel_inputs(self, q, k, v, f):
         """q [B', T', H, K] and k, v, s, g [B', T', H_kv, *] from the projections (after the short
