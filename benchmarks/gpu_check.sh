@@ -25,9 +25,11 @@
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
 #               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log. AB_TESTS: pytest
-#               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk_fwd,chunk_fwd_compact"):
+#               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk,chunk_fwd"):
 #               re-time the patched kernels at the shipped configs (AB_SWEEP_SHAPES, default bench,common;
-#               bf16) so that both sides run tuned
+#               AB_SWEEP_DTYPES, default bf16; AB_SWEEP_ARGS, default "--compile-backend off") so that both
+#               sides run tuned. A kernel edit also makes "chunk" (the chunk size, one choice for all kernels)
+#               stale: list it too
 #     mqar      python -m examples.mqar MQAR_ARGS (e.g. "--jobs 12 --epochs 8") into docs/mqar on the machine,
 #               cut at MQAR_TIMEOUT seconds (runs finished by then are kept); runs.json, the plot and the
 #               log come back (the checkpoints stay: too many files for $OUT)
@@ -109,7 +111,7 @@ for step in ${steps//,/ }; do
         | tee "$OUT/bench_compile.log" || status=1
       python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz" ;;
     ab)
-      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels benchmarks tuned_configs tests docs README.md /tmp/ab/
+      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels reference tuning benchmarks tuned_configs tests docs examples README.md pyproject.toml /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
         [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
           | tee "$OUT/ab_tests.log"
@@ -119,7 +121,7 @@ for step in ${steps//,/ }; do
           # so that both sides run tuned: base with the shipped file, patched with this one
           (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m tuning.sweep --arch sm90 --kernels "$AB_SWEEP" \
             --seed tuned_configs/sm90-nvidia-h200.yaml --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" \
-            --dtypes bf16 --output "$OUT/ab_sm90.yaml") 2>&1 | tee "$OUT/ab_sweep.log"
+            --dtypes "${AB_SWEEP_DTYPES:-bf16}" ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_sm90.yaml") 2>&1 | tee "$OUT/ab_sweep.log"
           base_cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; patched_cfg=$OUT/ab_sm90.yaml
         fi
         for side in base patched; do

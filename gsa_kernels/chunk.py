@@ -46,7 +46,10 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     in their own dtypes).
     g is the log forget gate, in [-inf, 0]: -inf resets a slot exactly, and any finite g <= 0 is
     computed as the recurrence does. g > 0 (a decay above 1) is outside GSA's domain and its result
-    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it.
+    undefined; GSA_KERNELS_VALIDATE=1 raises a ValueError for it. A NaN or inf in one token's inputs
+    makes the outputs from that token on non-finite (a q: that token's alone), as the recurrence does,
+    never earlier ones; the gradients of such a call are non-finite, as autograd through the
+    recurrence gives them (0 x NaN).
     g=None is ABC mode (FLA 0.6.0): s are slot logits, written with the weights exp(s_t - z_t) and
     forgotten with g_t = z_{t-1} - z_t (float32), z the running logsumexp of s over each sequence, g = 0
     at its first token also with an initial state (gsa_kernels/abc_gates.py); gradients reach s

@@ -9,6 +9,17 @@ gate and A = q k^T (unscaled, unmasked: the intra helpers only read its causal p
 
 The scores are saved (float32) for the backward, which rebuilds p from them.
 
+A NaN or inf in a chunk's k, v, s or g must reach only its own row and the rows after it, as in the
+recurrence. The fast form does not guarantee that: the intra-chunk dots multiply the pairs outside the
+causal order by 0, and 0 times a non-finite value is NaN, so one bad row can make earlier rows NaN.
+But any such leak leaves a non-finite value in the chunk's output, so each program records whether
+its output holds one (one reduction per program, into `bad_chunks`), and a second launch of this
+kernel with SAFE computes again only the chunks so flagged: every non-finite value of k, v, s and G
+taken as 0, the level splits' gate rows read before the first bad gate row, and the rows from the
+first bad row of k, v, s or g on written as NaN (a non-finite q stays in its own row in both forms).
+Chunks after a bad token are flagged too (their states are non-finite) and come out non-finite, as
+they should.
+
 Grouped query heads (GROUP > 1): a program per (chunk, query head hq); q, o and the scores are the
 query head's ([*, H * GROUP, .] rows), k, v, s, G and the chunk states those of its kv head
 hq // GROUP, so the GROUP query heads of a kv head read one memory.
@@ -23,19 +34,30 @@ from gsa_kernels.kernels.states import chunk_gates
 
 
 @triton.jit
+def _finite_rows(x):
+    """(x with its non-finite values as 0, and per row 1 where it held one, else 0)."""
+    ok = tl.abs(x) < float("inf")      # false for NaN too
+    return tl.where(ok, x, tl.zeros_like(x)), tl.max(tl.where(ok, 0, 1), axis=1)
+
+
+@triton.jit
 def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scales, o, scores_out, cu_seqlens,
-                     chunk_table, scale, T,
+                     chunk_table, bad_chunks, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                     GROUP: tl.constexpr):
+                     GROUP: tl.constexpr, SAFE: tl.constexpr):
     """COMPACT: the states are scaled float16 (states.py `_store_scaled`); Hk's row scales fold into
     q's columns and Hv's column scales into the output's, both exact (powers of two), and the scores
-    are not stored (the forward-only path has no backward to read them)."""
+    are not stored (the forward-only path has no backward to read them).
+    SAFE: only the chunks that the fast launch flagged in bad_chunks [chunks, HQ], each exactly."""
     pid, hq = tl.program_id(0), tl.program_id(1)
     HQ: tl.constexpr = H * GROUP
     h = hq // GROUP         # the kv head: its k, v, s, G and states
     t0, nvalid, exists = chunk_coords(cu_seqlens, chunk_table, pid, T, BT, IS_VARLEN)
+    flag = bad_chunks + pid.to(tl.int64) * HQ + hq
+    if SAFE:
+        exists = exists & (tl.load(flag) != 0)
     if exists:
         slot = pid.to(tl.int64)
         t = tl.arange(0, BT)
@@ -46,6 +68,18 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         G, Gend = chunk_gates(G_all, t0, nvalid, h, H, M, BT, BM)
         G_chunk = G_all + (t0 * H + h) * M
         sc = load_rows(s_chunk, t, H * M, nvalid, M, BM)
+        nvalid_g = nvalid       # the rows whose G the level splits may read from memory
+        if SAFE:
+            sc, bad = _finite_rows(sc)
+            G, bad_g = _finite_rows(G)
+            bad = tl.maximum(bad, bad_g)
+            nvalid_g = tl.maximum(1, tl.minimum(nvalid, tl.min(tl.where(bad_g > 0, t, BT), axis=0)))
+            for i in range(tl.cdiv(V, BV)):
+                vv = i * BV + tl.arange(0, BV)
+                vc = tl.load(v + (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :],
+                             mask=row_mask & (vv < V)[None, :], other=0.0)
+                _, bad_v = _finite_rows(vc)
+                bad = tl.maximum(bad, bad_v)
 
         # keys pass: inter-chunk q Hk and the unscaled q k^T, both reduced over K
         qh = tl.zeros((BT, BM), dtype=tl.float32)
@@ -55,6 +89,9 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
             kmask = row_mask & (kk < K)[None, :]
             qc = tl.load(q + (t0 * HQ + hq) * K + t[:, None] * (HQ * K) + kk[None, :], mask=kmask, other=0.0)
             kc = tl.load(k + (t0 * H + h) * K + t[:, None] * (H * K) + kk[None, :], mask=kmask, other=0.0)
+            if SAFE:
+                kc, bad_k = _finite_rows(kc)
+                bad = tl.maximum(bad, bad_k)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
                          mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
             if COMPACT:
@@ -66,9 +103,14 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
                 qh = dot_acc_scaled(qc, hk, qh, PREC)
             A += tl.dot(qc, tl.trans(kc), input_precision=PREC)
         scores = scale * (tl.exp(G) * qh
-                          + apply_causal(A, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC))
+                          + apply_causal(A, sc, G, G_chunk, H * M, nvalid_g, M, BT, BM, PREC))
+        if SAFE:
+            poisoned = (tl.cumsum(bad, axis=0) > 0)[:, None]       # from the first bad row on
         if not COMPACT:
-            tl.store(scores_out + (t0 * HQ + hq) * M + t[:, None] * (HQ * M) + m[None, :], scores,
+            kept = scores
+            if SAFE:
+                kept = tl.where(poisoned, float("nan"), scores)
+            tl.store(scores_out + (t0 * HQ + hq) * M + t[:, None] * (HQ * M) + m[None, :], kept,
                      mask=row_mask & slot_mask)
 
         # slot softmax, in float32 registers
@@ -77,17 +119,26 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         p = e / tl.sum(e, axis=1)[:, None]
 
         # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v
-        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid, M, BT, BM, PREC)
+        Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid_g, M, BT, BM, PREC)
         pe = p * tl.exp(G)
+        probe = tl.zeros((BT, BV), dtype=tl.float32)      # 0, or NaN where an output is not finite
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
             vmask = row_mask & (vv < V)[None, :]
             vc = tl.load(v + (t0 * H + h) * V + t[:, None] * (H * V) + vv[None, :], mask=vmask, other=0.0)
+            if SAFE:
+                vc, _ = _finite_rows(vc)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
             inter = tl.dot(pe, hv, input_precision=PREC)
             if COMPACT:
                 inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
             oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
+            if SAFE:
+                oc = tl.where(poisoned, float("nan"), oc)
+            else:
+                probe += oc * 0.0
             tl.store(o + (t0 * HQ + hq) * V + t[:, None] * (HQ * V) + vv[None, :], oc.to(o.dtype.element_ty),
                      mask=vmask)
+        if not SAFE:
+            tl.store(flag, (tl.sum(tl.sum(probe, axis=1), axis=0) != 0).to(tl.int32))

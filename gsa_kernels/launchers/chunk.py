@@ -217,11 +217,16 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     scores = None if compact else torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
     cfg = launch_config("chunk_fwd_compact" if compact else "chunk_fwd", K=K, V=V, M=M, dtype=q.dtype,
                         BT=BT, tokens=B * T * HQ, seqs=N * HQ)
-    chunk_fwd_kernel[(layout.num_slots, HQ)](
-        q, k, v, s, G, hk_chunks, hv_chunks, q if hk_scales is None else hk_scales,
-        q if hv_scales is None else hv_scales, o, q if compact else scores, cu, table,
-        scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, GROUP=HQ // H, **_warps(cfg))
+    # each program flags whether its output holds a non-finite value; the second launch computes the
+    # flagged chunks again so that no such value reaches an earlier row (kernels/chunk_fwd.py)
+    bad_chunks = torch.empty(layout.num_slots, HQ, dtype=torch.int32, device=q.device)
+    for safe in (False, True):
+        chunk_fwd_kernel[(layout.num_slots, HQ)](
+            q, k, v, s, G, hk_chunks, hv_chunks, q if hk_scales is None else hk_scales,
+            q if hv_scales is None else hv_scales, o, q if compact else scores, cu, table, bad_chunks,
+            scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
+            IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, GROUP=HQ // H, SAFE=safe,
+            **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
 
 
