@@ -38,9 +38,9 @@ KERNELS = tuple(k for k in CANDIDATES if k != "chunk")
 # launched only by the forward-only path of half inputs (a call where no input requires grad)
 FORWARD_ONLY = ("states_fwd_compact", "chunk_fwd_compact")
 
-# The token-by-token and decode kernels: their search space, for `benchmarks/bench_decode.py --sweep`.
-# The tuning sweep does not cover them yet, so they launch with `configs.default_config` (no tuned
-# lookup).
+# The token-by-token and decode kernels of fused_recurrent_gsa: tuned by `python -m tuning.sweep --op
+# recurrent` into entries of their own (`op: recurrent`), each holding the kernels its shape launched
+# (T = 1 without gradients is the decode step)
 RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
     # fused_recurrent (token by token): slot tiles BMS, K / V tiles BKS / BVS; the other axis is whole
     "recurrent_fwd_keys": {"BMS": [2, 4, 8, 16, 32], "num_warps": [2, 4, 8]},
@@ -56,7 +56,29 @@ RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
 }
 
 
+# an op of the tuned file: the candidates of the kernels it launches
+OPS = ("chunk", "recurrent")
+
+
+def op_candidates(op: str) -> dict:
+    """The candidate lists of `op`'s kernels (read at call time: the tests narrow them)."""
+    return {"chunk": CANDIDATES, "recurrent": RECURRENT_CANDIDATES}[op]
+
+
+def op_of(kernel: str) -> str:
+    """The op (tuned-file entry kind) whose entries hold `kernel`'s configs."""
+    for op in OPS:
+        if kernel in op_candidates(op):
+            return op
+    raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CANDIDATES) + sorted(RECURRENT_CANDIDATES)}")
+
+
+def all_candidates() -> dict:
+    """Every tunable kernel's candidate lists, of every op."""
+    return {kernel: params for op in OPS for kernel, params in op_candidates(op).items()}
+
+
 def candidates_hash(kernel: str) -> str:
     """A hash of `kernel`'s candidate lists, as a tuned file records it per kernel."""
-    text = json.dumps(CANDIDATES[kernel], sort_keys=True)
+    text = json.dumps(all_candidates()[kernel], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -179,17 +179,14 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
 
     BT is the call's chunk size. tokens = B*T*H and seqs = N*H complete the tuned-file key
     (gsa_kernels/problem_keys.py); without them the lookup takes the nearest entry for (K, V, M, dtype).
+    The token-by-token and decode kernels look up the file's recurrent entries (`op: recurrent`) the
+    same way, keyed by their own tokens and seqs (the decode step: tokens = seqs = B*H).
     No tuned entry: `default_config` (which also uses seqs to size the state-walk tiles; for the
     decode step seqs = B*H sets its tiles: `decode_tile`). From any source, a known
     miscompile (`miscompiled`) launches with 4 warps instead of 8.
     """
-    if kernel in candidates.RECURRENT_CANDIDATES:
-        cfg, source, entry = None, "default", None
-    elif kernel in candidates.CANDIDATES:
-        cfg, source, entry = lookup.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
-    else:
-        raise KeyError(f"unknown kernel {kernel!r}; known: "
-                       f"{sorted(candidates.CANDIDATES) + sorted(candidates.RECURRENT_CANDIDATES)}")
+    candidates.op_of(kernel)           # KeyError naming the known kernels for an unknown one
+    cfg, source, entry = lookup.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
     if cfg is None:
         cfg = default_config(kernel, K, V, M, BT, seqs)        # safe already
     else:

@@ -1,7 +1,7 @@
 """Which kernel source each tuned config depends on: one hash per tuned kernel, for staleness.
 
 A tuned config measured for one kernel source says nothing about another, so a tuned file records,
-per kernel of `candidates.CANDIDATES`, a hash of the source it was measured on: the Triton kernel and
+per kernel of `candidates.all_candidates()`, a hash of the source it was measured on: the Triton kernel and
 every helper it calls, followed through the imports of gsa_kernels/kernels/ and the module-level
 constants it reads (its dependency closure). At run time only the kernels whose closure changed are
 stale: an edit to kernels/decode.py leaves every chunk entry fresh, an edit to kernels/intra.py makes
@@ -27,19 +27,27 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 PACKAGE = "gsa_kernels.kernels"
 
-# tuned kernel (a key of candidates.CANDIDATES) -> the Triton kernel it configures, (module, function)
+# tuned kernel (a key of candidates.all_candidates()) -> the Triton kernels it configures, (module, function)
 ROOTS = {
-    "states_fwd": ("states", "states_fwd_kernel"),
-    "states_fwd_compact": ("states", "states_fwd_kernel"),
-    "chunk_fwd": ("chunk_fwd", "chunk_fwd_kernel"),
-    "chunk_fwd_compact": ("chunk_fwd", "chunk_fwd_kernel"),
-    "states_bwd": ("states", "states_bwd_kernel"),
-    "chunk_bwd_dscores": ("chunk_bwd", "chunk_bwd_dscores_kernel"),
-    "chunk_bwd_keys": ("chunk_bwd", "chunk_bwd_keys_kernel"),
-    "chunk_bwd_values": ("chunk_bwd", "chunk_bwd_values_kernel"),
+    "states_fwd": (("states", "states_fwd_kernel"),),
+    "states_fwd_compact": (("states", "states_fwd_kernel"),),
+    "chunk_fwd": (("chunk_fwd", "chunk_fwd_kernel"),),
+    "chunk_fwd_compact": (("chunk_fwd", "chunk_fwd_kernel"),),
+    "states_bwd": (("states", "states_bwd_kernel"),),
+    "chunk_bwd_dscores": (("chunk_bwd", "chunk_bwd_dscores_kernel"),),
+    "chunk_bwd_keys": (("chunk_bwd", "chunk_bwd_keys_kernel"),),
+    "chunk_bwd_values": (("chunk_bwd", "chunk_bwd_values_kernel"),),
+    "recurrent_fwd_keys": (("recurrent", "recurrent_fwd_keys_kernel"),),
+    "recurrent_fwd_values": (("recurrent", "recurrent_fwd_values_kernel"),),
+    "recurrent_bwd_dp": (("recurrent", "recurrent_bwd_dp_kernel"),),
+    "recurrent_bwd_keys": (("recurrent", "recurrent_bwd_keys_kernel"),),
+    "recurrent_bwd_values": (("recurrent", "recurrent_bwd_values_kernel"),),
+    "recurrent_bwd_gates": (("recurrent", "recurrent_bwd_gates_kernel"),),
+    "decode": (("decode", "decode_keys_kernel"), ("decode", "decode_values_kernel")),
 }
 # the chunk size is one choice for all of a call's chunk kernels
-ALL_OF = {"chunk": tuple(ROOTS)}
+ALL_OF = {"chunk": ("states_fwd", "states_fwd_compact", "chunk_fwd", "chunk_fwd_compact", "states_bwd",
+                    "chunk_bwd_dscores", "chunk_bwd_keys", "chunk_bwd_values")}
 
 
 class _Module:
@@ -119,7 +127,8 @@ def closure(modules: dict[str, _Module], root: tuple[str, str]) -> dict[tuple[st
 def hashes_of(kernels_dir: Path) -> dict[str, str]:
     """{tuned kernel: 16-hex hash of its dependency closure} for the kernel files in kernels_dir."""
     modules = _modules(kernels_dir)
-    closures = {kernel: closure(modules, root) for kernel, root in ROOTS.items()}
+    closures = {kernel: {key: text for root in roots for key, text in closure(modules, root).items()}
+                for kernel, roots in ROOTS.items()}
     for kernel, parts in ALL_OF.items():
         closures[kernel] = {key: text for part in parts for key, text in closures[part].items()}
     out = {}

@@ -35,7 +35,7 @@ def override(configs: dict[str, dict]):
     """Within the block, in this thread, every kernel named in `configs` launches with that config,
     and chunk_gsa runs the Triton kernels (no backend dispatch, no opt-in autotuning). Nested blocks
     add to the outer one. Kernels not named keep their normal lookup; other threads are unaffected."""
-    known = candidates.CANDIDATES
+    known = candidates.all_candidates()
     for kernel, cfg in configs.items():
         if kernel not in known:
             raise KeyError(f"override: unknown kernel {kernel!r}; known: {sorted(known)}")

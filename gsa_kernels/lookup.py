@@ -35,17 +35,19 @@ import threading
 
 import torch
 
+from gsa_kernels.candidates import op_of
 from gsa_kernels.launches import this_thread
 from gsa_kernels.problem_keys import problem_key
-from gsa_kernels.resources import fits
+from gsa_kernels.resources import fits, recurrent_fits
 from gsa_kernels.tuned_file import Entry, load_tables, reread
 
 _lock = threading.Lock()
 _TABLE_OF = {"device": "device", "tuned": "tuned", "user-cache": "cache"}   # exact sources -> their table
-_selected: dict = {}                   # problem key -> (Entry | None, source)
+_selected: dict = {}                   # (op, problem key, kernel or None) -> (Entry | None, source)
 # entries tuned in this process that the user cache could not store (unwritable location): kept here,
 # so that the process uses what it measured and does not tune the same key again
 _unsaved: dict = {}
+_epoch = 0
 
 
 def distance(a: tuple, b: tuple) -> float:
@@ -65,33 +67,39 @@ def distance(a: tuple, b: tuple) -> float:
 def entry_fits(entry: Entry, key: tuple) -> bool:
     """Whether every config of `entry` passes the resource estimate at the dims of `key`."""
     K, V, M, dt = key[:4]
+    if entry.op == "recurrent":
+        return all(recurrent_fits(kernel, cfg, K=K, V=V, M=M) for kernel, cfg in entry.configs.items())
     BT = entry.configs.get("chunk", {}).get("BT", 64)
     return all(fits(cfg, K=K, V=V, M=M, BT=BT, dtype=dt) for cfg in entry.configs.values())
 
 
-def select_entry(key: tuple) -> tuple[Entry | None, str]:
-    """(entry, source) for a problem key: exact tuned, exact user-cache, autotuned in this process,
-    nearest that fits, or (None, "default")."""
+def select_entry(key: tuple, op: str = "chunk", kernel: str | None = None) -> tuple[Entry | None, str]:
+    """(entry, source) for a problem key of `op`: exact tuned, exact user-cache, autotuned in this
+    process, nearest that fits, or (None, "default"). With `kernel`, only entries that hold its config
+    count (recurrent entries hold the kernels their shape launched: the decode step's at T = 1 only)."""
+    memo = (op, key, kernel)
     with _lock:
-        if key in _selected:
-            return _selected[key]
+        if memo in _selected:
+            return _selected[memo]
         tables = load_tables()
+        usable = (lambda e: e.op == op) if kernel is None else (lambda e: e.op == op and kernel in e.configs)
         found = None
         exact_possible = key[4] is not None and key[5] is not None
         for name, source in (("device", "device"), ("tuned", "tuned"), ("cache", "user-cache")):
             table = tables[name]
-            if exact_possible and table is not None and key in table.exact:
-                found = (table.exact[key], source)
+            entry = table.exact.get((op, key)) if exact_possible and table is not None else None
+            if entry is not None and usable(entry):
+                found = (entry, source)
                 break
-        if found is None and key in _unsaved:
+        if found is None and op == "chunk" and key in _unsaved:
             found = (_unsaved[key], "autotuned")
         if found is None and tables["device"] is not None:
-            found = _nearest(key, tables["device"].entries, "nearest-device")
+            found = _nearest(key, [e for e in tables["device"].entries if usable(e)], "nearest-device")
         if found is None:
             pool = [e for name in ("tuned", "cache") if tables[name] is not None
-                    for e in tables[name].entries] + list(_unsaved.values())
-            found = _nearest(key, pool, "nearest") or (None, "default")
-        _selected[key] = found
+                    for e in tables[name].entries] + (list(_unsaved.values()) if op == "chunk" else [])
+            found = _nearest(key, [e for e in pool if usable(e)], "nearest") or (None, "default")
+        _selected[memo] = found
         return found
 
 
@@ -108,7 +116,8 @@ def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict
     if forced is not None and kernel in forced:
         return dict(forced[kernel]), "override", None
     key = problem_key(K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
-    entry, source = select_entry(key)
+    op = op_of(kernel)
+    entry, source = select_entry(key, op, None if op == "chunk" else kernel)
     if entry is None or kernel not in entry.configs:        # no entry, or this kernel's configs are stale
         return None, "default", None
     return dict(entry.configs[kernel]), source, entry
@@ -140,13 +149,23 @@ def remember_unsaved(key: tuple, entry: Entry):
 
 def reload():
     """Read the files again and select again (the user cache has changed)."""
+    global _epoch
     with _lock:
         reread()
         _selected.clear()
+        _epoch += 1
 
 
 def reset():
     """Forget the selections and the entries no file holds."""
+    global _epoch
     with _lock:
         _selected.clear()
         _unsaved.clear()
+        _epoch += 1
+
+
+def epoch() -> int:
+    """A count of the forgettings (`reload`, `reset`): a caller that memoizes configs past the
+    lookup (the eager decode step) starts over when it changes."""
+    return _epoch

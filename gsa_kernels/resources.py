@@ -6,7 +6,7 @@ at a large one.
 """
 from __future__ import annotations
 
-from gsa_kernels.intmath import pow2_at_least
+from gsa_kernels.intmath import next_pow2, pow2_at_least
 from gsa_kernels.problem_keys import current_arch, dtype_name
 
 # Shared memory per block by arch (bytes), for `fits`; unknown archs and the interpreter get sm90's.
@@ -47,3 +47,24 @@ def fits(cfg: dict, *, K: int, V: int, M: int, BT: int, dtype, arch: str | None 
     smem, regs = resource_estimate(cfg, K=K, V=V, M=M, BT=BT, dtype=dtype)
     limit = SMEM_BYTES.get(arch or current_arch() or "sm90", SMEM_BYTES["sm90"])
     return smem <= limit and regs <= MAX_REGS_PER_THREAD
+
+
+# the recurrent kernels' largest float32 register tile, [tile, whole dim], by kernel: (tile params, dim)
+_RECURRENT_TILES = {
+    "recurrent_fwd_keys": (("BMS",), "K"), "recurrent_fwd_values": (("BV",), "M"),
+    "recurrent_bwd_dp": (("BMS",), "V"), "recurrent_bwd_keys": (("BKS",), "M"),
+    "recurrent_bwd_values": (("BVS",), "M"), "recurrent_bwd_gates": (("BK", "BV"), "M"),
+    "decode": (("BK", "BV"), "M"),
+}
+# state-tile elements per warp: 128 float32 registers a thread, half the register file's limit
+RECURRENT_ELEMENTS_PER_WARP = 4096
+
+
+def recurrent_fits(kernel: str, cfg: dict, *, K: int, V: int, M: int) -> bool:
+    """Whether a token-by-token or decode kernel's config keeps its state tile in registers at these
+    dims: the tile [tile, pow2(whole dim)] at most RECURRENT_ELEMENTS_PER_WARP per warp. (These kernels
+    hold no shared-memory tiles; an oversized tile spills rather than fails, so this guards speed.)"""
+    params, dim = _RECURRENT_TILES[kernel]
+    whole = next_pow2({"K": K, "V": V, "M": M}[dim])
+    tile = max(cfg[p] for p in params)
+    return tile * whole <= RECURRENT_ELEMENTS_PER_WARP * cfg["num_warps"]

@@ -58,6 +58,7 @@ class Entry:
     configs: dict
     backend: str
     index: int
+    op: str = "chunk"             # candidates.OPS: the op whose launches the entry configures
     triton: str | None = None     # the Triton version of a file made with another one than this process's
 
 
@@ -66,7 +67,7 @@ class Table:
     path: Path
     meta: dict
     entries: list = field(default_factory=list)
-    exact: dict = field(default_factory=dict)
+    exact: dict = field(default_factory=dict)     # (op, problem key) -> the first entry of that key
 
 
 class FileProblem(Exception):
@@ -127,7 +128,7 @@ def user_cache_path(arch: str | None = None) -> Path:
 def expected_meta() -> dict:
     """What a file must say about the software to be used here."""
     return {"format": FORMAT, "triton": triton.__version__, "kernel_hashes": dict(kernel_hashes()),
-            "candidates": {k: candidates.candidates_hash(k) for k in candidates.CANDIDATES}}
+            "candidates": {k: candidates.candidates_hash(k) for k in candidates.all_candidates()}}
 
 
 def _require(cond, msg):
@@ -162,18 +163,27 @@ def parse_key(key, where: str) -> tuple:
 
 
 def parse_entry(raw, index: int, stale=()) -> Entry:
-    """One entry of `entries`, checked against the present CANDIDATES (params and values); the configs
-    of `stale` kernels were made for other candidate lists or sources, so only their presence is
-    checked (the caller drops them)."""
-    known = candidates.CANDIDATES
+    """One entry of `entries`, checked against the present candidates of its op (params and values);
+    the configs of `stale` kernels were made for other candidate lists or sources, so only their
+    presence is checked (the caller drops them). A chunk entry names every chunk kernel (one call
+    launches them all); a recurrent entry names the recurrent kernels its shape launched (the decode
+    step at T = 1 only), at least one."""
     where = f"entries[{index}]"
     _require(isinstance(raw, dict), f"{where} is not a mapping")
+    op = raw.get("op", "chunk")
+    _require(_string(op) and op in candidates.OPS, f"{where}.op must be one of {candidates.OPS}")
+    known = candidates.op_candidates(op)
     k = parse_key(raw.get("key"), where)
     backend = raw.get("backend", "triton")
     _require(_string(backend) and backend in BACKENDS, f"{where}.backend must be one of {BACKENDS}")
+    _require(op == "chunk" or backend == "triton", f"{where}.backend must be triton for op {op}")
     configs = raw.get("configs")
-    _require(isinstance(configs, dict) and set(configs) == set(known),
-             f"{where}.configs must name exactly the kernels {sorted(known)}")
+    if op == "chunk":
+        _require(isinstance(configs, dict) and set(configs) == set(known),
+                 f"{where}.configs must name exactly the kernels {sorted(known)}")
+    else:
+        _require(isinstance(configs, dict) and configs and set(configs) <= set(known),
+                 f"{where}.configs must name some of the kernels {sorted(known)}")
     for kernel, cfg in configs.items():
         _require(isinstance(cfg, dict), f"{where}.configs.{kernel} is not a mapping")
         if kernel in stale:
@@ -184,7 +194,7 @@ def parse_entry(raw, index: int, stale=()) -> Entry:
             _require(_int(value) and value in known[kernel][param],
                      f"{where}.configs.{kernel}.{param} = {str(value)[:40]!r} is not a candidate "
                      f"{known[kernel][param]}")
-    return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index)
+    return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index, op)
 
 
 def _hash_map(meta, name) -> dict:
@@ -200,7 +210,6 @@ def validate(doc, *, arch: str | None, model: str | None = None) -> tuple[dict, 
     used at all. The stale kernels' configs are dropped from the entries (their launches take the
     nearest fresh entry's config or the default); every other kernel keeps its tuned configs.
     model: the GPU model a device file must have been measured on (`device_slug` of meta.gpu)."""
-    known = candidates.CANDIDATES
     _require(isinstance(doc, dict), "the top level is not a mapping")
     meta, raw_entries = doc.get("meta"), doc.get("entries")
     _require(isinstance(meta, dict), "no `meta` mapping")
@@ -218,6 +227,11 @@ def validate(doc, *, arch: str | None, model: str | None = None) -> tuple[dict, 
     if arch is not None and meta.get("dry_run"):
         raise FileProblem("written by a --dry-run in Triton's interpreter; its times mean nothing on a GPU")
     want = expected_meta()
+    # the kernels this file tunes: those of the ops its entries configure (a file of chunk entries
+    # says nothing about the recurrent kernels, so their sources may change freely)
+    ops = {raw.get("op", "chunk") for raw in raw_entries
+           if isinstance(raw, dict) and raw.get("op", "chunk") in candidates.OPS} or {"chunk"}
+    known = [k for op in candidates.OPS if op in ops for k in candidates.op_candidates(op)]
     stale = tuple(k for k in known if file_hashes.get(k) != want["kernel_hashes"][k]
                   or file_candidates.get(k) != want["candidates"][k])
     if len(stale) == len(known):
@@ -230,7 +244,7 @@ def validate(doc, *, arch: str | None, model: str | None = None) -> tuple[dict, 
     for entry in entries:
         entry.triton = other_triton
         for kernel in stale:
-            entry.configs.pop(kernel)
+            entry.configs.pop(kernel, None)
     return meta, entries, stale
 
 
@@ -279,7 +293,7 @@ def read_table(path: Path, *, arch: str | None, missing: str | None, model: str 
         _file_warning(path, "; ".join(notes), whole=False)
     table = Table(path, meta, entries)
     for entry in entries:
-        table.exact.setdefault(entry.key, entry)
+        table.exact.setdefault((entry.op, entry.key), entry)
     return table
 
 

@@ -1,8 +1,10 @@
 """Tuning one problem shape: the candidate space, pruning, coordinate descent, tie-break.
 
-Everything is driven by `gsa_kernels.candidates.CANDIDATES` (kernel -> parameter -> values) and by
-the names the launchers pass to `launch_config`; nothing here knows a kernel's arguments. The unit
-timed is the real op, `chunk_gsa`, with `launches.override` fixing every kernel's config:
+Everything is driven by the candidate lists of `gsa_kernels.candidates` (kernel -> parameter ->
+values) and by the names the launchers pass to `launch_config`; nothing here knows a kernel's
+arguments. The unit timed is the real op with `launches.override` fixing every kernel's config:
+`chunk_gsa` for the chunk kernels, `fused_recurrent_gsa` for the token-by-token ones (`Settings.op`
+"recurrent": no chunk size, and at T = 1 its forward without gradients is the decode step):
 
 1. Which kernel runs where: one forward and one backward with every kernel at its default config;
    `last_launches()` lists the kernels each launched, in launch order. A kernel launched only
@@ -43,17 +45,18 @@ import triton
 
 from gsa_kernels import candidates, configs, launches
 from gsa_kernels.chunk import chunk_gsa
+from gsa_kernels.fused_recurrent import fused_recurrent_gsa
 from gsa_kernels.intmath import pow2_at_least
 from gsa_kernels.kernel_hashes import kernel_hashes
 from gsa_kernels.problem_keys import bucket, current_arch, dtype_name, problem_key
-from gsa_kernels.resources import fits, resource_estimate
+from gsa_kernels.resources import fits, recurrent_fits, resource_estimate
 from gsa_kernels.torch_chunked import COMPILE_MODE
 from gsa_kernels.tuned_file import FORMAT
 from tuning import measure
 from tuning.shapes import Shape
 
 CHUNK = "chunk"   # the pseudo-kernel holding BT, the chunk size every launch of one call shares
-TILE_DIMS = {"BK": "K", "BV": "V", "BM": "M"}
+TILE_DIMS = {"BK": "K", "BV": "V", "BM": "M", "BMS": "M", "BKS": "K", "BVS": "V"}
 
 
 @dataclass
@@ -74,12 +77,13 @@ class Settings:
     seed: dict | None = None
     seeded_from: str | None = None       # that file's date, recorded in the meta
     compiler: object | None = None       # a tuning.precompile.Compiler open for the whole sweep
+    op: str = "chunk"                    # candidates.OPS: chunk_gsa's kernels or fused_recurrent_gsa's
 
     def as_meta(self) -> dict:
         meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
                 "tie": self.tie, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
-                "compile_backend": self.compile_backend, "compile_mode": COMPILE_MODE,
-                "kernels": list(self.kernels) if self.kernels else "all"}
+                "compile_backend": self.compile_backend and self.op == "chunk", "compile_mode": COMPILE_MODE,
+                "kernels": list(self.kernels) if self.kernels else "all", "op": self.op}
         if self.seed is not None:
             meta["seeded_from"] = self.seeded_from
         return meta
@@ -97,7 +101,7 @@ def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = No
             "device": device.type, "triton": str(triton.__version__), "torch": str(torch.__version__),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "dry_run": bool(dry_run), "complete": False, "kernel_hashes": dict(kernel_hashes()),
-            "candidates": {k: candidates.candidates_hash(k) for k in candidates.CANDIDATES}}
+            "candidates": {k: candidates.candidates_hash(k) for k in candidates.all_candidates()}}
     if settings is not None:
         meta["search"] = settings.as_meta()
     return meta
@@ -108,14 +112,14 @@ def run_meta(*, arch: str, dry_run: bool, device, settings: Settings | None = No
 # ---------------------------------------------------------------------------------------------
 
 def enumerate_space(kernel: str) -> list[dict]:
-    params = candidates.CANDIDATES[kernel]
+    params = candidates.all_candidates()[kernel]
     return [dict(zip(params, values)) for values in itertools.product(*params.values())]
 
 
 def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | None,
           arch: str | None) -> tuple[list[dict], list[str]]:
     """(kept, reasons pruned) by the rules of the module docstring."""
-    params = candidates.CANDIDATES[kernel]
+    params = candidates.all_candidates()[kernel]
     dims = {"K": shape.K, "V": shape.V, "M": shape.M}
     kept, pruned = [], []
     for cfg in cfgs:
@@ -129,7 +133,10 @@ def prune(kernel: str, cfgs: list[dict], *, shape: Shape, dtype: str, BT: int | 
             why = f"BC={cfg['BC']} > BT={BT}"
         if why is None and configs.miscompiled(kernel, cfg, BT):
             why = f"num_warps=8 at BT={BT}: a Triton 3.6 miscompile (configs.miscompiled)"
-        if why is None and kernel != CHUNK:
+        if why is None and candidates.op_of(kernel) == "recurrent":
+            if not recurrent_fits(kernel, cfg, K=shape.K, V=shape.V, M=shape.M):
+                why = "state tile over the registers of its warps (resources.recurrent_fits)"
+        elif why is None and kernel != CHUNK:
             bt = BT if BT is not None else 64
             if not fits(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype, arch=arch):
                 smem, regs = resource_estimate(cfg, K=shape.K, V=shape.V, M=shape.M, BT=bt, dtype=dtype)
@@ -195,7 +202,7 @@ def shape_seed(shape: Shape, dtype: str, settings: Settings) -> dict | None:
     """This shape's configs in the seed file (sweep --seed), if any."""
     key = problem_key(K=shape.K, V=shape.V, M=shape.M, dtype=dtype, tokens=shape.B * shape.T * shape.H,
                       seqs=shape.B * shape.H)
-    return (settings.seed or {}).get(key)
+    return (settings.seed or {}).get((settings.op, key))
 
 
 def kernel_space(kernel: str, BT, shape: Shape, dtype: str, settings: Settings, arch, seed) -> tuple:
@@ -203,9 +210,9 @@ def kernel_space(kernel: str, BT, shape: Shape, dtype: str, settings: Settings, 
     kept, pruned = prune(kernel, enumerate_space(kernel), shape=shape, dtype=dtype, BT=BT, arch=arch)
     start = default_start(kernel, shape, BT) if kernel != CHUNK else {"BT": configs.default_config(
         CHUNK, shape.K, shape.V, shape.M)["BT"]}
-    if seed is not None and kernel in seed and (kernel == CHUNK or BT == seed[CHUNK]["BT"]):
+    if seed is not None and kernel in seed and (kernel == CHUNK or CHUNK not in seed or BT == seed[CHUNK]["BT"]):
         # a parameter added since the seed was made takes its default (not the first candidate)
-        params = candidates.CANDIDATES[kernel]
+        params = candidates.all_candidates()[kernel]
         seeded = {p: seed[kernel].get(p, start.get(p)) for p in params}
         if seeded in kept:
             start = seeded
@@ -222,15 +229,16 @@ def compile_plan(shape: Shape, dtype: str, settings: Settings, arch) -> list[tup
     candidates at the start chunk size (the one coordinate descent refines unless another BT wins
     step 2). Tasks (label, configs override, phase) for tuning/precompile.py."""
     seed = shape_seed(shape, dtype, settings)
-    kernels = [k for k in candidates.CANDIDATES if k != CHUNK]
-    if CHUNK in candidates.CANDIDATES:
+    space = candidates.op_candidates(settings.op)
+    kernels = [k for k in space if k != CHUNK]
+    if CHUNK in space:
         bts, _, bt_start = kernel_space(CHUNK, None, shape, dtype, settings, arch, seed)
         bts, BT0 = [bt["BT"] for bt in bts], bt_start["BT"]
     else:
         bts, BT0 = [None], None
 
     def full(BT, cfgs):
-        return {**cfgs, CHUNK: {"BT": BT}} if CHUNK in candidates.CANDIDATES else cfgs
+        return {**cfgs, CHUNK: {"BT": BT}} if CHUNK in space else cfgs
 
     tasks = []
     for BT in bts:
@@ -260,7 +268,10 @@ class ShapeSearch:
         self.inputs = measure.Inputs(shape, dtype, self.device)
         self.ref = measure.Reference(self.inputs)
         self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
-        self.tunable = [k for k in candidates.CANDIDATES if settings.kernels is None or k in settings.kernels]
+        self.op = settings.op
+        self.fn = chunk_gsa if settings.op == "chunk" else fused_recurrent_gsa      # the op timed
+        self.space_all = candidates.op_candidates(settings.op)
+        self.tunable = [k for k in self.space_all if settings.kernels is None or k in settings.kernels]
         self.seed = shape_seed(shape, dtype, settings)
         self.checked: dict = {}              # (BT, kernel, cfg) -> None or reason
         self._graphs = None                  # (fwd-config key, [(o, xs)]) retained for backward timing
@@ -271,11 +282,11 @@ class ShapeSearch:
 
     # -- ops under a full override ---------------------------------------------------------
     def _fwd(self, xs):
-        return chunk_gsa(*xs)[0]
+        return self.fn(*xs)[0]
 
     def _infer(self, xs):
-        with torch.no_grad():      # the forward-only path (its own kernels for half inputs)
-            return chunk_gsa(*xs)[0]
+        with torch.no_grad():      # the forward-only path (its own kernels: half inputs, the decode step)
+            return self.fn(*xs)[0]
 
     def _run(self, cfgs: dict, fn):
         try:
@@ -291,7 +302,7 @@ class ShapeSearch:
 
     def _full(self, BT, current: dict) -> dict:
         out = {k: dict(v) for k, v in current.items()}
-        if CHUNK in candidates.CANDIDATES:
+        if CHUNK in self.space_all:
             out[CHUNK] = {"BT": BT}
         return out
 
@@ -304,7 +315,7 @@ class ShapeSearch:
 
     def discover(self, BT0) -> None:
         """Which kernels the forward and the backward launch, in launch order (module docstring, 1)."""
-        start = {k: self.space(k, BT0)[2] for k in candidates.CANDIDATES if k != CHUNK}
+        start = {k: self.space(k, BT0)[2] for k in self.space_all if k != CHUNK}
         cfgs = self._full(BT0, start)
         xs, do = self.inputs.sets[0], self.inputs.do
         launches.clear_launches()
@@ -328,8 +339,8 @@ class ShapeSearch:
                 phase = "fwd+bwd" if (name in fwd and name in bwd) else ("fwd" if name in fwd else "bwd")
             self.kernels.append(_Kernel(name, phase))
         launched = {k.name for k in self.kernels} | {CHUNK}
-        for name in candidates.CANDIDATES:
-            if name not in launched:
+        for name in self.space_all:
+            if name not in launched and self.op == "chunk":
                 self.notes.append(f"{name}: not launched by chunk_gsa; default config kept")
 
     # -- timing and the gate -----------------------------------------------------------------
@@ -387,7 +398,7 @@ class ShapeSearch:
 
     # -- the search ----------------------------------------------------------------------------
     def run(self) -> dict:
-        bt_space = self.space(CHUNK, None) if CHUNK in candidates.CANDIDATES else ([{"BT": None}], [], {"BT": None})
+        bt_space = self.space(CHUNK, None) if CHUNK in self.space_all else ([{"BT": None}], [], {"BT": None})
         bts, bt_pruned, bt_start = bt_space
         self.discover(bt_start["BT"])
         precompile = self._precompiler()
@@ -469,7 +480,9 @@ class ShapeSearch:
                bt_timed) -> dict:
         sh = self.shape
         all_cfgs = {}
-        for name in candidates.CANDIDATES:
+        # a chunk entry names every chunk kernel (defaults for those the shape did not launch); a
+        # recurrent entry the kernels its shape launched
+        for name in (self.space_all if self.op == "chunk" else current):
             if name == CHUNK:
                 all_cfgs[name] = dict(bt_win)
             elif name in current:
@@ -477,18 +490,22 @@ class ShapeSearch:
             else:
                 all_cfgs[name] = self.default_start(name, bt_win["BT"])
         times_ms = {}
-        if CHUNK in candidates.CANDIDATES:
+        if CHUNK in self.space_all:
             times_ms[CHUNK] = {"winner": round(bt_win_ms, 4), "runner_up": _r(bt_ru), "op": op}
         times_ms.update(times)
         times_ms["triton_fwd"] = _r(fwd)
         times_ms["triton_fwd_bwd"] = round(total, 4)
-        counts = {CHUNK: {"timed": bt_timed, "pruned": len(bt_pruned), "rejected": len(bt_rejected)}}
-        rejected = {CHUNK: bt_rejected} if bt_rejected else {}
+        counts, rejected = {}, {}
+        if CHUNK in self.space_all:
+            counts[CHUNK] = {"timed": bt_timed, "pruned": len(bt_pruned), "rejected": len(bt_rejected)}
+            if bt_rejected:
+                rejected[CHUNK] = bt_rejected
         for k in self.kernels:
             counts[k.name] = {"timed": k.timed, "pruned": len(k.pruned), "rejected": len(k.rejected)}
             if k.rejected:
                 rejected[k.name] = k.rejected
         entry = {
+            "op": self.op,
             "key": {"K": sh.K, "V": sh.V, "M": sh.M, "dtype": self.dtype,
                     "tokens": bucket(sh.B * sh.T * sh.H), "seqs": bucket(sh.B * sh.H)},
             "shape": sh.as_list(),
@@ -503,7 +520,7 @@ class ShapeSearch:
         if self.precompile_failures:
             notes.append(f"parallel precompile: {self.precompile_failures} tasks failed in workers "
                          f"(tried again here; rejections above are from this process)")
-        if self.s.compile_backend:
+        if self.s.compile_backend and self.op == "chunk":
             from tuning import compile_backend
             res = compile_backend.measure_in_subprocess(sh, self.dtype, self.s)
             if res.get("error"):
@@ -514,13 +531,15 @@ class ShapeSearch:
                 if res["fwd_bwd_ms"] < total * (1 - self.s.tie):
                     entry["backend"] = "torch_compile"
             self.progress(2)
-        else:
+        elif self.op == "chunk":
             notes.append("torch_compile: not timed (" + ("dry run" if self.device.type != "cuda"
                                                          else "--compile-backend off") + ")")
         entry["notes"] = notes
         return {"entry": entry, "failed": None}
 
     def _precompiler(self):
+        if self.op != "chunk":
+            return None               # the workers run chunk_gsa (tuning/precompile.py)
         if self.s.compiler is not None:
             return lambda tasks: self.s.compiler.compile(tasks, self.shape, self.dtype)
         if self.s.jobs <= 0 or self.device.type != "cuda":
@@ -539,16 +558,17 @@ def _r(x):
 
 def units(shape: Shape, dtype: str, settings: Settings, arch=None) -> int:
     """How many timings tuning this shape will take (for the progress bar's ETA); an estimate."""
+    space = candidates.op_candidates(settings.op)
     bts = [c["BT"] for c in prune(CHUNK, enumerate_space(CHUNK), shape=shape, dtype=dtype, BT=None,
-                                  arch=arch)[0]] if CHUNK in candidates.CANDIDATES else [None]
+                                  arch=arch)[0]] if CHUNK in space else [None]
     n = len(bts) + 2 * min(settings.bt_top, len(bts))
     BT = bts[0]
-    for k in candidates.CANDIDATES:
+    for k in space:
         if k == CHUNK or (settings.kernels and k not in settings.kernels):
             continue
         kept = prune(k, enumerate_space(k), shape=shape, dtype=dtype, BT=BT, arch=arch)[0]
         n += min(len(kept), settings.max_candidates or len(kept)) * settings.passes * min(settings.bt_top, len(bts))
-    return n + (2 if settings.compile_backend else 0)
+    return n + (2 if settings.compile_backend and settings.op == "chunk" else 0)
 
 
 def tune_shape(*, B, T, H, K, V, M, dtype, device, settings: Settings | None = None, progress=None) -> dict:

@@ -11,6 +11,13 @@ combine, e.g. `bench,common`):
     long         long sequences with few of them (the bench's f [1, 32768, 4, 512, 64],
                  g [1, 65536, 4, 512, 64], h [4, 16384, 4, 512, 64]), where the two-level walk pays
     tiny         the --dry-run grid: two interpreter-sized shapes (one chunk size, then two)
+  for --op recurrent (fused_recurrent_gsa):
+    decode       T = 1 (the decode step, and the token-by-token kernels' training step at T = 1): the
+                 paper's layer [B, 1, 4, 512, 512, 64] at B = 1, 8, 16, 64, and the common head dims
+                 K = V in {64, 128, 256} at M = 64, H = 2048 // K, B = 1 and 16
+    short        short prompts and the layer's recurrent threshold, T = 64: the paper's layer at B = 1
+                 and 8, and b's heads [8, 64, 16, 128, 128, 64]
+    tiny-recurrent  the --dry-run grid of --op recurrent: [1, 1, 1, 16, 16, 16] and [1, 16, 1, 16, 16, 16]
 
 A FILE is a YAML or JSON list whose items are [B, T, H, K, V, M] or {B:, T:, H:, K:, V:, M:}.
 """
@@ -58,7 +65,14 @@ PRESETS = {
                             for K in HEAD_DIMS for V in HEAD_DIMS for M in SLOTS],
     "long": lambda: list(LONG.values()),
     "tiny": lambda: [Shape(1, 32, 1, 16, 16, 16), Shape(1, 64, 1, 16, 16, 16)],
+    "decode": lambda: [Shape(B, 1, 4, 512, 512, 64) for B in (1, 8, 16, 64)]
+    + [Shape(B, 1, _hidden_2048(D), D, D, 64) for D in HEAD_DIMS[:3] for B in (1, 16)],
+    "short": lambda: [Shape(1, 64, 4, 512, 512, 64), Shape(8, 64, 4, 512, 512, 64), Shape(8, 64, 16, 128, 128, 64)],
+    "tiny-recurrent": lambda: [Shape(1, 1, 1, 16, 16, 16), Shape(1, 16, 1, 16, 16, 16)],
 }
+# the sweep's grid when --shapes is not given: (op, dry run) -> presets
+DEFAULT_GRID = {("chunk", False): "bench,common,long", ("chunk", True): "tiny",
+                ("recurrent", False): "decode,short", ("recurrent", True): "tiny-recurrent"}
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                  "half": "float16", "fp32": "float32", "float32": "float32"}

@@ -87,9 +87,13 @@ def parse_args(argv):
     p = _Parser(prog="python -m tuning.sweep", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True, help="the GPU arch to tune for, e.g. sm90 (must be the GPU present)")
+    p.add_argument("--op", choices=("chunk", "recurrent"), default="chunk",
+                   help="the op whose kernels to tune: chunk_gsa's (default) or fused_recurrent_gsa's, the decode "
+                        "step included (entries with op: recurrent)")
     p.add_argument("--shapes", default=None,
-                   help="presets bench,common,common-full,long,tiny (comma-separated) or a YAML/JSON FILE "
-                        "(default: bench,common,long; tiny with --dry-run)")
+                   help="presets bench,common,common-full,long,decode,short,tiny,tiny-recurrent (comma-separated) "
+                        "or a YAML/JSON FILE (default: bench,common,long, with --op recurrent decode,short; tiny "
+                        "or tiny-recurrent with --dry-run)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (default: bf16,fp16; fp16 "
                                                   "with --dry-run, whose interpreter miscomputes bf16 dots)")
     p.add_argument("--seed", default=None, metavar="FILE",
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     try:
         grid_shapes = shapes.parse_shapes(args.shapes if args.shapes is not None else
-                                          ("tiny" if args.dry_run else "bench,common,long"))
+                                          shapes.DEFAULT_GRID[args.op, args.dry_run])
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         return fail(f"--shapes {args.shapes}: cannot read it ({type(e).__name__}: {e})")
     except ValueError as e:
@@ -201,9 +205,10 @@ def main(argv=None) -> int:
     kernels = None
     if args.kernels:
         kernels = tuple(k.strip() for k in args.kernels.split(","))
-        unknown = [k for k in kernels if k not in candidates.CANDIDATES]
+        space = candidates.op_candidates(args.op)
+        unknown = [k for k in kernels if k not in space]
         if unknown:
-            return fail(f"--kernels: unknown {unknown}; known: {sorted(candidates.CANDIDATES)}")
+            return fail(f"--kernels: unknown for --op {args.op}: {unknown}; known: {sorted(space)}")
 
     model = current_device_model()
     if args.output:
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
             seed_meta = seed_doc["meta"]
             if not isinstance(seed_meta, dict):
                 raise TypeError(f"meta must be a mapping, got {type(seed_meta).__name__}")
-            seed = {problem_key(**e["key"]): e["configs"] for e in seed_doc["entries"]}
+            seed = {(e.get("op", "chunk"), problem_key(**e["key"])): e["configs"] for e in seed_doc["entries"]}
         except Exception as e:   # noqa: BLE001 - any unreadable file: say so, refuse
             return fail(f"--seed {args.seed}: not a tuned file ({type(e).__name__}: {e})")
         if bool(seed_meta.get("dry_run")) != args.dry_run or seed_meta.get("arch") != args.arch:
@@ -253,13 +258,13 @@ def main(argv=None) -> int:
         jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else max(1, min(14, (os.cpu_count() or 2) - 2))),
         compile_backend=(args.compile_backend or ("off" if args.dry_run else "on")) == "on",
         compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels,
-        seed=seed, seeded_from=seeded_from)
+        seed=seed, seeded_from=seeded_from, op=args.op)
     meta = search.run_meta(arch=args.arch, dry_run=args.dry_run, device=device, settings=settings)
     if seed is not None and kernels is not None:
         # the kernels this run does not tune keep the seed's configs, measured on the seed's source of
         # them: carry its hashes, so that they count as stale wherever that source has changed since
         seed_hashes = seed_meta.get("kernel_hashes") if isinstance(seed_meta.get("kernel_hashes"), dict) else {}
-        for kernel in candidates.CANDIDATES:
+        for kernel in candidates.op_candidates(args.op):
             if kernel not in kernels:
                 meta["kernel_hashes"][kernel] = str(seed_hashes.get(kernel, "unknown"))
 
@@ -296,12 +301,14 @@ def main(argv=None) -> int:
         return {"K": shape.K, "V": shape.V, "M": shape.M, "dtype": dtype,
                 "tokens": bucket(shape.B * shape.T * shape.H), "seqs": bucket(shape.B * shape.H)}
 
-    have = [e["key"] for e in entries] + [f["key"] for f in failed if "key" in f]
+    # (op, key) of what the file holds: a chunk entry and a recurrent one may share a key
+    have = [(e.get("op", "chunk"), e["key"]) for e in entries] + \
+        [(f.get("op", "chunk"), f["key"]) for f in failed if "key" in f]
     jobs, seen = [], []
     for dtype in dtypes:              # dtype-major: with the default grid, bf16 bench shapes come first
         for shape in grid_shapes:
             key = key_of(shape, dtype)
-            if key in have or key in seen:
+            if (args.op, key) in have or key in seen:
                 continue      # tuned already (resume), or the same key as an earlier shape of the grid
             seen.append(key)
             jobs.append((shape, dtype, key))
@@ -323,7 +330,7 @@ def main(argv=None) -> int:
               f"{', '.join(p.name for p in removed)}", file=sys.stderr)
     save(complete=not jobs)
     with contextlib.ExitStack() as stack:
-        if settings.jobs > 0 and device == "cuda" and jobs:
+        if settings.jobs > 0 and device == "cuda" and jobs and args.op == "chunk":   # the workers run chunk_gsa
             settings.compiler = stack.enter_context(precompile.Compiler(settings.jobs))
             _compile_up_front(settings, jobs, present)
         stopped = _tune_all(jobs, settings, device, progress, args.time_budget, entries, failed, save, t0)
@@ -369,7 +376,7 @@ def _tune_all(jobs, settings, device, progress, time_budget, entries, failed, sa
         if result["entry"] is not None:
             entries.append(result["entry"])
         else:
-            failed.append({"key": key, "shape": shape.as_list(), "reason": result["failed"]})
+            failed.append({"op": settings.op, "key": key, "shape": shape.as_list(), "reason": result["failed"]})
             print(f"\nshape {shape} {dtype} failed: {result['failed']}", file=sys.stderr)
         save(complete=(i == len(jobs) - 1))
         if torch.cuda.is_available():

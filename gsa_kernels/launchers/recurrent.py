@@ -20,6 +20,14 @@ from gsa_kernels.kernels.decode import decode_keys_kernel, decode_values_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
                                            recurrent_bwd_keys_kernel, recurrent_bwd_values_kernel,
                                            recurrent_fwd_keys_kernel, recurrent_fwd_values_kernel)
+from gsa_kernels.launches import this_thread
+from gsa_kernels.lookup import epoch as lookup_epoch
+
+
+def _work(B, T, H, N) -> dict:
+    """The tuned-file key's work sizes of a token-by-token call: its grid walks one state per kv head
+    and sequence (N * H), over all B * T tokens."""
+    return {"tokens": B * T * H, "seqs": N * H}
 
 
 def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens, N):
@@ -35,12 +43,13 @@ def recurrent_fwd(q, k, v, s, g, scale, hk0, hv0, hk_final, hv_final, cu_seqlens
     scores = torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     flags = dict(USE_INITIAL_STATE=use_h0, STORE_FINAL_STATE=store, IS_VARLEN=cu_seqlens is not None)
+    work = _work(B, T, H, N)
 
-    cfg = launch_config("recurrent_fwd_keys", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("recurrent_fwd_keys", K=K, V=V, M=M, dtype=q.dtype, **work)
     recurrent_fwd_keys_kernel[(cdiv(M, cfg["BMS"]), N * H)](
         q, k, s, g, hk0 if use_h0 else dummy, scores, hk_final if store else dummy, cu, scale, T,
         H=H, G=G, K=K, M=M, BK=next_pow2(K), BMS=cfg["BMS"], num_warps=cfg["num_warps"], **flags)
-    cfg = launch_config("recurrent_fwd_values", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("recurrent_fwd_values", K=K, V=V, M=M, dtype=q.dtype, **work)
     recurrent_fwd_values_kernel[(cdiv(V, cfg["BV"]), N * H)](
         v, s, g, scores, hv0 if use_h0 else dummy, o, hv_final if store else dummy, cu, T,
         H=H, G=G, V=V, M=M, BM=next_pow2(M), BV=cfg["BV"], num_warps=cfg["num_warps"], **flags)
@@ -62,9 +71,10 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     varlen = cu_seqlens is not None
     f32 = dict(dtype=torch.float32, device=q.device)
     part_stride = B * T * H * M
+    work = _work(B, T, H, N)
 
     dp = torch.empty(B, T, HQ, M, **f32)
-    cfg = launch_config("recurrent_bwd_dp", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("recurrent_bwd_dp", K=K, V=V, M=M, dtype=q.dtype, **work)
     recurrent_bwd_dp_kernel[(cdiv(M, cfg["BMS"]), N * H)](
         v, s, g, do, hv0 if use_h0 else dummy, dp, cu, T, H=H, G=G, V=V, M=M, BMS=cfg["BMS"], BV=next_pow2(V),
         USE_INITIAL_STATE=use_h0, IS_VARLEN=varlen, num_warps=cfg["num_warps"])
@@ -74,7 +84,7 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     dhk0 = torch.empty(N, H, K, M, **f32) if use_h0 else None
     dhv0 = torch.empty(N, H, M, V, **f32) if use_h0 else None
 
-    cfg_k = launch_config("recurrent_bwd_keys", K=K, V=V, M=M, dtype=q.dtype)
+    cfg_k = launch_config("recurrent_bwd_keys", K=K, V=V, M=M, dtype=q.dtype, **work)
     NK = cdiv(K, cfg_k["BKS"])
     dsk_parts = torch.empty(NK, B, T, H, M, **f32)
     recurrent_bwd_keys_kernel[(NK, N * H)](
@@ -83,7 +93,7 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
         H=H, G=G, K=K, M=M, BKS=cfg_k["BKS"], BM=next_pow2(M), USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_k["num_warps"])
 
-    cfg_v = launch_config("recurrent_bwd_values", K=K, V=V, M=M, dtype=q.dtype)
+    cfg_v = launch_config("recurrent_bwd_values", K=K, V=V, M=M, dtype=q.dtype, **work)
     NV = cdiv(V, cfg_v["BVS"])
     dsv_parts = torch.empty(NV, B, T, H, M, **f32)
     recurrent_bwd_values_kernel[(NV, N * H)](
@@ -91,7 +101,7 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
         cu, T, part_stride, H=H, G=G, V=V, M=M, BM=next_pow2(M), BVS=cfg_v["BVS"], USE_INITIAL_STATE=use_h0,
         USE_FINAL_STATE_GRADIENT=use_dht, IS_VARLEN=varlen, num_warps=cfg_v["num_warps"])
 
-    cfg = launch_config("recurrent_bwd_gates", K=K, V=V, M=M, dtype=q.dtype)
+    cfg = launch_config("recurrent_bwd_gates", K=K, V=V, M=M, dtype=q.dtype, **work)
     recurrent_bwd_gates_kernel[(N * H,)](
         s, scores, dp, dsk_parts, dsv_parts, hk_final if use_dht else dummy, hv_final if use_dht else dummy,
         dhk_final if use_dht else dummy, dhv_final if use_dht else dummy, ds, dg, cu, T, part_stride, NK, NV,
@@ -100,8 +110,10 @@ def recurrent_bwd(q, k, v, s, g, scores, hk0, hv0, hk_final, hv_final, do, dhk_f
     return dq, dk, dv, ds, dg, dhk0, dhv0
 
 
-# (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first call
+# (K, V, M, dtype, B * H) -> decode config: the eager decode step skips the lookup after the first
+# call, until the lookup forgets its selections (lookup.epoch); never under an override (a sweep)
 _decode_configs: dict = {}
+_decode_epoch = [0]
 
 
 def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, state_indices=None,
@@ -119,10 +131,16 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, sta
     G, GP, BM = HQ // H, next_pow2(HQ // H), next_pow2(M)
     cfg = config
     if cfg is None:
-        key = (K, V, M, q.dtype, B * H)
-        cfg = _decode_configs.get(key)
+        key, overridden = (K, V, M, q.dtype, B * H), this_thread.override is not None
+        if _decode_epoch[0] != lookup_epoch():
+            _decode_configs.clear()
+            _decode_epoch[0] = lookup_epoch()
+        cfg = None if overridden else _decode_configs.get(key)
         if cfg is None:
-            cfg = _decode_configs[key] = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, seqs=B * H)
+            # keyed by the kv heads' states, the decode grid: tokens = seqs = B * H
+            cfg = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, tokens=B * H, seqs=B * H)
+            if not overridden:
+                _decode_configs[key] = cfg
     nkt = cdiv(K, cfg["BK"])
     zpart = torch.empty(nkt, B * H, GP, BM, dtype=torch.float32, device=q.device)
     o = torch.empty(B, 1, HQ, V, dtype=q.dtype, device=q.device)
