@@ -30,6 +30,10 @@
 #               AB_SWEEP_DTYPES, default bf16; AB_SWEEP_ARGS, default "--compile-backend off") so that both
 #               sides run tuned. A kernel edit also makes "chunk" (the chunk size, one choice for all kernels)
 #               stale: list it too
+#     recurrent fused_recurrent_gsa's kernels and the decode step tuned (sweep --op recurrent, RECURRENT_ARGS,
+#               default "--max-candidates 4") into a copy of the shipped H200 file, $OUT/sm90.yaml (--resume keeps
+#               its chunk entries); then bench_decode (B = 1, 8, 16, 64, eager and graph) with the shipped
+#               file and with the copy: decode_base.log and decode_tuned.log
 #     mqar      python -m examples.mqar MQAR_ARGS (e.g. "--jobs 12 --epochs 8") into docs/mqar on the machine,
 #               cut at MQAR_TIMEOUT seconds (runs finished by then are kept); runs.json, the plot and the
 #               log come back (the checkpoints stay: too many files for $OUT)
@@ -132,6 +136,14 @@ for step in ${steps//,/ }; do
       else
         echo "AB_PATCH does not apply" | tee "$OUT/ab_base.log"; status=1
       fi ;;
+    recurrent)
+      python3 -m tuning.sweep --arch sm90 --op recurrent --resume tuned_configs/sm90-nvidia-h200.yaml \
+        ${RECURRENT_ARGS:---max-candidates 4} --output "$OUT/sm90.yaml" 2>&1 | tee "$OUT/sweep_recurrent.log" || status=1
+      for side in base tuned; do
+        cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; [ $side = tuned ] && cfg=$OUT/sm90.yaml
+        GSA_KERNELS_TUNED_CONFIGS=$cfg python3 -m benchmarks.bench_decode --batches 1,8,16,64 --no-fla --no-generate \
+          --json "$OUT/decode_$side.json" 2>&1 | tee "$OUT/decode_$side.log" || status=1
+      done ;;
     mqar)
       timeout "${MQAR_TIMEOUT:-500}" python3 -m examples.mqar ${MQAR_ARGS:-} --out docs/mqar 2>&1 \
         | tee "$OUT/mqar.log" || status=1

@@ -2,8 +2,10 @@
 
 Timing on a GPU is the median of `triton.testing.do_bench` (its own warm-up, L2 flush before every
 repetition) of a step that also rotates through copies of the inputs whose total size exceeds twice
-the L2 cache, so no repetition finds its inputs cached by the previous one. In Triton's interpreter
-(--dry-run, CPU tests) "time" is the wall clock of one call: only the pipeline is exercised.
+the L2 cache, so no repetition finds its inputs cached by the previous one; or, for ops whose eager
+call is mostly host time (the decode step), of replays of a CUDA graph calling each copy once
+(`Timer.graphed`). In Triton's interpreter (--dry-run, CPU tests) "time" is the wall clock of one
+call: only the pipeline is exercised.
 
 Correctness gate: the float64 chunkwise reference (reference.chunk_gsa_torch, itself tested against
 the recurrence) on batch element 0 of the same rounded inputs; batch elements are independent, so
@@ -119,6 +121,33 @@ class Timer:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
+
+
+    def graphed(self, fns: list) -> float:
+        """Median milliseconds of one call of fns, each called once per replay of a CUDA graph that
+        holds them all (kernel time without the host's launch path: what a graphed decode loop pays);
+        the wall clock of one call each in the interpreter. For ops whose eager calls are mostly host
+        time, where do_bench of the eager call would time Python."""
+        if not self.cuda:
+            return self(rotating(fns))
+        import triton.testing
+
+        def all_once():
+            for fn in fns:
+                fn()
+        stream = torch.cuda.Stream()            # warm-up on a side stream, as capture requires
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                all_once()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            all_once()
+        ms = float(triton.testing.do_bench(graph.replay, warmup=self.warmup_ms, rep=self.rep_ms,
+                                           return_mode="median"))
+        del graph
+        return ms / len(fns)
 
 
 def rotating(fns: list):
