@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_lock import gpu_lock
+from tuning.measure import cuda_graph
 
 SHAPES = {  # [B, T, H, K=V, M]
     "a": (8, 2048, 4, 512, 64),   # the paper's 1.3B layer
@@ -143,21 +144,6 @@ def time_op(fn, inputs, backward, graph=False):
         if graph:
             return triton.testing.do_bench(cuda_graph(step).replay, warmup=25, rep=200, return_mode="median")
         return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
-
-
-def cuda_graph(fn):
-    """fn captured in a CUDA graph (after warm-up calls on a side stream, as capture requires: they
-    also compile the kernels). bench_decode.py uses it too."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def graph_times(rows, provs, dtype):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_chunk import cuda_graph
+from tuning.measure import cuda_graph
 
 VOCAB, HIDDEN, LAYERS = 32000, 2048, 4
 

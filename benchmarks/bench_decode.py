@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_chunk import copy_bandwidth, cuda_graph
+from benchmarks.bench_chunk import copy_bandwidth
+from tuning.measure import cuda_graph
 
 H, K, V, M = 4, 512, 512, 64
 

@@ -115,7 +115,8 @@ for step in ${steps//,/ }; do
         | tee "$OUT/bench_compile.log" || status=1
       python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz" ;;
     ab)
-      rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r gsa_kernels reference tuning benchmarks tuned_configs tests docs examples README.md pyproject.toml /tmp/ab/
+      rm -rf /tmp/ab && mkdir -p /tmp/ab
+      cp -r gsa_kernels reference tuning benchmarks tuned_configs tests docs examples README.md pyproject.toml /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
         [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
           | tee "$OUT/ab_tests.log"

@@ -1,11 +1,12 @@
 """Which kernel source each tuned config depends on: one hash per tuned kernel, for staleness.
 
 A tuned config measured for one kernel source says nothing about another, so a tuned file records,
-per kernel of `candidates.all_candidates()`, a hash of the source it was measured on: the Triton kernel and
-every helper it calls, followed through the imports of gsa_kernels/kernels/ and the module-level
-constants it reads (its dependency closure). At run time only the kernels whose closure changed are
-stale: an edit to kernels/decode.py leaves every chunk entry fresh, an edit to kernels/intra.py makes
-the kernels that call the intra-chunk helpers stale and leaves the state walks alone.
+per tuned kernel (`candidates.all_candidates()`), a hash of the source it was measured on: the Triton
+kernels it configures and every helper they call, followed through the imports of gsa_kernels/kernels/
+and the module-level constants they read (the dependency closure). At run time only the kernels
+whose closure changed are stale: an edit to kernels/decode.py makes the decode step stale and leaves
+every other kernel fresh, an edit to kernels/intra.py makes the kernels that call the intra-chunk
+helpers stale and leaves the state walks alone.
 
 The closure is found statically, from the files (no import, no Triton): top-level functions,
 `from gsa_kernels.kernels.<module> import name` lines and `NAME = ...` constants of the kernels

@@ -23,6 +23,10 @@ half because they move the best config least. A nearest entry is only taken if e
 passes `resources.fits` at the problem's dims, so a config tuned for a small M never overflows at a
 large one.
 
+fused_recurrent_gsa's kernels (the token-by-token ones and the decode step) go through the same
+order among the entries of their op (`op: recurrent`) that hold the launching kernel's config: a
+recurrent entry holds the kernels its shape launched, and only a T = 1 shape launches the decode step.
+
 The torch.compile backend (an entry with `backend: torch_compile`) is honoured only for an exact key
 from a file made with the same torch major.minor; everywhere else the Triton kernels run.
 

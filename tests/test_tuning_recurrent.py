@@ -14,23 +14,13 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import (autotune, candidates, clear_launches, configs, fused_recurrent_gsa, last_launches,
-                         problem_keys, resources, tuned_file)
+from gsa_kernels import (candidates, clear_launches, configs, fused_recurrent_gsa, last_launches, problem_keys,
+                         resources, tuned_file)
 from reference import naive_recurrent_gsa
+from test_tuning import clean_lookup  # noqa: F401 - autouse: no tuned file, an empty user cache, no opt-in
 from tuning import search, sweep
 
 RECURRENT = [k for k in candidates.RECURRENT_CANDIDATES if k != "decode"]
-
-
-@pytest.fixture(autouse=True)
-def clean_lookup(monkeypatch, tmp_path):
-    monkeypatch.setenv(tuned_file.ENV_FILE, "none")
-    monkeypatch.delenv(tuned_file.ENV_FILE_DEPRECATED, raising=False)
-    monkeypatch.setenv(tuned_file.ENV_CACHE_DIR, str(tmp_path / "user-cache"))
-    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
-    configs.reset()
-    yield
-    configs.reset()
 
 
 def key_of(B, T, H, K, V, M, dtype="float32"):

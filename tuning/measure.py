@@ -135,19 +135,26 @@ class Timer:
         def all_once():
             for fn in fns:
                 fn()
-        stream = torch.cuda.Stream()            # warm-up on a side stream, as capture requires
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                all_once()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            all_once()
+        graph = cuda_graph(all_once)
         ms = float(triton.testing.do_bench(graph.replay, warmup=self.warmup_ms, rep=self.rep_ms,
                                            return_mode="median"))
         del graph
         return ms / len(fns)
+
+
+def cuda_graph(fn):
+    """fn captured in a CUDA graph (after warm-up calls on a side stream, as capture requires: they
+    also compile the kernels). The benchmarks use it too."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def rotating(fns: list):
