@@ -19,7 +19,7 @@ from gsa_kernels.autotune import maybe_autotune
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
 from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_fwd, stacked_chunk_limit
-from gsa_kernels.lookup import backend_for
+from gsa_kernels.lookup import backend_for, compile_mode_for
 from gsa_kernels.ops import chunk_gsa_compiled
 from gsa_kernels.problem_keys import problem_key
 
@@ -124,10 +124,11 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     # opt-in (GSA_KERNELS_AUTOTUNE=1) tuning of an untuned shape, then the backend the tuned file chose
     maybe_autotune(B=problem.B, T=problem.T, H=problem.HQ, N=problem.N, K=problem.K, V=problem.V,
                    M=problem.M, dtype=q.dtype, device=q.device)
-    if backend_for(problem_key(**sizes)) == "torch_compile":
+    key = problem_key(**sizes)
+    if backend_for(key) == "torch_compile":
         # the PyTorch form takes one head count: grouped kv heads repeated (grouped_heads.py)
         G = problem.group
-        return grouped_heads.per_kv_head(torch_chunked.compiled()(
+        return grouped_heads.per_kv_head(torch_chunked.compiled(compile_mode_for(key))(
             q, *(grouped_heads.expand(x, G) for x in (k, v, s, g)), scale=scale,
             initial_state=grouped_heads.expand_state((hk0, hv0), G), output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size or 64), G)

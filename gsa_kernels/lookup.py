@@ -28,7 +28,8 @@ order among the entries of their op (`op: recurrent`) that hold the launching ke
 recurrent entry holds the kernels its shape launched, and only a T = 1 shape launches the decode step.
 
 The torch.compile backend (an entry with `backend: torch_compile`) is honoured only for an exact key
-from a file made with the same torch major.minor; everywhere else the Triton kernels run.
+from a file made with the same torch major.minor; everywhere else the Triton kernels run. It compiles
+with the mode the entry was timed with (`compile_mode`).
 
 The selection is memoized per key (a launch looks it up every time); `reload` and `reset` forget it.
 """
@@ -143,6 +144,13 @@ def backend_for(key: tuple) -> str:
     if file_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
         return "triton"
     return "torch_compile"
+
+
+def compile_mode_for(key: tuple) -> str | None:
+    """The torch.compile mode the exact entry of `key` timed its torch_compile backend with (None: the
+    entry names none, an older sweep's; torch_chunked then uses its default)."""
+    entry, _ = select_entry(key)
+    return None if entry is None else entry.compile_mode
 
 
 def remember_unsaved(key: tuple, entry: Entry):

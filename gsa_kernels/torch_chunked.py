@@ -36,13 +36,14 @@ from gsa_kernels.torch_common import masked_exp, run_per_sequence
 SUB_CHUNK = 16
 # gates below -FORGET_ALL are summed as -FORGET_ALL, the Triton kernels' rule (kernels/cumsum.py)
 FORGET_ALL = float(cumsum.FORGET_ALL.value)
-# torch.compile mode of the compiled form (`compiled`). Not "max-autotune": that mode adds CUDA graphs,
+# torch.compile mode of the compiled form (`compiled`) where a tuned entry names none (tuned_file.
+# COMPILE_MODES lists those a sweep may name). Never "max-autotune": that mode adds CUDA graphs,
 # whose outputs are overwritten by the next call, a contract a drop-in op cannot impose on its
 # callers; the sweep times exactly what is dispatched.
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 _lock = threading.Lock()
-_compiled = None
+_compiled: dict = {}          # mode -> chunk_gsa_torch compiled in it
 
 
 def _chunk_core(q, k, v, s, g, scale, hk0, hv0, C):
@@ -139,10 +140,11 @@ def chunk_gsa_torch(q, k, v, s, g=None, scale=None, initial_state=None, output_f
                             cu_seqlens, chunk_size)
 
 
-def compiled():
-    """chunk_gsa_torch under torch.compile (COMPILE_MODE), built once per process."""
-    global _compiled
+def compiled(mode: str | None = None):
+    """chunk_gsa_torch under torch.compile in `mode` (None: COMPILE_MODE), built once per process
+    and mode."""
+    mode = mode or COMPILE_MODE
     with _lock:
-        if _compiled is None:
-            _compiled = torch.compile(chunk_gsa_torch, mode=COMPILE_MODE)
-        return _compiled
+        if mode not in _compiled:
+            _compiled[mode] = torch.compile(chunk_gsa_torch, mode=mode)
+        return _compiled[mode]

@@ -46,6 +46,8 @@ ENV_FILE = "GSA_KERNELS_TUNED_CONFIGS"
 ENV_FILE_DEPRECATED = "GSA_TUNED_CONFIGS"     # ENV_FILE's former name, without the package prefix
 ENV_CACHE_DIR = "GSA_KERNELS_CACHE_DIR"
 BACKENDS = ("triton", "torch_compile")
+# torch.compile modes a sweep may time the torch_compile backend with (an entry's `compile_mode`)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 _lock = threading.RLock()
 _tables: dict | None = None            # {"device", "tuned", "cache": Table|None}, read once
@@ -59,6 +61,7 @@ class Entry:
     backend: str
     index: int
     op: str = "chunk"             # candidates.OPS: the op whose launches the entry configures
+    compile_mode: str | None = None   # the mode its torch_compile backend was timed with; None: unnamed
     triton: str | None = None     # the Triton version of a file made with another one than this process's
 
 
@@ -177,6 +180,9 @@ def parse_entry(raw, index: int, stale=()) -> Entry:
     backend = raw.get("backend", "triton")
     _require(_string(backend) and backend in BACKENDS, f"{where}.backend must be one of {BACKENDS}")
     _require(op == "chunk" or backend == "triton", f"{where}.backend must be triton for op {op}")
+    compile_mode = raw.get("compile_mode")
+    _require(compile_mode is None or (_string(compile_mode) and compile_mode in COMPILE_MODES),
+             f"{where}.compile_mode must be one of {COMPILE_MODES}")
     configs = raw.get("configs")
     if op == "chunk":
         _require(isinstance(configs, dict) and set(configs) == set(known),
@@ -194,7 +200,7 @@ def parse_entry(raw, index: int, stale=()) -> Entry:
             _require(_int(value) and value in known[kernel][param],
                      f"{where}.configs.{kernel}.{param} = {str(value)[:40]!r} is not a candidate "
                      f"{known[kernel][param]}")
-    return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index, op)
+    return Entry(k, {kn: dict(c) for kn, c in configs.items()}, backend, index, op, compile_mode)
 
 
 def _hash_map(meta, name) -> dict:

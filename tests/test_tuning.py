@@ -852,27 +852,37 @@ def test_overrides_and_launch_records_are_per_thread(monkeypatch, tmp_path):
 # the torch.compile backend
 
 def test_torch_compile_backend_is_dispatched_for_an_exact_entry(monkeypatch, tmp_path):
+    """An exact entry with backend torch_compile runs the compiled PyTorch form in the mode it was
+    timed with (an entry naming none: torch_chunked.COMPILE_MODE, the older sweeps' mode)."""
     from reference import chunk_gsa_torch
     calls = []
 
-    def fake_compiled(*a, **k):      # stands in for torch.compile(chunk_gsa_torch): same function, eager
-        calls.append(k.get("chunk_size"))
-        return chunk_gsa_torch(*a, **k)
-    monkeypatch.setattr(torch_chunked, "_compiled", fake_compiled)
+    def fake_compiled(mode):         # stands in for torch.compile(chunk_gsa_torch, mode): eager
+        def run(*a, **k):
+            calls.append((mode, k.get("chunk_size")))
+            return chunk_gsa_torch(*a, **k)
+        return run
+    monkeypatch.setattr(torch_chunked, "_compiled", {m: fake_compiled(m) for m in tuned_file.COMPILE_MODES})
     key = shape_key(*SMALL, "float32")
-    doc = {"meta": meta(), "entries": [entry(key, non_default_configs(16, 16, 16), backend="torch_compile")]}
+    tc = dict(entry(key, non_default_configs(16, 16, 16), backend="torch_compile"), compile_mode="default")
+    doc = {"meta": meta(), "entries": [tc]}
     use_file(monkeypatch, write(tmp_path / "tc.yaml", doc))
     run_and_check(inputs(*SMALL))
-    assert calls == [64]
+    assert calls == [("default", 64)]
     assert last_launches() == {}                       # no Triton kernel launched
     # another shape (nearest only) stays on the Triton kernels
     run_and_check(inputs(1, 32, 1, 16, 16, 32))
-    assert calls == [64] and {i["source"] for i in last_launches().values()} == {"nearest"}
+    assert len(calls) == 1 and {i["source"] for i in last_launches().values()} == {"nearest"}
+    # an entry from before entries named their mode: the mode the sweep then always used
+    del tc["compile_mode"]
+    use_file(monkeypatch, write(tmp_path / "tc-unnamed.yaml", doc))
+    run_and_check(inputs(*SMALL))
+    assert calls[-1] == (torch_chunked.COMPILE_MODE, 64)
     # a file from another torch version: its backend choice is not trusted, the kernels run
     doc["meta"]["torch"] = "1.0.0"
     use_file(monkeypatch, write(tmp_path / "tc-old.yaml", doc))
     run_and_check(inputs(*SMALL))
-    assert calls == [64] and {i["source"] for i in last_launches().values()} == {"tuned"}
+    assert len(calls) == 2 and {i["source"] for i in last_launches().values()} == {"tuned"}
 
 
 # ---------------------------------------------------------------------------------------------

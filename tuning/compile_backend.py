@@ -2,11 +2,12 @@
 
 Run in a subprocess with a time limit (`--compile-timeout`, default 300 s): the chunk loop of
 chunk_gsa_torch unrolls, so max-autotune compilation of a long sequence can take minutes, and a
-sweep slice must not die inside it. The subprocess takes gsa_kernels.torch_chunked.compiled() (what
-chunk_gsa dispatches to), checks forward and gradients against the float64 reference (the same
-gate as the Triton candidates), then times forward and forward+backward like the kernels.
+sweep slice must not die inside it; mode "default" (`--compile-mode`, the sweep's default) compiles
+faster. The subprocess takes gsa_kernels.torch_chunked.compiled(mode) (what chunk_gsa dispatches to
+for an entry that names that mode), checks forward and gradients against the float64 reference (the
+same gate as the Triton candidates), then times forward and forward+backward like the kernels.
 
-    python -m tuning.compile_backend '{"shape": [B, T, H, K, V, M], "dtype": "bfloat16", ...}'
+    python -m tuning.compile_backend '{"shape": [B, T, H, K, V, M], "dtype": "bfloat16", "mode": ..., ...}'
 prints one JSON line: {"fwd_ms", "fwd_bwd_ms"} or {"error"}.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 def measure_in_subprocess(shape, dtype: str, settings) -> dict:
     args = json.dumps({"shape": shape.as_list(), "dtype": dtype, "warmup_ms": settings.warmup_ms,
-                       "rep_ms": settings.rep_ms})
+                       "rep_ms": settings.rep_ms, "mode": settings.compile_mode})
     try:
         proc = subprocess.run([sys.executable, "-m", "tuning.compile_backend", args], capture_output=True,
                               text=True, timeout=settings.compile_timeout)
@@ -41,7 +42,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = measure.Inputs(shape, dtype, device)
     ref = measure.Reference(inputs)
-    fn = torch_chunked.compiled()
+    fn = torch_chunked.compiled(cfg["mode"])
     do = inputs.do
 
     def fwd(xs):

@@ -50,7 +50,6 @@ from gsa_kernels.intmath import pow2_at_least
 from gsa_kernels.kernel_hashes import kernel_hashes
 from gsa_kernels.problem_keys import bucket, current_arch, dtype_name, problem_key
 from gsa_kernels.resources import fits, recurrent_fits, resource_estimate
-from gsa_kernels.torch_chunked import COMPILE_MODE
 from gsa_kernels.tuned_file import FORMAT
 from tuning import measure
 from tuning.shapes import Shape
@@ -67,6 +66,7 @@ class Settings:
     tie: float = 0.02
     jobs: int = 0                        # parallel compile workers (CUDA only); 0: compile on first launch
     compile_backend: bool = True         # time torch.compile(chunk_gsa_torch) too
+    compile_mode: str = "default"        # in this mode (tuned_file.COMPILE_MODES): the cheapest compile
     compile_timeout: float = 300.0
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
@@ -82,7 +82,7 @@ class Settings:
     def as_meta(self) -> dict:
         meta = {"max_candidates": self.max_candidates, "passes": self.passes, "bt_top": self.bt_top,
                 "tie": self.tie, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
-                "compile_backend": self.compile_backend and self.op == "chunk", "compile_mode": COMPILE_MODE,
+                "compile_backend": self.compile_backend and self.op == "chunk", "compile_mode": self.compile_mode,
                 "kernels": list(self.kernels) if self.kernels else "all", "op": self.op}
         if self.seed is not None:
             meta["seeded_from"] = self.seeded_from
@@ -533,6 +533,7 @@ class ShapeSearch:
             else:
                 times_ms["torch_compile_fwd"] = res["fwd_ms"]
                 times_ms["torch_compile_fwd_bwd"] = res["fwd_bwd_ms"]
+                entry["compile_mode"] = self.s.compile_mode
                 if res["fwd_bwd_ms"] < total * (1 - self.s.tie):
                     entry["backend"] = "torch_compile"
             self.progress(2)

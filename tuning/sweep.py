@@ -119,6 +119,9 @@ def parse_args(argv):
                    help="parallel compile workers (default: CPUs - 2, at most 14, on a GPU; 0 in a dry run)")
     p.add_argument("--compile-backend", choices=("on", "off"), default=None,
                    help="time torch.compile(chunk_gsa_torch) per shape (default on; off with --dry-run)")
+    p.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"), default="default",
+                   help="the torch.compile mode it is timed in, and dispatched with where it wins (default: "
+                        "default, the cheapest compile; max-autotune-no-cudagraphs took over 250 s a shape)")
     p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per shape for it (default 300)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (default 100)")
@@ -257,7 +260,8 @@ def main(argv=None) -> int:
         passes=args.passes, bt_top=args.bt_top, tie=args.tie,
         jobs=args.jobs if args.jobs is not None else (0 if args.dry_run else max(1, min(14, (os.cpu_count() or 2) - 2))),
         compile_backend=(args.compile_backend or ("off" if args.dry_run else "on")) == "on",
-        compile_timeout=args.compile_timeout, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, kernels=kernels,
+        compile_timeout=args.compile_timeout, compile_mode=args.compile_mode, warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms, kernels=kernels,
         seed=seed, seeded_from=seeded_from, op=args.op)
     meta = search.run_meta(arch=args.arch, dry_run=args.dry_run, device=device, settings=settings)
     if seed is not None and kernels is not None:
