@@ -6,6 +6,7 @@ without recurrent entries says nothing about them. Results are compared with the
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -218,3 +219,17 @@ def test_recurrent_sweep_writes_entries_the_decode_step_reads(monkeypatch, tmp_p
     capsys.readouterr()
     assert sweep.main(["--arch", "sm90", "--kernels", "decode", "--output", str(tmp_path / "x.yaml")]) == 2
     assert "--kernels: unknown for --op chunk: ['decode']" in capsys.readouterr().err
+
+
+def test_resume_accepts_a_file_made_before_the_recurrent_kernels_were_tuned():
+    """sweep --op recurrent --resume adds recurrent entries to a file of chunk entries whose meta
+    knows only the chunk kernels: a kernel the old run did not know is no difference, a changed hash
+    of one it knew is."""
+    from tuning import yamlio
+    new = search.run_meta(arch="sm90", dry_run=False, device=DEVICE)
+    old = copy.deepcopy(new)
+    for name in ("kernel_hashes", "candidates"):
+        old[name] = {k: v for k, v in old[name].items() if k in candidates.CANDIDATES}
+    assert yamlio.software_mismatch(old, new) == []
+    old["kernel_hashes"]["chunk_fwd"] = "0" * 16
+    assert [d.split(":")[0] for d in yamlio.software_mismatch(old, new)] == ["kernel_hashes"]

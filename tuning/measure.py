@@ -122,7 +122,6 @@ class Timer:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-
     def graphed(self, fns: list) -> float:
         """Median milliseconds of one call of fns, each called once per replay of a CUDA graph that
         holds them all (kernel time without the host's launch path: what a graphed decode loop pays);

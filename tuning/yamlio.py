@@ -59,14 +59,15 @@ def read_yaml(path):
 
 def sort_entries(entries: list) -> list:
     """The chunk entries first, then the recurrent ones; each by key."""
-    return sorted(entries, key=lambda e: (e.get("op", "chunk") != "chunk",) + tuple(e["key"][k] for k in ENTRY_ORDER))
+    return sorted(entries, key=lambda e: (e.get("op", "chunk") != "chunk", *(e["key"][k] for k in ENTRY_ORDER)))
 
 
 def software_mismatch(old_meta: dict, new_meta: dict) -> list[str]:
     """What differs between two runs' meta that makes their entries incomparable. A kernel the old
     run did not know (added to the package since) is no difference: the old entries hold no config of it."""
     fields = ("format", "arch", "gpu", "dry_run", "triton", "torch")
-    out = [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in fields if old_meta.get(f) != new_meta.get(f)]
+    out = [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in fields
+           if old_meta.get(f) != new_meta.get(f)]
     for f in ("kernel_hashes", "candidates"):
         old, new = old_meta.get(f), new_meta.get(f)
         if not isinstance(old, dict) or not isinstance(new, dict) or any(new.get(k) != v for k, v in old.items()):
