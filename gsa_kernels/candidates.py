@@ -62,7 +62,11 @@ OPS = ("chunk", "recurrent")
 
 def op_candidates(op: str) -> dict:
     """The candidate lists of `op`'s kernels (read at call time: the tests narrow them)."""
-    return {"chunk": CANDIDATES, "recurrent": RECURRENT_CANDIDATES}[op]
+    if op == "chunk":
+        return CANDIDATES
+    if op == "recurrent":
+        return RECURRENT_CANDIDATES
+    raise KeyError(f"unknown op {op!r}; known: {OPS}")
 
 
 def op_of(kernel: str) -> str:

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from gsa_kernels import autotune, candidates, launches, lookup, tuned_file
+from gsa_kernels import autotune, launches, lookup, tuned_file
 from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
 
 # Register tiles of the token-by-token kernels: one whole axis times a tile of the other, kept near
@@ -185,7 +185,6 @@ def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None 
     decode step seqs = B*H sets its tiles: `decode_tile`). From any source, a known
     miscompile (`miscompiled`) launches with 4 warps instead of 8.
     """
-    candidates.op_of(kernel)           # KeyError naming the known kernels for an unknown one
     cfg, source, entry = lookup.lookup(kernel, K=K, V=V, M=M, dtype=dtype, tokens=tokens, seqs=seqs)
     if cfg is None:
         cfg = default_config(kernel, K, V, M, BT, seqs)        # safe already

@@ -116,7 +116,7 @@ def _nearest(key: tuple, pool: list, source: str):
 
 def lookup(kernel: str, *, K, V, M, dtype, tokens=None, seqs=None) -> tuple[dict | None, str, Entry | None]:
     """(config or None, source, the tuned entry used or None) for one launch; None means "use the
-    default config"."""
+    default config". KeyError naming the known kernels for an unknown one."""
     forced = this_thread.override
     if forced is not None and kernel in forced:
         return dict(forced[kernel]), "override", None
