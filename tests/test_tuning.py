@@ -232,6 +232,36 @@ def test_untuned_shape_with_opt_in_autotunes_persists_and_reuses(monkeypatch, tm
                                   if k not in candidates.FORWARD_ONLY}   # float32: none launched
 
 
+@pytest.mark.parametrize("raw, cap, warns", [(None, 8, False), ("3", 3, False), ("0", None, False),
+                                              ("-1", 8, True), ("all", 8, True)])
+def test_run_time_autotuner_searches_a_bounded_number_of_candidates(monkeypatch, raw, cap, warns):
+    """GSA_KERNELS_AUTOTUNE_CANDIDATES caps the run-time search per kernel (default 8, 0: all); a
+    value that is not a whole number >= 0 warns once and takes the default."""
+    if raw is None:
+        monkeypatch.delenv(tuning.autotuner.ENV_CANDIDATES, raising=False)
+    else:
+        monkeypatch.setenv(tuning.autotuner.ENV_CANDIDATES, raw)
+    seen = []
+    monkeypatch.setattr(tuning.search, "tune_shape", lambda **kw: seen.append(kw["settings"]) or {"entry": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuning.autotuner.tune(B=1, T=32, H=1, K=16, V=16, M=16, dtype=torch.float32, device="cpu")
+    ours = [w for w in caught if tuning.autotuner.ENV_CANDIDATES in str(w.message)]
+    assert len(ours) == (1 if warns else 0), [str(w.message) for w in caught]
+    (settings,) = seen
+    assert settings.max_candidates == cap and not settings.compile_backend
+
+
+def test_capped_search_keeps_the_start_config_and_spreads_the_rest():
+    """The cap keeps the start config (so a run-time search never ends slower than untuned) and
+    evenly spaced others, in enumeration order."""
+    cfgs = [{"x": i} for i in range(10)]
+    picked = tuning.search.cap(cfgs, {"x": 7}, 4)
+    assert len(picked) == 4 and {"x": 7} in picked and picked == sorted(picked, key=lambda c: c["x"])
+    assert {"x": 0} in picked and {"x": 9} in picked
+    assert tuning.search.cap(cfgs, {"x": 7}, None) == cfgs
+
+
 def test_without_opt_in_an_untuned_shape_never_autotunes(monkeypatch):
     counter = Counter(monkeypatch)
     run_and_check(inputs(*SMALL))

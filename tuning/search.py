@@ -577,14 +577,21 @@ def units(shape: Shape, dtype: str, settings: Settings, arch=None) -> int:
     return n + (2 if settings.compile_backend and settings.op == "chunk" else 0)
 
 
+def run_time_settings(device, max_candidates: int | None) -> Settings:
+    """The opt-in run-time autotuner's search: parallel compiles on a GPU, no compile backend (a
+    model's first call must not wait for torch.compile), at most max_candidates per kernel (None: all)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return Settings(jobs=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0, compile_backend=False,
+                    max_candidates=max_candidates)
+
+
 def tune_shape(*, B, T, H, K, V, M, dtype, device, settings: Settings | None = None, progress=None) -> dict:
     """Tune one shape: {"entry": dict or None, "failed": reason or None}. Used by the sweep and by
-    the opt-in autotuning of gsa_kernels (GSA_KERNELS_AUTOTUNE=1), which takes the defaults below."""
+    the opt-in autotuning of gsa_kernels (GSA_KERNELS_AUTOTUNE=1); settings None: the whole space
+    at run_time_settings."""
     device = torch.device(device)
     if settings is None:
-        on_gpu = device.type == "cuda"
-        settings = Settings(jobs=min(8, (os.cpu_count() or 2) // 2) if on_gpu else 0,
-                            compile_backend=False)
+        settings = run_time_settings(device, None)
     shape = Shape(B, T, H, K, V, M)
     arch = current_arch() if device.type == "cuda" else None
     try:
