@@ -70,7 +70,8 @@ def child(mode: str, shape: str):
         from gsa_kernels import launches, tuned_file
         out["autotune_benchmarks"] = launches.stats()["autotune_benchmarks"]
         out["config_sources"] = sorted({i["source"] for i in launches.last_launches().values()})
-        out["tuned_file"] = str(tuned_file.tuned_file_path())
+        out["tuned_files"] = [str(p) for p in (tuned_file.device_file_path(), tuned_file.tuned_file_path())
+                              if p is not None]
     print("RESULT " + json.dumps(out), flush=True)
 
 
