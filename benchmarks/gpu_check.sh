@@ -29,7 +29,10 @@
 #               re-time the patched kernels at the shipped configs (AB_SWEEP_SHAPES, default bench,common;
 #               AB_SWEEP_DTYPES, default bf16; AB_SWEEP_ARGS, default "--compile-backend off") so that both
 #               sides run tuned. A kernel edit also makes "chunk" (the chunk size, one choice for all kernels)
-#               stale: list it too
+#               stale: list it too. AB_BENCH=decode: the two sides run benchmarks/bench_decode.py (B = 1, 8, 16,
+#               64, eager and graph, --no-fla --no-generate) instead; for a decode-kernel patch sweep it with
+#               AB_SWEEP=decode AB_SWEEP_SHAPES=decode,short AB_SWEEP_ARGS="--op recurrent --max-candidates 4
+#               --compile-backend off" (--op recurrent: the recurrent entries; the last --max-candidates wins)
 #     recurrent fused_recurrent_gsa's kernels and the decode step tuned (sweep --op recurrent, RECURRENT_ARGS,
 #               default "--max-candidates 4") into a copy of the shipped H200 file, $OUT/sm90.yaml (--resume keeps
 #               its chunk entries); then bench_decode (B = 1, 8, 16, 64, eager and graph) with the shipped
@@ -131,8 +134,13 @@ for step in ${steps//,/ }; do
         fi
         for side in base patched; do
           root=$PWD; cfg=$base_cfg; [ $side = patched ] && root=/tmp/ab && cfg=$patched_cfg
-          (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=$cfg PYTHONPATH=$root:/tmp/site python3 -m benchmarks.bench_chunk \
-            --graph ${AB_ARGS:---shapes a,e --no-fla --no-sdpa} --json "$OUT/ab_$side.json") 2>&1 | tee "$OUT/ab_$side.log"
+          if [ "${AB_BENCH:-chunk}" = decode ]; then
+            bench=(benchmarks.bench_decode --batches 1,8,16,64 --no-fla --no-generate ${AB_ARGS:-})
+          else
+            bench=(benchmarks.bench_chunk --graph ${AB_ARGS:---shapes a,e --no-fla --no-sdpa})
+          fi
+          (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=$cfg PYTHONPATH=$root:/tmp/site python3 -m "${bench[@]}" \
+            --json "$OUT/ab_$side.json") 2>&1 | tee "$OUT/ab_$side.log"
         done
       else
         echo "AB_PATCH does not apply" | tee "$OUT/ab_base.log"; status=1
