@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,11 +30,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """The sizes of one call: q [B, T, HQ, K]; k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M]; N
     sequences. HQ = H except with grouped query heads (GQA): HQ a multiple of H, each kv head's memory
-    read by `group` = HQ / H query heads."""
+    read by `group` = HQ / H query heads. (A NamedTuple: a decode step builds one per call, and a
+    frozen dataclass's construction costs about 1 us of host time more.)"""
     B: int
     T: int
     H: int
@@ -105,7 +105,8 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
     gets wrong: see check_interpreter. g None: ABC mode (checked as s is, before the gates exist).
     cu_seqlens_cpu: a host copy of cu_seqlens, used for its value checks instead of a device sync."""
     names = ("q", "k", "v", "s", "g")
-    for name, x in zip(names, (q, k, v, s, g)):
+    tensors = (q, k, v, s, g)
+    for name, x in zip(names, tensors):
         if name == "g" and x is None:
             continue
         if not isinstance(x, torch.Tensor):
@@ -116,33 +117,37 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
             raise TypeError(f"{_describe(name, x)}: expected float32, float16 or bfloat16")
     B, T, HQ, K = q.shape
     V, M = v.shape[-1], s.shape[-1]
-    H = k.shape[2] if k.dim() == 4 else HQ
+    H = k.shape[2]
     if H < 1 or HQ % H:
         raise ValueError(f"q has {HQ} heads and k {H}: grouped query heads need q's head count to be a "
                          f"multiple of k's (and v's, s's and g's)")
-    expected = {"k": (B, T, H, K), "v": (B, T, H, V), "s": (B, T, H, M), "g": (B, T, H, M)}
-    for name, x in zip(names[1:], (k, v, s, g)):
+    dtype, device = q.dtype, q.device
+    # q's device as an int and a flag: cheaper to compare than torch.device objects (-1: not an
+    # accelerator; those are compared whole)
+    where, on_cuda = q.get_device(), q.is_cuda
+    expected = ((B, T, H, K), (B, T, H, V), (B, T, H, M), (B, T, H, M))
+    for name, x, shape in zip(names[1:], tensors[1:], expected):
         if x is None:
             continue
-        if tuple(x.shape) != expected[name]:
-            raise ValueError(f"{_describe(name, x)}: expected shape {expected[name]} to match "
+        if x.shape != shape:
+            raise ValueError(f"{_describe(name, x)}: expected shape {shape} to match "
                              f"q {tuple(q.shape)} (its heads a multiple of k's), k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)} and s {tuple(s.shape)}")
-        if name in ("s", "g"):
-            if not gate_dtype_ok(x.dtype, q.dtype):
-                also = " or float32" if q.dtype in (torch.float16, torch.bfloat16) else ""
-                raise TypeError(f"{_describe(name, x)}: expected q's dtype {q.dtype}{also}")
-        elif x.dtype != q.dtype:
-            raise TypeError(f"{_describe(name, x)}: expected q's dtype {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{_describe(name, x)}: expected q's device {q.device}")
+        if x.dtype != dtype:
+            if name in ("k", "v"):
+                raise TypeError(f"{_describe(name, x)}: expected q's dtype {dtype}")
+            if not gate_dtype_ok(x.dtype, dtype):
+                also = " or float32" if dtype in (torch.float16, torch.bfloat16) else ""
+                raise TypeError(f"{_describe(name, x)}: expected q's dtype {dtype}{also}")
+        if x.get_device() != where or x.is_cuda != on_cuda or (where < 0 and x.device != device):
+            raise ValueError(f"{_describe(name, x)}: expected q's device {device}")
     if T < 1 or min(H, K, V, M) < 1:
         raise ValueError(f"{_describe('q', q)} with v {tuple(v.shape)}, s {tuple(s.shape)}: "
                          f"T, H, K, V and M must all be >= 1")
-    if q.device.type != "cuda" and not _interpreter_on():
+    if where < 0 and not _interpreter_on():
         raise ValueError(f"{_describe('q', q)}: the Triton kernels need CUDA tensors "
                          f"(or TRITON_INTERPRET=1 set before triton is imported, for CPU tensors)")
-    check_interpreter(q.dtype, bf16_dots=bf16_dots)
+    check_interpreter(dtype, bf16_dots=bf16_dots)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
 
@@ -152,9 +157,9 @@ def check_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, *, bf16_dots=T
     if cu_seqlens_cpu is not None and cu_seqlens is None:
         raise ValueError("cu_seqlens_cpu given without cu_seqlens: it is a host copy of cu_seqlens")
     if cu_seqlens is not None:
-        N = check_cu_seqlens(cu_seqlens, B, T, q.device, cu_seqlens_cpu)
-    check_initial_state(initial_state, N, H, K, M, V, q.device)
-    return Problem(B, T, H, K, V, M, N, q.dtype, HQ)
+        N = check_cu_seqlens(cu_seqlens, B, T, device, cu_seqlens_cpu)
+    check_initial_state(initial_state, N, H, K, M, V, device)
+    return Problem(B, T, H, K, V, M, N, dtype, HQ)
 
 
 def validating() -> bool:
@@ -228,7 +233,7 @@ def check_initial_state(initial_state, N, H, K, M, V, device):
             continue
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
-        if tuple(x.shape) != shape:
+        if x.shape != shape:
             raise ValueError(f"{_describe(name, x)}: expected shape {shape} "
                              f"(one state per sequence: N = {N})")
         if x.dtype not in FLOAT_DTYPES:
