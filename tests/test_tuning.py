@@ -881,6 +881,72 @@ def test_overrides_and_launch_records_are_per_thread(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the torch.compile backend
 
+def test_compiled_forms_are_compiled_up_front_in_parallel_and_failures_not_again(monkeypatch):
+    """The sweep compiles every shape's torch.compile form first, `jobs` subprocesses at a time: a
+    failure or a --compile-timeout kill is recorded and its shape not compiled again (its entry says
+    why); a kill for lack of --time-budget, or a shape never started before the deadline, is no verdict
+    (the timed run compiles it)."""
+    import threading
+    import time as time_mod
+    from tuning import compile_backend
+    work = [(shapes.Shape(1, 32 * (i + 1), 1, 16, 16, 16), "float16") for i in range(6)]
+    running, peak, calls, lock = [0], [0], [], threading.Lock()
+
+    def fake_run(shape, dtype, settings, *, warm, timeout=None):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            calls.append((shape.T, warm, timeout))
+        time_mod.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return {64: {"error": "failed (exit 1): boom"},
+                96: {"error": "not timed: compiling took over 300 s (--compile-timeout)", "cut": False},
+                128: {"error": "not timed: compiling took over 300 s (--compile-timeout)", "cut": True}
+                }.get(shape.T, {"warm": True})
+    monkeypatch.setattr(compile_backend, "_run", fake_run)
+    st = search.Settings()
+    failed = compile_backend.warm_in_subprocesses(work, st, jobs=2)
+    assert peak[0] == 2 and sorted(t for t, _, _ in calls) == [32, 64, 96, 128, 160, 192]
+    assert all(warm for _, warm, _ in calls)
+    assert failed == {((1, 64, 1, 16, 16, 16), "float16"): "failed (exit 1): boom",
+                      ((1, 96, 1, 16, 16, 16), "float16"): "not timed: compiling took over 300 s (--compile-timeout)"}
+    st.compile_failed = failed
+    timed = compile_backend.measure_in_subprocess(work[1][0], "float16", st)
+    assert "boom" in timed["error"] and "up-front" in timed["error"] and len(calls) == 6   # not run again
+    compile_backend.measure_in_subprocess(work[3][0], "float16", st)                     # the cut one: run
+    assert calls[-1] == (128, False, None)
+    calls.clear()
+    assert compile_backend.warm_in_subprocesses(work, st, jobs=2, deadline=time_mod.monotonic() - 1) == {}
+    assert calls == []                                                                    # past the deadline
+    # the sweep's phase: half the kernels' workers, its deadline, the failures kept for the entries
+    from tuning import sweep as sweep_cli
+    seen = []
+    monkeypatch.setattr(compile_backend, "warm_in_subprocesses",
+                        lambda w, s, jobs, deadline: seen.append((len(w), jobs, deadline)) or {"x": "y"})
+    st = search.Settings(jobs=6)
+    sweep_cli._compile_forms_up_front(st, [(shape, dtype, None) for shape, dtype in work], 123.0)
+    assert seen == [(6, 3, 123.0)] and st.compile_failed == {"x": "y"}
+
+
+def test_compiled_form_warm_run_compiles_and_runs_without_checking_or_timing(monkeypatch, capsys):
+    """`python -m tuning.compile_backend` with "warm": the forward and backward run once (what
+    compiles them into the caches) and nothing is checked or timed."""
+    from gsa_kernels import torch_chunked
+    from tuning import compile_backend, measure
+    ran = []
+
+    def form(*xs):
+        ran.append(len(xs))
+        return torch_chunked.chunk_gsa_torch(*xs)
+    monkeypatch.setattr(torch_chunked, "compiled", lambda mode: form)
+    monkeypatch.setattr(measure, "Reference", lambda *a: pytest.fail("a warm run checks nothing"))
+    monkeypatch.setattr(measure, "Timer", lambda *a: pytest.fail("a warm run times nothing"))
+    compile_backend.main(['{"shape": [1, 32, 1, 16, 16, 16], "dtype": "float32", "mode": "default", '
+                          '"warmup_ms": 1, "rep_ms": 1, "warm": true}'])
+    assert ran == [5] and capsys.readouterr().out.strip() == '{"warm": true}'
+
+
 def test_torch_compile_backend_is_dispatched_for_an_exact_entry(monkeypatch, tmp_path):
     """An exact entry with backend torch_compile runs the compiled PyTorch form in the mode it was
     timed with (an entry naming none: torch_chunked.COMPILE_MODE, the older sweeps' mode)."""

@@ -9,27 +9,65 @@ same gate as the Triton candidates), then times forward and forward+backward lik
 
     python -m tuning.compile_backend '{"shape": [B, T, H, K, V, M], "dtype": "bfloat16", "mode": ..., ...}'
 prints one JSON line: {"fwd_ms", "fwd_bwd_ms"} or {"error"}.
+
+Each of those subprocesses spends ~10 s importing and then compiles alone, one shape after another.
+A sweep therefore compiles every shape's form first, `jobs` subprocesses at a time ("warm": compile
+and run once, no check, no timing), into Inductor's and Triton's on-disk caches, which every
+subprocess shares; the timed subprocess then finds its graphs compiled. A shape whose up-front compile
+failed or ran past the limit is not compiled again: its entry records why (`warm_in_subprocesses`).
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 
-def measure_in_subprocess(shape, dtype: str, settings) -> dict:
+def _run(shape, dtype: str, settings, *, warm: bool, timeout: float | None = None) -> dict:
+    """One subprocess: its JSON line, or {"error": why} (a timeout, a crash, no output); `timeout`
+    shorter than --compile-timeout: a kill for lack of time adds "cut": True (no verdict on the shape)."""
+    limit = settings.compile_timeout if timeout is None else min(timeout, settings.compile_timeout)
     args = json.dumps({"shape": shape.as_list(), "dtype": dtype, "warmup_ms": settings.warmup_ms,
-                       "rep_ms": settings.rep_ms, "mode": settings.compile_mode})
+                       "rep_ms": settings.rep_ms, "mode": settings.compile_mode, "warm": warm})
     try:
         proc = subprocess.run([sys.executable, "-m", "tuning.compile_backend", args], capture_output=True,
-                              text=True, timeout=settings.compile_timeout)
+                              text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        return {"error": f"not timed: compiling took over {settings.compile_timeout:.0f} s (--compile-timeout)"}
+        return {"error": f"not timed: compiling took over {settings.compile_timeout:.0f} s (--compile-timeout)",
+                "cut": limit < settings.compile_timeout}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"failed (exit {proc.returncode}): {tail[:300]}"}
     return json.loads(lines[-1])
+
+
+def measure_in_subprocess(shape, dtype: str, settings) -> dict:
+    """{"fwd_ms", "fwd_bwd_ms"} of the compiled form at this shape, or {"error": why}; a shape whose
+    up-front compile failed (settings.compile_failed) is not compiled again."""
+    failed = (settings.compile_failed or {}).get((tuple(shape.as_list()), dtype))
+    if failed is not None:
+        return {"error": f"{failed} (the sweep's up-front compile)"}
+    return _run(shape, dtype, settings, warm=False)
+
+
+def warm_in_subprocesses(work, settings, jobs: int, deadline: float | None = None) -> dict:
+    """Compile the form of every (shape, dtype) in `work`, `jobs` subprocesses at a time, each within
+    --compile-timeout and none past `deadline` (time.monotonic()). Returns {(shape as a tuple, dtype):
+    why} for those that failed; one cut or never started for lack of time is no failure (its timed
+    run compiles it)."""
+    def one(item):
+        shape, dtype = item
+        key = (tuple(shape.as_list()), dtype)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < 1:
+            return key, None
+        res = _run(shape, dtype, settings, warm=True, timeout=left)
+        return key, None if res.get("cut") else res.get("error")
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return {key: why for key, why in pool.map(one, work) if why is not None}
 
 
 def main(argv=None):
@@ -41,7 +79,6 @@ def main(argv=None):
     shape, dtype = Shape(*cfg["shape"]), cfg["dtype"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = measure.Inputs(shape, dtype, device)
-    ref = measure.Reference(inputs)
     fn = torch_chunked.compiled(cfg["mode"])
     do = inputs.do
 
@@ -52,8 +89,14 @@ def main(argv=None):
         o = fwd(xs)
         return o, torch.autograd.grad(o, xs, do)
 
+    if cfg.get("warm"):
+        # the graphs the timed run calls (forward with autograd, backward), compiled into the shared
+        # caches and run once; the timed run checks and times
+        fwd_bwd(inputs.sets[0])
+        print(json.dumps({"warm": True}))
+        return
     o, grads = fwd_bwd(inputs.sets[0])
-    reason = measure.check(ref, o, grads)
+    reason = measure.check(measure.Reference(inputs), o, grads)
     if reason is not None:
         print(json.dumps({"error": f"rejected by the correctness gate: {reason}"}))
         return

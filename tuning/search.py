@@ -77,6 +77,9 @@ class Settings:
     seed: dict | None = None
     seeded_from: str | None = None       # that file's date, recorded in the meta
     compiler: object | None = None       # a tuning.precompile.Compiler open for the whole sweep
+    # {(shape as a tuple, dtype): why} of the compiled forms whose up-front compile failed
+    # (compile_backend.warm_in_subprocesses): not compiled again, the entry says why
+    compile_failed: dict | None = None
     op: str = "chunk"                    # candidates.OPS: chunk_gsa's kernels or fused_recurrent_gsa's
 
     def as_meta(self) -> dict:

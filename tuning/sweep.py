@@ -337,6 +337,8 @@ def main(argv=None) -> int:
         if settings.jobs > 0 and device == "cuda" and jobs and args.op == "chunk":   # the workers run chunk_gsa
             settings.compiler = stack.enter_context(precompile.Compiler(settings.jobs))
             _compile_up_front(settings, jobs, present)
+            if settings.compile_backend:
+                _compile_forms_up_front(settings, jobs, None if args.time_budget is None else t0 + args.time_budget / 2)
         stopped = _tune_all(jobs, settings, device, progress, args.time_budget, entries, failed, save, t0)
     progress.close()
     took = time.monotonic() - t0
@@ -360,6 +362,22 @@ def _compile_up_front(settings, jobs, arch):
     settings.compiler.warmed.update((shape, dtype) for shape, dtype, _ in jobs)
     print(f"compiled in {time.monotonic() - ts:.0f} s ({len(failures)} failed in workers, tried again when timed)",
           file=sys.stderr)
+
+
+def _compile_forms_up_front(settings, jobs, deadline):
+    """The compiled PyTorch form of every shape (the competing backend) compiled before the first
+    timing, half as many subprocesses at a time as the kernels' pool has workers (Inductor compiles in
+    parallel itself), into the caches the timed subprocesses read; with --time-budget, within its
+    first half (`deadline`), so that shapes still get tuned in this run."""
+    from tuning import compile_backend
+    ts = time.monotonic()
+    workers = max(1, settings.jobs // 2)
+    print(f"compiling the torch.compile form ({settings.compile_mode}) of {len(jobs)} shapes, {workers} at a time",
+          file=sys.stderr)
+    settings.compile_failed = compile_backend.warm_in_subprocesses([(shape, dtype) for shape, dtype, _ in jobs],
+                                                                   settings, workers, deadline)
+    print(f"compiled in {time.monotonic() - ts:.0f} s ({len(settings.compile_failed)} failed or over "
+          f"--compile-timeout: not timed)", file=sys.stderr)
 
 
 def _tune_all(jobs, settings, device, progress, time_budget, entries, failed, save, t0):
