@@ -235,12 +235,6 @@ def test_resume_accepts_a_file_made_before_the_recurrent_kernels_were_tuned():
     assert [d.split(":")[0] for d in yamlio.software_mismatch(old, new)] == ["kernel_hashes"]
 
 
-def _doc(entries, **meta_changes):
-    meta = search.run_meta(arch="sm90", dry_run=False, device=DEVICE)
-    meta.update(meta_changes)
-    return {"meta": meta, "entries": copy.deepcopy(entries), "failed": []}
-
-
 def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsys):
     """A decode re-tune put into the shipped file: NEW's entries replace BASE's of the same op and
     key, BASE's others stay, a chunk entry sharing the key is not replaced by a recurrent one, and the
@@ -251,8 +245,8 @@ def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsy
     other_rec = recurrent_entry((8, 1, 4, 16, 16, 16), ["decode"])
     new_rec = copy.deepcopy(old_rec)
     new_rec["configs"]["decode"] = configs.default_config("decode", 16, 16, 16, seqs=4)
-    base = write_file_doc(tmp_path / "base.yaml", _doc([chunk_entry(shape), old_rec, other_rec], date="base-date"))
-    new = write_file_doc(tmp_path / "new.yaml", _doc([new_rec], date="new-date"))
+    base = write_file(tmp_path / "base.yaml", [chunk_entry(shape), old_rec, other_rec], date="base-date")
+    new = write_file(tmp_path / "new.yaml", [new_rec], date="new-date")
     assert combine.main([str(base), str(new), "--output", str(tmp_path / "out.yaml")]) == 0
     doc = yaml.safe_load((tmp_path / "out.yaml").read_text())
     got = {(e.get("op", "chunk"), e["shape"][0]): e["configs"] for e in doc["entries"]}
@@ -270,24 +264,19 @@ def test_combine_refuses_stale_kernels_and_other_software(tmp_path, capsys, stal
     files from other software."""
     from tuning import combine
     shape = (1, 1, 4, 16, 16, 16)
-    base_doc, new_doc = _doc([chunk_entry(shape)]), _doc([recurrent_entry(shape, ["decode"])])
-    victim = (base_doc if stale_in == "BASE" else new_doc)
     kernel = "chunk_fwd" if stale_in == "BASE" else "decode"
-    victim["meta"]["kernel_hashes"][kernel] = "0" * 16
-    base, new = write_file_doc(tmp_path / "base.yaml", base_doc), write_file_doc(tmp_path / "new.yaml", new_doc)
+    hashes = search.run_meta(arch="sm90", dry_run=False, device=DEVICE)["kernel_hashes"]
+    edited = {"kernel_hashes": {**hashes, kernel: "0" * 16}}
+    base = write_file(tmp_path / "base.yaml", [chunk_entry(shape)], **(edited if stale_in == "BASE" else {}))
+    new = write_file(tmp_path / "new.yaml", [recurrent_entry(shape, ["decode"])],
+                     **(edited if stale_in == "NEW" else {}))
     before = base.read_text()
     assert combine.main([str(base), str(new)]) == 2
     err = capsys.readouterr().err
     assert f"{stale_in}'s entries configure" in err and kernel in err, err
     assert base.read_text() == before
-    new_doc["meta"]["kernel_hashes"][kernel] = base_doc["meta"]["kernel_hashes"][kernel] = \
-        search.run_meta(arch="sm90", dry_run=False, device=DEVICE)["kernel_hashes"][kernel]
-    new_doc["meta"]["triton"] = "0.0.1"
-    write_file_doc(tmp_path / "new.yaml", new_doc)
+    base = write_file(tmp_path / "base.yaml", [chunk_entry(shape)])
+    write_file(tmp_path / "new.yaml", [recurrent_entry(shape, ["decode"])], triton="0.0.1")
+    before = base.read_text()
     assert combine.main([str(base), str(new)]) == 2
     assert "triton" in capsys.readouterr().err and base.read_text() == before
-
-
-def write_file_doc(path, doc):
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path

@@ -24,11 +24,9 @@ import yaml
 from gsa_kernels import tuned_file
 from tuning import yamlio
 
-SAME = ("format", "arch", "gpu", "dry_run", "triton", "torch")
-
-
-def _key(entry: dict) -> tuple:
-    return entry.get("op", "chunk"), tuple(sorted(entry["key"].items()))
+def _key(item: dict) -> tuple:
+    """(op, problem key) of an entry or of a failed shape (one without a key matches nothing)."""
+    return item.get("op", "chunk"), tuple(sorted(item.get("key", {}).items()))
 
 
 def _stale_kernels(meta: dict, entries: list, want: dict) -> set:
@@ -49,7 +47,7 @@ def combine(base: dict, new: dict) -> dict:
         except ValueError as e:
             raise ValueError(f"{name} is not a tuned file: {e}") from None
     (base_meta, base_entries, base_failed), (new_meta, new_entries, new_failed) = parts["BASE"], parts["NEW"]
-    differs = [f"{f}: {base_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in SAME
+    differs = [f"{f}: {base_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in yamlio.SAME_RUN
                if base_meta.get(f) != new_meta.get(f)]
     if differs:
         raise ValueError("BASE and NEW come from other hardware or software (" + "; ".join(differs) + ")")
@@ -61,8 +59,8 @@ def combine(base: dict, new: dict) -> dict:
         said = "; ".join(f"{name}'s entries configure {', '.join(sorted(ks))}" for name, ks in stale.items() if ks)
         raise ValueError(f"stale kernels ({said}, made from other sources or candidate lists than today's): "
                          f"re-tune them into NEW with the sweep (--seed BASE --kernels ...)")
-    new_keys = {tuple(sorted(e["key"].items())) for e in new_entries}
-    failed = [f for f in base_failed if tuple(sorted(f.get("key", {}).items())) not in new_keys] + new_failed
+    tried = replaced | {_key(f) for f in new_failed}        # NEW's verdicts on its shapes win
+    failed = [f for f in base_failed if _key(f) not in tried] + new_failed
     search = {**new_meta.get("search", {}),
               "combined_with": f"the entries of the file of {base_meta.get('date')} that this run did not re-tune"}
     meta = {**new_meta, "complete": bool(base_meta.get("complete")) and bool(new_meta.get("complete")),

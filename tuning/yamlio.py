@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 
 ENTRY_ORDER = ("dtype", "K", "V", "M", "tokens", "seqs")
+# meta fields two files must share for their entries to be comparable (beyond the kernels' sources)
+SAME_RUN = ("format", "arch", "gpu", "dry_run", "triton", "torch")
 
 
 def dump(doc) -> str:
@@ -65,8 +67,7 @@ def sort_entries(entries: list) -> list:
 def software_mismatch(old_meta: dict, new_meta: dict) -> list[str]:
     """What differs between two runs' meta that makes their entries incomparable. A kernel the old
     run did not know (added to the package since) is no difference: the old entries hold no config of it."""
-    fields = ("format", "arch", "gpu", "dry_run", "triton", "torch")
-    out = [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in fields
+    out = [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in SAME_RUN
            if old_meta.get(f) != new_meta.get(f)]
     for f in ("kernel_hashes", "candidates"):
         old, new = old_meta.get(f), new_meta.get(f)
