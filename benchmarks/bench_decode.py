@@ -5,7 +5,9 @@ graph, against the floor of reading and writing the float32 state once; plus GSA
 
 Shape: the paper's layer, H = 4, K = V = 512, M = 64, bf16 inputs, float32 state [B, 4, 512, 64] +
 [B, 4, 64, 512]. "eager" is one call of the public function per step (Python wrapper included),
-"graph" the same call captured once in a CUDA graph and replayed (the kernel alone, about). Times are
+"graph" the same call captured once in a CUDA graph and replayed (the kernels plus one graph launch);
+"graph8" eight such steps on eight states (a model's layers) in one graph, per step: the kernels
+without the graph launch, what a graphed model step pays per layer. Times are
 medians of triton.testing.do_bench. The floor is 2 x the state bytes at the copy bandwidth measured
 in the same run. --sweep also times every decode config candidate
 (candidates.RECURRENT_CANDIDATES["decode"]) in a graph, checked against the default's output, to pick
@@ -64,8 +66,12 @@ def providers(include_fla):
     return out
 
 
+LAYERS = 8      # steps in one graph for "graph8"
+
+
 def time_decode(B, provs, group=1):
-    """{provider: {"eager": ms, "graph": ms}} for one decode step at batch B, plus the out= variant."""
+    """{provider: {"eager": ms, "graph": ms, "graph8": ms}} for one decode step at batch B, plus the
+    out= variant (eager and graph)."""
     from gsa_kernels import fused_recurrent_gsa
     xs, (hk, hv) = make_step_inputs(B, group=group)
     times, outputs = {}, {}
@@ -76,6 +82,13 @@ def time_decode(B, provs, group=1):
             o, (hk1, hv1) = step()
             outputs[name] = (o, hk1, hv1)
             times[name] = {"eager": bench(step), "graph": bench(cuda_graph(step).replay)}
+            states = [(hk.clone(), hv.clone()) for _ in range(LAYERS)]
+
+            def layers(fn=fn, states=states):
+                for st in states:
+                    fn(*xs, initial_state=st, output_final_state=True)
+            times[name]["graph8"] = bench(cuda_graph(layers).replay) / LAYERS
+            del states
         bufs = (torch.empty_like(hk), torch.empty_like(hv))
         step = lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=bufs)   # noqa: E731
         times["gsa_kernels_out"] = {"eager": bench(step), "graph": bench(cuda_graph(step).replay)}
@@ -218,21 +231,25 @@ def main(argv=None):
         print(f"B={B:3d} floor {floor_ms * 1e3:6.1f} us | eager: ours {us('gsa_kernels', 'eager')} us, out= "
               f"{us('gsa_kernels_out', 'eager')} us, fla {us('fla', 'eager')} us | graph: ours "
               f"{us('gsa_kernels', 'graph')} us ({times['gsa_kernels']['graph'] / floor_ms:.2f}x floor), out= "
-              f"{us('gsa_kernels_out', 'graph')} us, fla {us('fla', 'graph')} us"
+              f"{us('gsa_kernels_out', 'graph')} us, fla {us('fla', 'graph')} us | graph8 per step: ours "
+              f"{us('gsa_kernels', 'graph8')} us ({times['gsa_kernels']['graph8'] / floor_ms:.2f}x floor), fla "
+              f"{us('fla', 'graph8')} us"
               + (f" | vs fla: o {agree['o']:.1e} hk {agree['hk']:.1e} hv {agree['hv']:.1e}" if agree else ""),
               flush=True)
         if args.sweep:
             sweeps[B] = sweep_decode(B, bw)
         if args.host:
             host[B] = host_breakdown(B)
-    print("\n| B | floor us | ours eager us | fla eager us | ours graph us | fla graph us | ours graph x floor | speed-up graph |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| B | floor us | ours eager us | fla eager us | ours graph us | fla graph us | ours graph x floor | "
+          "speed-up graph | ours graph8 us | fla graph8 us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["ms"]
         f = lambda name, mode: f"{t[name][mode] * 1e3:.1f}" if name in t else "-"   # noqa: E731
         spd = f"{r['speedup_vs_fla_graph']:.2f}x" if "speedup_vs_fla_graph" in r else "-"
         print(f"| {r['B']} | {r['floor_ms'] * 1e3:.1f} | {f('gsa_kernels', 'eager')} | {f('fla', 'eager')} | "
-              f"{f('gsa_kernels', 'graph')} | {f('fla', 'graph')} | {t['gsa_kernels']['graph'] / r['floor_ms']:.2f} | {spd} |")
+              f"{f('gsa_kernels', 'graph')} | {f('fla', 'graph')} | {t['gsa_kernels']['graph'] / r['floor_ms']:.2f} | {spd} | "
+              f"{f('gsa_kernels', 'graph8')} | {f('fla', 'graph8')} |")
     if not args.no_generate:
         print("\n# GSAModel generate (hidden 2048, 4 heads, 64 slots, 4 layers, bf16, prompt 128, 64 new tokens)")
         for B in map(int, args.batches.split(",")):

@@ -32,7 +32,9 @@
 #               stale: list it too. AB_BENCH=decode: the two sides run benchmarks/bench_decode.py (B = 1, 8, 16,
 #               64, eager and graph, --no-fla --no-generate) instead; for a decode-kernel patch sweep it with
 #               AB_SWEEP=decode AB_SWEEP_SHAPES=decode,short AB_SWEEP_ARGS="--op recurrent --max-candidates 4
-#               --compile-backend off" (--op recurrent: the recurrent entries; the last --max-candidates wins)
+#               --compile-backend off" (--op recurrent: the recurrent entries; the last --max-candidates wins);
+#               AB_SWEEP_BASE=1 sweeps the base side the same way into $OUT/ab_base_sm90.yaml (after a change
+#               to what the sweep measures, the shipped file is not the base's tuned state)
 #     recurrent fused_recurrent_gsa's kernels and the decode step tuned (sweep --op recurrent, RECURRENT_ARGS,
 #               default "--max-candidates 4") into a copy of the shipped H200 file, $OUT/sm90.yaml (--resume keeps
 #               its chunk entries); then bench_decode (B = 1, 8, 16, 64, eager and graph) with the shipped
@@ -131,6 +133,13 @@ for step in ${steps//,/ }; do
             --seed tuned_configs/sm90-nvidia-h200.yaml --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" \
             --dtypes "${AB_SWEEP_DTYPES:-bf16}" ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_sm90.yaml") 2>&1 | tee "$OUT/ab_sweep.log"
           base_cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; patched_cfg=$OUT/ab_sm90.yaml
+          if [ -n "${AB_SWEEP_BASE:-}" ]; then
+            # the base side re-timed the same way (after a change to what the sweep measures)
+            python3 -m tuning.sweep --arch sm90 --kernels "$AB_SWEEP" --seed tuned_configs/sm90-nvidia-h200.yaml \
+              --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" --dtypes "${AB_SWEEP_DTYPES:-bf16}" \
+              ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_base_sm90.yaml" 2>&1 | tee "$OUT/ab_sweep_base.log"
+            base_cfg=$OUT/ab_base_sm90.yaml
+          fi
         fi
         for side in base patched; do
           root=$PWD; cfg=$base_cfg; [ $side = patched ] && root=/tmp/ab && cfg=$patched_cfg

@@ -221,6 +221,27 @@ def test_recurrent_sweep_writes_entries_the_decode_step_reads(monkeypatch, tmp_p
     assert "--kernels: unknown for --op chunk: ['decode']" in capsys.readouterr().err
 
 
+def test_the_decode_step_is_timed_and_gated_from_a_state(monkeypatch):
+    """The recurrent search times and checks its forward-only phase (the decode step at T = 1) from a
+    float32 state that it must read and update, as a serving engine runs it: a decode that ignored the
+    state would otherwise win on a workload without its bytes. A step that drops the state is rejected
+    by the gate, naming the run from a state."""
+    from tuning.shapes import Shape
+    settings = search.Settings(op="recurrent", compile_backend=False)
+    shape_search = search.ShapeSearch(Shape(2, 1, 1, 16, 16, 16), "float32", DEVICE, settings)
+    assert shape_search.inputs.states is not None and len(shape_search.inputs.states) == len(shape_search.inputs.sets)
+    shape_search.discover(None)
+    assert [k.name for k in shape_search.kernels if k.phase == "infer"] == ["decode"]
+    start = {k.name: shape_search.space(k.name, None)[2] for k in shape_search.kernels}
+    ms, why = shape_search.measure(start, "infer")
+    assert why is None and ms > 0
+
+    honest = shape_search.fn
+    monkeypatch.setattr(shape_search, "fn", lambda *xs, initial_state=None, **kw: honest(*xs, **kw))
+    ms, why = shape_search.measure(start, "infer")
+    assert ms is None and "from a state" in why
+
+
 def test_resume_accepts_a_file_made_before_the_recurrent_kernels_were_tuned():
     """sweep --op recurrent --resume adds recurrent entries to a file of chunk entries whose meta
     knows only the chunk kernels: a kernel the old run did not know is no difference, a changed hash

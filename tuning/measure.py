@@ -4,14 +4,16 @@ Timing on a GPU is the median of `triton.testing.do_bench` (its own warm-up, L2 
 repetition) of a step that also rotates through copies of the inputs whose total size exceeds twice
 the L2 cache, so no repetition finds its inputs cached by the previous one; or, for ops whose eager
 call is mostly host time (the decode step), of replays of a CUDA graph calling each copy once
-(`Timer.graphed`). In Triton's interpreter (--dry-run, CPU tests) "time" is the wall clock of one
+(`Timer.graphed`). The recurrent op's forward-only phase runs as a serving engine runs it: from a
+float32 state, returning the new one (`Inputs(..., states=True)`); without one, the decode step would
+neither read nor write the state that is nearly all of its bytes. In Triton's interpreter (--dry-run, CPU tests) "time" is the wall clock of one
 call: only the pipeline is exercised.
 
 Correctness gate: the float64 chunkwise reference (reference.chunk_gsa_torch, itself tested against
 the recurrence) on batch element 0 of the same rounded inputs; batch elements are independent, so
 the op's output and gradients on element 0 must match it within the bounds of docs/contract.md,
-"Numerical contract": float32 1e-5; half precision o 5e-3, gradients 1e-2 (relative L2). A
-candidate that fails, or raises, never wins.
+"Numerical contract": float32 1e-5; half precision o 5e-3, gradients 1e-2 (relative L2); the final
+states of a run from a state within o's bound. A candidate that fails, or raises, never wins.
 """
 from __future__ import annotations
 
@@ -57,22 +59,34 @@ def l2_bytes(device) -> int:
     return int(getattr(props, "L2_cache_size", 50 << 20))
 
 
-class Inputs:
-    """Rotating input sets (more than 2x L2 in total, at most 8) plus the output gradient `do`."""
+def make_state(shape: Shape, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 memories (hk [B, H, K, M], hv [B, H, M, V]) to start from, as a serving engine's pool holds."""
+    gen = torch.Generator(device="cpu").manual_seed(10_000 + seed)
+    B, _, H, K, V, M = shape.as_list()
+    return torch.randn(B, H, K, M, generator=gen).to(device), torch.randn(B, H, M, V, generator=gen).to(device)
 
-    def __init__(self, shape: Shape, dtype_name: str, device):
+
+class Inputs:
+    """Rotating input sets (more than 2x L2 in total, at most 8) plus the output gradient `do`;
+    with `states`, a float32 state per set too (`self.states`, else None)."""
+
+    def __init__(self, shape: Shape, dtype_name: str, device, states: bool = False):
         self.shape, self.dtype_name, self.device = shape, dtype_name, device
         first = make_inputs(shape, dtype_name, device, seed=0)
-        set_bytes = sum(x.numel() * x.element_size() for x in first)
+        first_state = make_state(shape, device) if states else ()
+        set_bytes = sum(x.numel() * x.element_size() for x in (*first, *first_state))
         n = 1 if l2_bytes(device) == 0 else min(8, max(2, math.ceil(2 * l2_bytes(device) / set_bytes)))
         self.sets = [first] + [make_inputs(shape, dtype_name, device, seed=i) for i in range(1, n)]
+        self.states = [first_state] + [make_state(shape, device, seed=i) for i in range(1, n)] if states else None
         gen = torch.Generator(device="cpu").manual_seed(1234)
         B, T, H, _, V, _ = shape.as_list()
         self.do = torch.randn(B, T, H, V, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype_name])
 
 
 class Reference:
-    """float64 output and gradients of batch element 0 (see the module docstring)."""
+    """float64 output and gradients of batch element 0 (see the module docstring); with the inputs'
+    states, also the output and final states of the forward from the first set's state
+    (`from_state`: (o, hk, hv), else None)."""
 
     def __init__(self, inputs: Inputs):
         from reference.chunked import chunk_gsa_torch
@@ -82,6 +96,12 @@ class Reference:
         self.o = o.detach()
         self.grads = [gr.detach() for gr in grads]
         self.bounds = bounds(inputs.dtype_name)
+        self.from_state = None
+        if inputs.states is not None:
+            state = tuple(h[:1].double() for h in inputs.states[0])
+            with torch.no_grad():
+                o, (hk, hv) = chunk_gsa_torch(*(x.detach() for x in xs), initial_state=state, output_final_state=True)
+            self.from_state = (o, hk, hv)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -91,8 +111,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return err / denom if denom > 0 else err
 
 
-def check(ref: Reference, o: torch.Tensor, grads=None) -> str | None:
-    """None if o (and grads) of batch element 0 are within bounds, else the reason."""
+def check(ref: Reference, o: torch.Tensor, grads=None, final_state=None) -> str | None:
+    """None if o (and grads) of batch element 0 are within bounds, else the reason. With
+    `final_state` (hk, hv), o and the states are those of the run from the inputs' state."""
+    if final_state is not None:
+        for name, x, xref in zip(("o", "final hk", "final hv"), (o, *final_state), ref.from_state):
+            e = rel_err(x.detach()[:1], xref)
+            if not e <= ref.bounds["o"]:
+                return f"{name} error {e:.2e} > {ref.bounds['o']:.0e} (from a state)"
+        return None
     e = rel_err(o.detach()[:1], ref.o)
     if not e <= ref.bounds["o"]:          # also catches NaN
         return f"o error {e:.2e} > {ref.bounds['o']:.0e}"

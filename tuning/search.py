@@ -268,7 +268,7 @@ class ShapeSearch:
         self.shape, self.dtype, self.device, self.s = shape, dtype, torch.device(device), settings
         self.arch = arch
         self.progress = progress or (lambda n=1: None)
-        self.inputs = measure.Inputs(shape, dtype, self.device)
+        self.inputs = measure.Inputs(shape, dtype, self.device, states=settings.op == "recurrent")
         self.ref = measure.Reference(self.inputs)
         self.timer = measure.Timer(self.device, settings.warmup_ms, settings.rep_ms)
         self.op = settings.op
@@ -287,9 +287,13 @@ class ShapeSearch:
     def _fwd(self, xs):
         return self.fn(*xs)[0]
 
-    def _infer(self, xs):
-        with torch.no_grad():      # the forward-only path (its own kernels: half inputs, the decode step)
-            return self.fn(*xs)[0]
+    def _infer(self, xs, state=None):
+        """The forward-only path (its own kernels: half inputs, the decode step); from `state` (the
+        recurrent op's, measure.Inputs) it returns (o, final states), else o."""
+        with torch.no_grad():
+            if state is None:
+                return self.fn(*xs)[0]
+            return self.fn(*xs, initial_state=state, output_final_state=True)
 
     def _run(self, cfgs: dict, fn):
         try:
@@ -330,7 +334,7 @@ class ShapeSearch:
         self._run(cfgs, lambda: torch.autograd.grad(o, xs, do))
         bwd = list(launches.last_launches())
         launches.clear_launches()
-        self._run(cfgs, lambda: self._infer(xs))
+        self._run(cfgs, lambda: self._infer(xs, self._state(0)))
         infer = [name for name in launches.last_launches() if name not in fwd]
         self.kernels = []
         for name in dict.fromkeys(fwd + bwd + infer):
@@ -361,6 +365,9 @@ class ShapeSearch:
             self._graphs = (key, graphs)
         return self._graphs[1]
 
+    def _state(self, i):
+        return None if self.inputs.states is None else self.inputs.states[i]
+
     def _phase(self, name):
         return next((k.phase for k in self.kernels if k.name == name), "fwd")
 
@@ -373,6 +380,9 @@ class ShapeSearch:
                 return None, f"forward failed: {graphs.reason}"
             fns = [lambda o=o, xs=xs: torch.autograd.grad(o, xs, do, retain_graph=True) for o, xs in graphs]
             first = lambda: (graphs[0][0], fns[0]())                           # noqa: E731
+        elif phase == "infer" and self.inputs.states is not None:
+            fns = [lambda i=i, xs=xs: self._infer(xs, self._state(i)) for i, xs in enumerate(self.inputs.sets)]
+            first = fns[0]                                                     # (o, final states)
         elif phase in ("fwd", "infer"):
             op = self._fwd if phase == "fwd" else self._infer
             fns = [lambda xs=xs, op=op: op(xs) for xs in self.inputs.sets]
@@ -385,7 +395,12 @@ class ShapeSearch:
             first = fns[0]
         if gate_key is None or gate_key not in self.checked:
             out = self._run(cfgs, first)
-            reason = out.reason if isinstance(out, _Failure) else measure.check(self.ref, out[0], out[1])
+            if isinstance(out, _Failure):
+                reason = out.reason
+            elif phase == "infer" and self.inputs.states is not None:
+                reason = measure.check(self.ref, out[0], final_state=out[1])
+            else:
+                reason = measure.check(self.ref, out[0], out[1])
             if gate_key is not None:
                 self.checked[gate_key] = reason
             if reason is not None:
