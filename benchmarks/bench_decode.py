@@ -112,10 +112,10 @@ def sweep_decode(B, bw):
         ref_o = decode_step(*xs, K ** -0.5, hk, hv, *out, config=default)
         ref = (ref_o, out[0].clone(), out[1].clone())
         rows = []
-        for BK, BV, warps in itertools.product(cand["BK"], cand["BV"], cand["num_warps"]):
-            if BK != BV:    # 16 configs: about 30 s to compile
+        for BK, BV, warps, pdl in itertools.product(cand["BK"], cand["BV"], cand["num_warps"], cand["PDL"]):
+            if BK != BV:    # 32 configs: about a minute to compile
                 continue
-            cfg = {"BK": BK, "BV": BV, "num_warps": warps}
+            cfg = {"BK": BK, "BV": BV, "num_warps": warps, "PDL": pdl}
             step = lambda: decode_step(*xs, K ** -0.5, hk, hv, *out, config=cfg)   # noqa: E731
             try:
                 ms = bench(cuda_graph(step).replay, rep=100)
@@ -152,7 +152,7 @@ def host_breakdown(B, n=3000):
     o = torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda")
     args = (xs[2], xs[3], xs[4], hv, o, out[1], zpart, xs[0], xs[0], scale)
     kw = dict(H=H, G=1, GP=1, M=M, BM=next_pow2(M), USE_INITIAL_STATE=True, STORE_STATE=True, POOLED=False,
-              num_warps=cfg["num_warps"], V=V, NKT=nkt, BV=cfg["BV"])
+              PDL=False, num_warps=cfg["num_warps"], V=V, NKT=nkt, BV=cfg["BV"])
     grid = (cdiv(V, cfg["BV"]), B * H)
     parts = {
         "one launch of decode_values_kernel": lambda: launchers.decode_values_kernel[grid](*args, **kw),

@@ -24,7 +24,8 @@
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
 #               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
-#               "--shapes a,e --no-fla --no-sdpa"); logs ab_base.log and ab_patched.log. AB_TESTS: pytest
+#               "--shapes a,e --no-fla --no-sdpa"); one log, ab.log (the device tool brings back at most 8
+#               files), and ab_base.json, ab_patched.json. AB_TESTS: pytest
 #               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk,chunk_fwd"):
 #               re-time the patched kernels at the shipped configs (AB_SWEEP_SHAPES, default bench,common;
 #               AB_SWEEP_DTYPES, default bf16; AB_SWEEP_ARGS, default "--compile-backend off") so that both
@@ -124,20 +125,20 @@ for step in ${steps//,/ }; do
       cp -r gsa_kernels reference tuning benchmarks tuned_configs tests docs examples README.md pyproject.toml /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
         [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
-          | tee "$OUT/ab_tests.log"
+          | tee -a "$OUT/ab.log"
         base_cfg=none; patched_cfg=none
         if [ -n "${AB_SWEEP:-}" ]; then
           # the patched kernels re-timed from the shipped file's configs (a re-validation, not a search),
           # so that both sides run tuned: base with the shipped file, patched with this one
           (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m tuning.sweep --arch sm90 --kernels "$AB_SWEEP" \
             --seed tuned_configs/sm90-nvidia-h200.yaml --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" \
-            --dtypes "${AB_SWEEP_DTYPES:-bf16}" ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_sm90.yaml") 2>&1 | tee "$OUT/ab_sweep.log"
+            --dtypes "${AB_SWEEP_DTYPES:-bf16}" ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_sm90.yaml") 2>&1 | tee -a "$OUT/ab.log"
           base_cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; patched_cfg=$OUT/ab_sm90.yaml
           if [ -n "${AB_SWEEP_BASE:-}" ]; then
             # the base side re-timed the same way (after a change to what the sweep measures)
             python3 -m tuning.sweep --arch sm90 --kernels "$AB_SWEEP" --seed tuned_configs/sm90-nvidia-h200.yaml \
               --max-candidates 1 --shapes "${AB_SWEEP_SHAPES:-bench,common}" --dtypes "${AB_SWEEP_DTYPES:-bf16}" \
-              ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_base_sm90.yaml" 2>&1 | tee "$OUT/ab_sweep_base.log"
+              ${AB_SWEEP_ARGS:---compile-backend off} --output "$OUT/ab_base_sm90.yaml" 2>&1 | tee -a "$OUT/ab.log"
             base_cfg=$OUT/ab_base_sm90.yaml
           fi
         fi
@@ -149,10 +150,10 @@ for step in ${steps//,/ }; do
             bench=(benchmarks.bench_chunk --graph ${AB_ARGS:---shapes a,e --no-fla --no-sdpa})
           fi
           (cd "$root" && GSA_KERNELS_TUNED_CONFIGS=$cfg PYTHONPATH=$root:/tmp/site python3 -m "${bench[@]}" \
-            --json "$OUT/ab_$side.json") 2>&1 | tee "$OUT/ab_$side.log"
+            --json "$OUT/ab_$side.json") 2>&1 | tee -a "$OUT/ab.log"
         done
       else
-        echo "AB_PATCH does not apply" | tee "$OUT/ab_base.log"; status=1
+        echo "AB_PATCH does not apply" | tee -a "$OUT/ab.log"; status=1
       fi ;;
     recurrent)
       python3 -m tuning.sweep --arch sm90 --op recurrent --resume tuned_configs/sm90-nvidia-h200.yaml \

@@ -51,8 +51,9 @@ RECURRENT_CANDIDATES: dict[str, dict[str, list[int]]] = {
     "recurrent_bwd_gates": {"BK": [16, 32, 64], "BV": [16, 32, 64], "num_warps": [1, 2, 4]},
     # the T = 1 decode step (two launches: BK for the keys' side, BV for the values'). No num_stages:
     # its loads feed no dot, so Triton 3.6 does not pipeline them (the sm90 SASS is the same for 1, 2
-    # and 3 stages)
-    "decode": {"BK": [16, 32, 64, 128], "BV": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8]},
+    # and 3 stages). PDL 1: the values' launch starts during the keys' (programmatic dependent
+    # launch; sm90 and later, ignored elsewhere)
+    "decode": {"BK": [16, 32, 64, 128], "BV": [16, 32, 64, 128], "num_warps": [1, 2, 4, 8], "PDL": [1, 0]},
 }
 
 

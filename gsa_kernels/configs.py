@@ -116,7 +116,7 @@ def _recurrent_default(kernel: str, K: int, V: int, M: int, seqs: int | None) ->
         "recurrent_bwd_keys": {"BKS": _tile(BM, K, lo=8), "num_warps": 4},
         "recurrent_bwd_values": {"BVS": _tile(BM, V, lo=8), "num_warps": 4},
         "recurrent_bwd_gates": {"BK": _tile(BM, K, lo=8), "BV": _tile(BM, V, lo=8), "num_warps": 2},
-        "decode": {"BK": DK, "BV": DV, "num_warps": decode_warps(DK, DV, M)},
+        "decode": {"BK": DK, "BV": DV, "num_warps": decode_warps(DK, DV, M), "PDL": 1},
     }[kernel]
     return dict(cfg)
 

@@ -322,3 +322,56 @@ def test_out_sharing_that_is_allowed(case, T):
         o, (hk, hv) = fused_recurrent_gsa(*ins, initial_state=state, out=out)
     assert hk is out[0] and hv is out[1]
     check_step(o, hk, hv, ref, torch.float32)
+
+
+_SM90_DECODE_PTX = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gsa_kernels.kernels import decode
+pdl = json.loads(sys.argv[1])
+out = {}
+for name in ("decode_keys_kernel", "decode_values_kernel"):
+    fn = getattr(decode, name)
+    params = list(inspect.signature(fn.fn).parameters)
+    const = {p: v for p, v in dict(H=4, G=1, GP=1, K=512, V=512, M=64, BM=64, BK=16, BV=16, NKT=32,
+             USE_INITIAL_STATE=True, STORE_STATE=True, POOLED=False, PDL=pdl).items() if p in params}
+    ptr = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "s": "*bf16", "g": "*bf16", "o": "*bf16", "scale": "fp32",
+           "state_indices": "*i32", "has_initial_state": "*i8"}
+    sig = {p: "constexpr" if p in const else ptr.get(p, "*fp32") for p in params}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 1, "launch_pdl": pdl and name == "decode_values_kernel"})
+    out[name] = [ln.strip() for ln in kernel.asm["ptx"].splitlines()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_decode_values_wait_for_the_keys_only_before_reading_their_scores(pdl):
+    """With programmatic dependent launch the values' launch runs beside the keys': it may update and
+    store its Hv tile at once, but must read the keys' partial scores only after griddepcontrol.wait.
+    Compiled for sm90 (no GPU needed; the interpreter cannot run PDL): in the values kernel the wait
+    comes after every float32 (state) store and before the bf16 store of o; the keys kernel releases
+    its dependents; without PDL neither instruction appears."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_DECODE_PTX, json.dumps(pdl)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ptx = json.loads(run.stdout.splitlines()[-1])
+    keys, values = ptx["decode_keys_kernel"], ptx["decode_values_kernel"]
+    waits = [i for i, ln in enumerate(values) if ln.startswith("griddepcontrol.wait")]
+    releases = [ln for ln in keys if ln.startswith("griddepcontrol.launch_dependents")]
+    if not pdl:
+        assert not waits and not releases and not any("griddepcontrol" in ln for ln in values)
+        return
+    assert len(waits) == 1 and len(releases) == 1
+    state_stores = [i for i, ln in enumerate(values) if "st.global.b32" in ln or "st.global.v" in ln]
+    o_stores = [i for i, ln in enumerate(values) if "st.global.b16" in ln]
+    assert state_stores and o_stores
+    assert max(state_stores) < waits[0] < min(o_stores)
+    assert any("ld.global" in ln for ln in values[waits[0]:])      # the partial scores, read after it

@@ -245,7 +245,7 @@ def test_the_decode_step_is_timed_and_gated_from_a_state(monkeypatch):
 def test_resume_accepts_a_file_made_before_the_recurrent_kernels_were_tuned():
     """sweep --op recurrent --resume adds recurrent entries to a file of chunk entries whose meta
     knows only the chunk kernels: a kernel the old run did not know is no difference, a changed hash
-    of one it knew is."""
+    of one it knew is, unless no kept entry configures that kernel."""
     from tuning import yamlio
     new = search.run_meta(arch="sm90", dry_run=False, device=DEVICE)
     old = copy.deepcopy(new)
@@ -253,7 +253,11 @@ def test_resume_accepts_a_file_made_before_the_recurrent_kernels_were_tuned():
         old[name] = {k: v for k, v in old[name].items() if k in candidates.CANDIDATES}
     assert yamlio.software_mismatch(old, new) == []
     old["kernel_hashes"]["chunk_fwd"] = "0" * 16
-    assert [d.split(":")[0] for d in yamlio.software_mismatch(old, new)] == ["kernel_hashes"]
+    assert yamlio.software_mismatch(old, new) == ["kernel_hashes of chunk_fwd"]
+    # the same change where the old entries configure no chunk_fwd (a file of recurrent entries, or
+    # chunk entries after a decode edit): no difference
+    assert yamlio.software_mismatch(old, new, used={"decode", "states_fwd"}) == []
+    assert yamlio.software_mismatch(old, new, used={"chunk_fwd"}) == ["kernel_hashes of chunk_fwd"]
 
 
 def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsys):
@@ -276,6 +280,29 @@ def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsy
     assert doc["meta"]["date"] == "new-date" and "base-date" in doc["meta"]["search"]["combined_with"]
     _, entries, stale = tuned_file.validate(doc, arch="sm90")
     assert not stale and len(entries) == 3
+
+
+def test_combine_replaces_entries_of_an_older_candidate_list_and_refuses_to_keep_them(tmp_path, capsys):
+    """After a parameter is added to a kernel (the decode step's PDL), BASE's entries of that kernel
+    lack it: NEW's re-tune replaces them (nothing of the old list is kept), but a BASE entry that NEW
+    does not replace cannot be read as today's, and is refused by name."""
+    from tuning import combine
+    shape, other = (1, 1, 4, 16, 16, 16), (8, 1, 4, 16, 16, 16)
+    old_rec = recurrent_entry(shape, ["decode"])
+    dropped = next(iter(old_rec["configs"]["decode"]))          # as if that parameter were new today
+    del old_rec["configs"]["decode"][dropped]
+    old_other = copy.deepcopy(old_rec)
+    old_other.update(key=key_of(*other), shape=list(other))
+    new_rec = recurrent_entry(shape, ["decode"])
+    new = write_file(tmp_path / "new.yaml", [new_rec])
+    base = write_file(tmp_path / "base.yaml", [old_rec])
+    assert combine.main([str(base), str(new), "--output", str(tmp_path / "out.yaml")]) == 0
+    (entry,) = yaml.safe_load((tmp_path / "out.yaml").read_text())["entries"]
+    assert entry["configs"] == new_rec["configs"]
+    base = write_file(tmp_path / "base.yaml", [old_rec, old_other])
+    assert combine.main([str(base), str(new)]) == 2
+    err = capsys.readouterr().err
+    assert "BASE is not a tuned file (its entries that NEW does not replace)" in err and dropped in err, err
 
 
 @pytest.mark.parametrize("stale_in", ["BASE", "NEW"])

@@ -31,7 +31,7 @@ def _key(item: dict) -> tuple:
 
 def _stale_kernels(meta: dict, entries: list, want: dict) -> set:
     """The kernels configured by these entries whose hash or candidate list in meta is not today's."""
-    used = {k for e in entries for k in e.get("configs", {})}
+    used = yamlio.configured_kernels(entries)
     return {k for k in used
             if meta.get("kernel_hashes", {}).get(k) != want["kernel_hashes"].get(k)
             or meta.get("candidates", {}).get(k) != want["candidates"].get(k)}
@@ -43,16 +43,23 @@ def combine(base: dict, new: dict) -> dict:
     for name, doc in (("BASE", base), ("NEW", new)):
         try:
             parts[name] = yamlio.resume_parts(doc)
-            yamlio.check_resume_items(*parts[name][1:])
         except ValueError as e:
             raise ValueError(f"{name} is not a tuned file: {e}") from None
     (base_meta, base_entries, base_failed), (new_meta, new_entries, new_failed) = parts["BASE"], parts["NEW"]
+    replaced = {_key(e) for e in new_entries if isinstance(e, dict)}
+    # BASE's entries that NEW replaces may predate today's candidate lists (a parameter added to a
+    # kernel): only the entries it keeps must read as today's
+    kept = [e for e in base_entries if not isinstance(e, dict) or _key(e) not in replaced]
+    for name, entries, failed in (("BASE", kept, base_failed), ("NEW", new_entries, new_failed)):
+        try:
+            yamlio.check_resume_items(entries, failed)
+        except ValueError as e:
+            what = "its entries that NEW does not replace" if name == "BASE" else "its entries"
+            raise ValueError(f"{name} is not a tuned file ({what}): {e}") from None
     differs = [f"{f}: {base_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in yamlio.SAME_RUN
                if base_meta.get(f) != new_meta.get(f)]
     if differs:
         raise ValueError("BASE and NEW come from other hardware or software (" + "; ".join(differs) + ")")
-    replaced = {_key(e) for e in new_entries}
-    kept = [e for e in base_entries if _key(e) not in replaced]
     want = tuned_file.expected_meta()
     stale = {"BASE": _stale_kernels(base_meta, kept, want), "NEW": _stale_kernels(new_meta, new_entries, want)}
     if stale["BASE"] or stale["NEW"]:
@@ -63,6 +70,9 @@ def combine(base: dict, new: dict) -> dict:
     failed = [f for f in base_failed if _key(f) not in tried] + new_failed
     search = {**new_meta.get("search", {}),
               "combined_with": f"the entries of the file of {base_meta.get('date')} that this run did not re-tune"}
+    base_search = base_meta.get("search") if isinstance(base_meta.get("search"), dict) else {}
+    if base_search.get("note") or base_search.get("base_note"):        # where the kept entries came from
+        search["base_note"] = base_search.get("note") or base_search.get("base_note")
     meta = {**new_meta, "complete": bool(base_meta.get("complete")) and bool(new_meta.get("complete")),
             "kernel_hashes": want["kernel_hashes"], "candidates": want["candidates"], "search": search}
     return {"meta": meta, "entries": yamlio.sort_entries(kept + new_entries), "failed": failed}

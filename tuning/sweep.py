@@ -288,7 +288,7 @@ def main(argv=None) -> int:
                 old_meta, old_entries, old_failed = yamlio.resume_parts(old)
             except ValueError as e:
                 return fail(f"--resume {source}: not a tuned file: {e}")
-            differs = yamlio.software_mismatch(old_meta, meta)
+            differs = yamlio.software_mismatch(old_meta, meta, used=yamlio.configured_kernels(old_entries))
             if differs:
                 return fail(f"--resume {source} was made with other hardware or software ({'; '.join(differs)}); "
                             f"its times would not compare: drop --resume or remove the file")

@@ -64,16 +64,26 @@ def sort_entries(entries: list) -> list:
     return sorted(entries, key=lambda e: (e.get("op", "chunk") != "chunk", *(e["key"][k] for k in ENTRY_ORDER)))
 
 
-def software_mismatch(old_meta: dict, new_meta: dict) -> list[str]:
+def software_mismatch(old_meta: dict, new_meta: dict, used: set | None = None) -> list[str]:
     """What differs between two runs' meta that makes their entries incomparable. A kernel the old
-    run did not know (added to the package since) is no difference: the old entries hold no config of it."""
+    run did not know (added to the package since) is no difference: the old entries hold no config of it.
+    With `used` (the kernels the old entries configure) a kernel outside it is no difference either: an
+    edit of the decode step does not touch a file of chunk entries."""
     out = [f"{f}: {old_meta.get(f)!r} vs {new_meta.get(f)!r}" for f in SAME_RUN
            if old_meta.get(f) != new_meta.get(f)]
     for f in ("kernel_hashes", "candidates"):
         old, new = old_meta.get(f), new_meta.get(f)
-        if not isinstance(old, dict) or not isinstance(new, dict) or any(new.get(k) != v for k, v in old.items()):
-            out.append(f"{f}: {old!r} vs {new!r}")
+        if not isinstance(old, dict) or not isinstance(new, dict) or any(
+                new.get(k) != v for k, v in old.items() if used is None or k in used):
+            changed = sorted(k for k, v in old.items() if (used is None or k in used) and new.get(k) != v) \
+                if isinstance(old, dict) and isinstance(new, dict) else None
+            out.append(f"{f}: {old!r} vs {new!r}" if changed is None else f"{f} of {', '.join(changed)}")
     return out
+
+
+def configured_kernels(entries: list) -> set:
+    """The kernels that a file's entries set configs for."""
+    return {k for e in entries if isinstance(e, dict) and isinstance(e.get("configs"), dict) for k in e["configs"]}
 
 
 def merge_entry(path, entry: dict, *, meta: dict):

@@ -11,6 +11,12 @@ by tiles of the state instead: every tile is its own program, and each program r
                    p = softmax(z); Hv_new[:, tile] = diag(alpha) Hv[:, tile] + s v[tile]^T (stored),
                    o[tile] = p^T Hv_new[:, tile]
 
+With PDL (programmatic dependent launch, sm90 and later) the second launch starts while the first
+runs: each keys program lets it launch at once (griddepcontrol.launch_dependents), and each values
+program updates and stores its Hv tile, which the keys never touch, before it waits for the whole first
+grid and its writes (griddepcontrol.wait) to read the partial scores. The values' half of the state
+traffic and the second launch's latency then hide behind the keys' half.
+
 The scores need all of K, so they are summed across programs: the second launch is the barrier. A
 one-launch step would have every program read all of Hk to form full scores (L2 reads of Hk growing
 with the programs per head) and leaves each program a serial walk over K tiles, which at B = 1 made
@@ -34,6 +40,7 @@ and nothing is written.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -59,7 +66,10 @@ def _state_row(bh, state_indices, has_initial_state, H: tl.constexpr, M: tl.cons
 def decode_keys_kernel(q, k, s, g, hk0, hk_new, zpart, state_indices, has_initial_state,
                        H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
                        BM: tl.constexpr, BK: tl.constexpr,
-                       USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr):
+                       USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()      # the values' programs may start now: they wait for our writes
     i, bh = tl.program_id(0), tl.program_id(1)
     NBH = tl.num_programs(1)
     row, write, m_read, m_write = _state_row(bh, state_indices, has_initial_state, H, M, POOLED)
@@ -88,20 +98,14 @@ def decode_keys_kernel(q, k, s, g, hk0, hk_new, zpart, state_indices, has_initia
 def decode_values_kernel(v, s, g, hv0, o, hv_new, zpart, state_indices, has_initial_state, scale,
                          H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                          BM: tl.constexpr, NKT: tl.constexpr, BV: tl.constexpr,
-                         USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr):
+                         USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr,
+                         PDL: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     NBH = tl.num_programs(1)
     row, write, m_read, m_write = _state_row(bh, state_indices, has_initial_state, H, M, POOLED)
     mm = tl.arange(0, BM)
     mask_m = mm < M
-    rows = tl.arange(0, GP)
-    z = tl.zeros((GP, BM), dtype=tl.float32)
-    for t in range(NKT):
-        z += tl.load(zpart + ((t * NBH + bh) * GP + rows[:, None]) * BM + mm[None, :])
-    z = tl.where(mask_m[None, :], z * scale, float("-inf"))
-    p = tl.exp(z - tl.max(z, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-
+    # the values' memory first: it needs nothing from the keys' launch
     vv = i * BV + tl.arange(0, BV)
     mask_v = vv < V
     st = tl.load(s + bh * M + mm, mask=mask_m, other=0.0).to(tl.float32)
@@ -113,6 +117,16 @@ def decode_values_kernel(v, s, g, hv0, o, hv_new, zpart, state_indices, has_init
         hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=(mm < m_read)[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
     if STORE_STATE:
         tl.store(hv_new + hv_off, hv, mask=(mm < m_write)[:, None] & mask_v[None, :])
+
+    if PDL:
+        gdc_wait()                   # the keys' launch has finished and its partial scores are visible
+    rows = tl.arange(0, GP)
+    z = tl.zeros((GP, BM), dtype=tl.float32)
+    for t in range(NKT):
+        z += tl.load(zpart + ((t * NBH + bh) * GP + rows[:, None]) * BM + mm[None, :])
+    z = tl.where(mask_m[None, :], z * scale, float("-inf"))
+    p = tl.exp(z - tl.max(z, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
     for r in tl.static_range(G):
         pr = tl.sum(tl.where(rows[:, None] == r, p, 0.0), 0)     # row r of p (exact: the rest add 0)
         ot = tl.where(write, tl.sum(pr[:, None] * hv, 0), 0.0)

@@ -141,16 +141,31 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, sta
             cfg = launch_config("decode", K=K, V=V, M=M, dtype=q.dtype, tokens=B * H, seqs=B * H)
             if not overridden:
                 _decode_configs[key] = cfg
+    pdl = bool(cfg.get("PDL", 1)) and pdl_supported(q.device)
     nkt = cdiv(K, cfg["BK"])
     zpart = torch.empty(nkt, B * H, GP, BM, dtype=torch.float32, device=q.device)
     o = torch.empty(B, 1, HQ, V, dtype=q.dtype, device=q.device)
     use_h0, store, pooled = hk0 is not None, hk_new is not None, state_indices is not None
     flags = dict(H=H, G=G, GP=GP, M=M, BM=BM, USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled,
-                 num_warps=cfg["num_warps"])
+                 PDL=pdl, num_warps=cfg["num_warps"])
     rows = (state_indices, has_initial_state) if pooled else (q, q)
     decode_keys_kernel[(nkt, B * H)](
         q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
     decode_values_kernel[(cdiv(V, cfg["BV"]), B * H)](
         v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
-        BV=cfg["BV"], **flags)
+        BV=cfg["BV"], **flags, **({"launch_pdl": True} if pdl else {}))
     return o
+
+
+_pdl: dict = {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA devices of compute capability 9.0 and later (not Triton's
+    interpreter, whose tensors are on the CPU)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _pdl:
+        _pdl[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _pdl[index]
