@@ -1,0 +1,24 @@
+"""tuning/registers.py: the kernels an op launches, compiled for sm90 on the CPU (Triton's ptxas and
+cuobjdump, no GPU), with their registers, spills and shared memory. The report names every kernel
+the op launched, reads plausible resource counts, and follows the configs it is given."""
+from __future__ import annotations
+
+import pytest
+
+from tuning import registers
+
+
+@pytest.mark.parametrize("BK", [16, 32])
+def test_the_decode_steps_kernels_are_compiled_with_the_given_tiles(BK):
+    configs = {"decode": {"BK": BK, "BV": 16, "num_warps": 1, "PDL": 0}}
+    rows = registers.report([1, 1, 1, 64, 64, 16], "float32", "recurrent", configs)
+    by_kernel = {r["kernel"]: r for r in rows}
+    # T = 1 with gradients: the token-by-token kernels; without: the decode step's two launches
+    assert {"decode_keys_kernel", "decode_values_kernel", "recurrent_fwd_keys_kernel",
+            "recurrent_bwd_gates_kernel"} <= set(by_kernel)
+    keys = by_kernel["decode_keys_kernel"]
+    assert keys["constexprs"]["BK"] == BK and keys["num_warps"] == 1
+    for r in rows:
+        assert 16 <= r["regs"] <= 255 and r["stack"] >= 0 and r["local"] >= 0 and r["shared"] >= 0
+        assert 1 <= r["programs_per_sm"] <= registers.BLOCKS_PER_SM
+    assert by_kernel["decode_keys_kernel"]["programs_per_sm"] == registers.BLOCKS_PER_SM   # 1 warp, few registers
