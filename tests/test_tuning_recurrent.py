@@ -278,6 +278,12 @@ def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsy
     assert got == {("chunk", 1): chunk_entry(shape)["configs"], ("recurrent", 1): new_rec["configs"],
                    ("recurrent", 8): other_rec["configs"]}
     assert doc["meta"]["date"] == "new-date" and "base-date" in doc["meta"]["search"]["combined_with"]
+    # a NEW cut short by its time budget lacks none of BASE's shapes: complete as BASE is
+    for base_complete in (True, False):
+        write_file(base, [chunk_entry(shape), old_rec, other_rec], complete=base_complete)
+        write_file(new, [new_rec], complete=False)
+        assert combine.main([str(base), str(new), "--output", str(tmp_path / "out.yaml")]) == 0
+        assert yaml.safe_load((tmp_path / "out.yaml").read_text())["meta"]["complete"] is base_complete
     _, entries, stale = tuned_file.validate(doc, arch="sm90")
     assert not stale and len(entries) == 3
 

@@ -73,7 +73,9 @@ def combine(base: dict, new: dict) -> dict:
     base_search = base_meta.get("search") if isinstance(base_meta.get("search"), dict) else {}
     if base_search.get("note") or base_search.get("base_note"):        # where the kept entries came from
         search["base_note"] = base_search.get("note") or base_search.get("base_note")
-    meta = {**new_meta, "complete": bool(base_meta.get("complete")) and bool(new_meta.get("complete")),
+    # complete as BASE: each of its shapes keeps an entry (its own or NEW's); a NEW cut short by its
+    # time budget re-tuned fewer shapes, and lacks none of BASE's
+    meta = {**new_meta, "complete": bool(base_meta.get("complete")),
             "kernel_hashes": want["kernel_hashes"], "candidates": want["candidates"], "search": search}
     return {"meta": meta, "entries": yamlio.sort_entries(kept + new_entries), "failed": failed}
 
