@@ -12,10 +12,10 @@ types and 16-byte alignment, its constexprs and options. Each distinct launch is
 child without the interpreter) for sm_<arch> with the same specialization, and `cuobjdump -res-usage`
 read: REG, STACK (the stack frame per thread, where ptxas spills), LOCAL and SHARED, with the programs
 per SM those allow (65536 registers, 2048 threads, 32 blocks and 227 KB of shared memory per SM on
-sm90). bfloat16 runs too: the interpreter's wrong bfloat16 dots (checks.check_interpreter) change no
-launch, except that non-finite garbage may add the forward's SAFE re-run. The T and B the kernels see
-are small, so shape-dependent paths (the two-level walks) are those of one short sequence: name their
-configs to compile others.
+sm90), and the layout conversions in the TTGIR (cvt). bfloat16 runs too: the interpreter's wrong
+bfloat16 dots (checks.check_interpreter) change no launch, except that non-finite garbage may add the
+forward's SAFE re-run. The T and B the kernels see are small, so shape-dependent paths (the two-level
+walks) are those of one short sequence: name their configs to compile others.
 """
 from __future__ import annotations
 
@@ -133,7 +133,11 @@ def compile_launch(item: dict, arch: int) -> dict:
     regs, shared = int(usage["REG"]), max(int(usage["SHARED"]), kernel.metadata.shared)
     per_sm = min(REGISTERS_PER_SM // max(1, regs * 32 * warps), THREADS_PER_SM // (32 * warps), BLOCKS_PER_SM,
                  SHARED_PER_SM // shared if shared else 10**9)
+    # ttg.convert_layout ops in the TTGIR: each moves a tile between two layouts (a dot's operand or
+    # result and elementwise code), through shared memory unless a register shuffle can do it
+    conversions = kernel.asm["ttgir"].count("ttg.convert_layout")
     return {"kernel": item["name"], "regs": regs, "local": int(usage["LOCAL"]), "stack": int(usage["STACK"]),
+            "layout_conversions": conversions,
             "shared": shared, "num_warps": warps, "num_stages": options.get("num_stages"),
             "programs_per_sm": per_sm, "constexprs": constexprs}
 
@@ -209,10 +213,11 @@ def main(argv=None) -> int:
         K, V, M = (int(x) for x in args.shape.split(","))
     rows = report([1, args.T, 1, K, V, M], dtype, args.op, configs, args.arch)
     print(f"# sm_{args.arch}, [1, {args.T}, 1, {K}, {V}, {M}] {dtype}, op {args.op}")
-    print(f"{'kernel':28s} {'regs':>5s} {'stack B':>7s} {'smem KB':>8s} {'warps':>5s} {'stages':>6s} {'progs/SM':>8s}  tiles")
+    print(f"{'kernel':28s} {'regs':>5s} {'stack B':>7s} {'smem KB':>8s} {'warps':>5s} {'stages':>6s} {'progs/SM':>8s} "
+          f"{'cvt':>4s}  tiles")
     for r, shown in zip(rows, _shown(rows)):
         print(f"{r['kernel']:28s} {r['regs']:5d} {r['stack'] + r['local']:7d} {r['shared'] / 1024:8.1f} {r['num_warps']:5d} "
-              f"{str(r['num_stages']):>6s} {r['programs_per_sm']:8d}  {shown}")
+              f"{str(r['num_stages']):>6s} {r['programs_per_sm']:8d} {r['layout_conversions']:4d}  {shown}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
