@@ -1,9 +1,9 @@
 """The competing backend: torch.compile of the pure-PyTorch chunked form, timed per shape.
 
-Run in a subprocess with a time limit (`--compile-timeout`, default 300 s): the chunk loop of
-chunk_gsa_torch unrolls, so max-autotune compilation of a long sequence can take minutes, and a
-sweep slice must not die inside it; mode "default" (`--compile-mode`, the sweep's default) compiles
-faster. The subprocess takes gsa_kernels.torch_chunked.compiled(mode) (what chunk_gsa dispatches to
+Run in a subprocess with a time limit (`--compile-timeout`, default 300 s): max-autotune compiles
+of one shape took minutes, and a sweep slice must not die inside one; mode "default"
+(`--compile-mode`, the sweep's default) compiles faster (~35 s for forward and backward on a CPU,
+whatever T: the chunk states come from a scan of log2(#chunks) steps, not an unrolled loop). The subprocess takes gsa_kernels.torch_chunked.compiled(mode) (what chunk_gsa dispatches to
 for an entry that names that mode), checks forward and gradients against the float64 reference (the
 same gate as the Triton candidates), then times forward and forward+backward like the kernels.
 
