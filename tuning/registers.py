@@ -15,7 +15,8 @@ per SM those allow (65536 registers, 2048 threads, 32 blocks and 227 KB of share
 sm90), and the layout conversions in the TTGIR (cvt). bfloat16 runs too: the interpreter's wrong
 bfloat16 dots (checks.check_interpreter) change no launch, except that non-finite garbage may add the
 forward's SAFE re-run. The T and B the kernels see are small, so shape-dependent paths (the two-level
-walks) are those of one short sequence: name their configs to compile others.
+walks) are those of one short sequence: name their configs to compile others; choices made by the
+device are a CPU's (the decode step's PDL is off).
 """
 from __future__ import annotations
 
