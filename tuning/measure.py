@@ -6,8 +6,8 @@ the L2 cache, so no repetition finds its inputs cached by the previous one; or, 
 call is mostly host time (the decode step), of replays of a CUDA graph calling each copy once
 (`Timer.graphed`). The recurrent op's forward-only phase runs as a serving engine runs it: from a
 float32 state, returning the new one (`Inputs(..., states=True)`); without one, the decode step would
-neither read nor write the state that is nearly all of its bytes. In Triton's interpreter (--dry-run, CPU tests) "time" is the wall clock of one
-call: only the pipeline is exercised.
+neither read nor write the state that is nearly all of its bytes. In Triton's interpreter (--dry-run,
+CPU tests) "time" is the wall clock of one call: only the pipeline is exercised.
 
 Correctness gate: the float64 chunkwise reference (reference.chunk_gsa_torch, itself tested against
 the recurrence) on batch element 0 of the same rounded inputs; batch elements are independent, so

@@ -73,11 +73,12 @@ def software_mismatch(old_meta: dict, new_meta: dict, used: set | None = None) -
            if old_meta.get(f) != new_meta.get(f)]
     for f in ("kernel_hashes", "candidates"):
         old, new = old_meta.get(f), new_meta.get(f)
-        if not isinstance(old, dict) or not isinstance(new, dict) or any(
-                new.get(k) != v for k, v in old.items() if used is None or k in used):
-            changed = sorted(k for k, v in old.items() if (used is None or k in used) and new.get(k) != v) \
-                if isinstance(old, dict) and isinstance(new, dict) else None
-            out.append(f"{f}: {old!r} vs {new!r}" if changed is None else f"{f} of {', '.join(changed)}")
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            out.append(f"{f}: {old!r} vs {new!r}")
+            continue
+        changed = sorted(k for k, v in old.items() if (used is None or k in used) and new.get(k) != v)
+        if changed:
+            out.append(f"{f} of {', '.join(changed)}")
     return out
 
 
