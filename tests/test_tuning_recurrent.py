@@ -272,8 +272,9 @@ def test_combine_replaces_the_new_ops_entries_and_keeps_the_rest(tmp_path, capsy
     new_rec["configs"]["decode"] = configs.default_config("decode", 16, 16, 16, seqs=4)
     base = write_file(tmp_path / "base.yaml", [chunk_entry(shape), old_rec, other_rec], date="base-date")
     new = write_file(tmp_path / "new.yaml", [new_rec], date="new-date")
-    assert combine.main([str(base), str(new), "--output", str(tmp_path / "out.yaml")]) == 0
+    assert combine.main([str(base), str(new), "--output", str(tmp_path / "out.yaml"), "--note", "why"]) == 0
     doc = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert doc["meta"]["search"]["note"] == "why"
     got = {(e.get("op", "chunk"), e["shape"][0]): e["configs"] for e in doc["entries"]}
     assert got == {("chunk", 1): chunk_entry(shape)["configs"], ("recurrent", 1): new_rec["configs"],
                    ("recurrent", 8): other_rec["configs"]}

@@ -1,7 +1,7 @@
 """Put a sweep's new entries into a shipped tuned file: the entries of NEW replace those of BASE with
 the same op and key, and BASE's other entries stay.
 
-    python -m tuning.combine BASE NEW [--output PATH]      (default: BASE, rewritten atomically)
+    python -m tuning.combine BASE NEW [--output PATH] [--note TEXT]      (default: BASE, rewritten atomically)
 
 For a kernel edit that leaves the other kernels alone: the sweep re-tunes the edited kernels' op
 (`--seed BASE --kernels ... --op ...`) into NEW, and this puts NEW into BASE, keeping BASE's entries
@@ -37,7 +37,7 @@ def _stale_kernels(meta: dict, entries: list, want: dict) -> set:
             or meta.get("candidates", {}).get(k) != want["candidates"].get(k)}
 
 
-def combine(base: dict, new: dict) -> dict:
+def combine(base: dict, new: dict, note: str | None = None) -> dict:
     """The combined document, or ValueError saying why the two cannot be combined."""
     parts = {}
     for name, doc in (("BASE", base), ("NEW", new)):
@@ -73,6 +73,8 @@ def combine(base: dict, new: dict) -> dict:
     base_search = base_meta.get("search") if isinstance(base_meta.get("search"), dict) else {}
     if base_search.get("note") or base_search.get("base_note"):        # where the kept entries came from
         search["base_note"] = base_search.get("note") or base_search.get("base_note")
+    if note:
+        search["note"] = note
     # complete as BASE: each of its shapes keeps an entry (its own or NEW's); a NEW cut short by its
     # time budget re-tuned fewer shapes, and lacks none of BASE's
     meta = {**new_meta, "complete": bool(base_meta.get("complete")),
@@ -85,10 +87,11 @@ def main(argv=None) -> int:
     p.add_argument("base", type=Path, help="the tuned file to update (e.g. tuned_configs/sm90-nvidia-h200.yaml)")
     p.add_argument("new", type=Path, help="a sweep's output whose entries replace BASE's")
     p.add_argument("--output", type=Path, default=None, help="where to write (default: BASE)")
+    p.add_argument("--note", default=None, help="the combined file's search note: where its entries come from")
     args = p.parse_args(argv)
     try:
         docs = [yamlio.read_yaml(path) for path in (args.base, args.new)]
-        doc = combine(*docs)
+        doc = combine(*docs, note=args.note)
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"tuning.combine: {e}", file=sys.stderr)
         return 2
