@@ -45,6 +45,9 @@
 #               log come back (the checkpoints stay: too many files for $OUT)
 #     report    python -m benchmarks.report --json-only into $OUT (REPORT_ARGS, REPORT_TIMEOUT seconds,
 #               REPORT_RESUME=1 to continue docs/benchmarks/report.json), then packs FLA's autotune results
+#     pack      last: everything under $OUT into $OUT/out.tgz (the device tool brings back at most 8 files);
+#               to batch several runs of one step in a call, give each its own OUT=$OUT/<name>, then
+#               run `bash benchmarks/gpu_check.sh pack` with the call's OUT
 #   The whole suite does not fit one 10-minute call: test_chunk_matches_naive alone takes ~420 s at
 #   HYPOTHESIS_PROFILE=triage. Three calls that fit: (1) tests/test_chunk.py
 #   tests/test_tuning.py tests/test_compile.py tests/test_project.py -k "not large" (~9 min); (2)
@@ -175,6 +178,12 @@ for step in ${steps//,/ }; do
       timeout "${REPORT_TIMEOUT:-500}" python3 -m benchmarks.report --resume --json-only ${REPORT_ARGS:-} \
         --out "$OUT" 2>&1 | tee "$OUT/report.log" || status=1
       python3 -m benchmarks.fla_cache pack "$OUT/fla_autotune.tgz" ;;
+    pack)
+      # everything under $OUT (earlier calls of this script with OUT=$OUT/<name> included) into one
+      # file, out.tgz: the device tool brings back at most 8 files
+      wait_for_warm
+      (cd "$OUT" && tar czf /tmp/gsa-out.tgz --exclude=out.tgz . && find . -mindepth 1 -delete \
+        && mv /tmp/gsa-out.tgz out.tgz) || status=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
