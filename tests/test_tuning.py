@@ -1329,3 +1329,120 @@ def test_forward_only_kernels_are_tuned_on_a_no_grad_forward(monkeypatch):
     assert e["times_ms"][kernel]["op"] == "infer"
     assert e["candidates"][kernel] == {"timed": 2, "pruned": 0, "rejected": 0}
     assert e["configs"][kernel][param] in candidates.CANDIDATES[kernel][param]
+
+
+def test_compile_worker_answers_line_by_line_and_is_killed_past_its_limit(tmp_path):
+    """A `--serve` worker answers each request with one line; the parent kills one that runs past
+    the limit or dies, and says why from its standard error (a stand-in process here)."""
+    from tuning import compile_backend
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "for line in sys.stdin:\n"
+        "    cfg = json.loads(line)\n"
+        "    if cfg.get('sleep'): time.sleep(cfg['sleep'])\n"
+        "    if cfg.get('die'): sys.exit('worker died: ' + cfg['die'])\n"
+        "    print('noise that is not an answer')\n"
+        "    print(json.dumps({'echo': cfg['n']}), flush=True)\n")
+    w = compile_backend.Worker((sys.executable, str(script)))
+    assert [w.ask({"n": n}, timeout=30) for n in (1, 2)] == [{"echo": 1}, {"echo": 2}]   # one process
+    assert w.ask({"n": 3, "sleep": 30}, timeout=0.5) is None and w.proc.poll() is not None
+    w = compile_backend.Worker((sys.executable, str(script)))
+    assert w.ask({"n": 4, "die": "boom"}, timeout=30) is None and "worker died: boom" in w.last_error()
+
+
+def test_compile_runs_reuse_a_worker_after_success_and_replace_it_after_failure(monkeypatch):
+    """`_run` borrows an idle worker and gives it back after a good answer; after an error, a crash or a
+    kill the next shape gets a new process (a failure may leave CUDA or Dynamo in a bad state)."""
+    from tuning import compile_backend
+    made, answers = [], iter([{"fwd_ms": 1.0, "fwd_bwd_ms": 2.0}, {"error": "rejected"}, None, {"warm": True}])
+
+    class FakeWorker:
+        def __init__(self):
+            made.append(self)
+            self.closed = False
+
+            class Proc:
+                returncode = -9
+            self.proc = Proc()
+
+        def ask(self, cfg, timeout):
+            res = next(answers)
+            if res is None:
+                self.closed = True
+            return res
+
+        def last_error(self):
+            return "Killed"
+
+        def close(self):
+            self.closed = True
+    monkeypatch.setattr(compile_backend, "Worker", FakeWorker)
+    monkeypatch.setattr(compile_backend, "_idle", [])
+    st = search.Settings()
+    shape = shapes.Shape(1, 32, 1, 16, 16, 16)
+    assert compile_backend._run(shape, "float16", st, warm=False) == {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0}
+    assert compile_backend._run(shape, "float16", st, warm=False) == {"error": "rejected"}
+    assert len(made) == 1 and made[0].closed                    # reused once, closed after its failure
+    assert compile_backend._run(shape, "float16", st, warm=False) == {"error": "failed (exit -9): Killed"}
+    assert compile_backend._run(shape, "float16", st, warm=True) == {"warm": True}
+    assert len(made) == 3 and compile_backend._idle == [made[2]]
+
+
+def test_compile_worker_loop_resets_dynamo_per_shape_and_reports_exceptions(monkeypatch):
+    """The worker's loop: Dynamo reset before every shape (a new shape compiles as in a fresh process),
+    an exception becomes that shape's error line and the loop goes on."""
+    import io
+    import json
+    from tuning import compile_backend
+    resets, seen = [], []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+
+    def fake_measure(cfg):
+        seen.append(cfg["n"])
+        if cfg["n"] == 2:
+            raise RuntimeError("CUDA out of memory")
+        return {"fwd_ms": float(cfg["n"]), "fwd_bwd_ms": 2.0 * cfg["n"]}
+    monkeypatch.setattr(compile_backend, "measure_one", fake_measure)
+    out = io.StringIO()
+    compile_backend.serve(['{"n": 1}\n', "\n", '{"n": 2}\n', '{"n": 3}\n'], out)
+    lines = [json.loads(ln) for ln in out.getvalue().splitlines()]
+    assert seen == [1, 2, 3] and len(resets) == 3
+    assert lines[0] == {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0} and lines[2] == {"fwd_ms": 3.0, "fwd_bwd_ms": 6.0}
+    assert lines[1]["error"].startswith("failed: RuntimeError: CUDA out of memory")
+
+
+def test_compile_times_fills_in_entries_and_picks_the_backend_that_wins():
+    """tuning.compile_times: the chunk entries of the dtypes asked for without compiled times are
+    the work; a result writes both compiled times and the backend that wins by more than the tie
+    window; an error, why; an older torch_compile note is replaced, other notes kept."""
+    from tuning import compile_times
+    def entry(op, dtype, times, notes=()):
+        return {"op": op, "key": {"dtype": dtype}, "backend": "triton", "shape": [1, 64, 1, 16, 16, 16],
+                "times_ms": {"triton_fwd": 1.0, "triton_fwd_bwd": 3.0, **times}, "notes": list(notes)}
+    entries = [entry("chunk", "bfloat16", {}), entry("chunk", "bfloat16", {"torch_compile_fwd_bwd": 9.0}),
+               entry("recurrent", "bfloat16", {}), entry("chunk", "float16", {})]
+    assert compile_times.todo(entries, ["bfloat16"], retime=False) == [0]
+    assert compile_times.todo(entries, ["bfloat16", "float16"], retime=True) == [0, 1, 3]
+    old = entry("chunk", "bfloat16", {"torch_compile_fwd_bwd": 9.0}, notes=["torch_compile: old", "kept"])
+    kw = dict(mode="default", tie=0.02, date="D")
+    slower = compile_times.record(old, {"fwd_ms": 2.0, "fwd_bwd_ms": 6.0}, **kw)
+    assert slower["backend"] == "triton" and slower["compile_mode"] == "default"
+    assert slower["times_ms"]["torch_compile_fwd"] == 2.0 and slower["times_ms"]["torch_compile_fwd_bwd"] == 6.0
+    assert slower["notes"][0] == "kept" and "2.00x" in slower["notes"][1] and len(slower["notes"]) == 2
+    assert old["times_ms"]["torch_compile_fwd_bwd"] == 9.0                      # the input is left alone
+    assert compile_times.record(old, {"fwd_ms": 0.5, "fwd_bwd_ms": 2.95}, **kw)["backend"] == "triton"  # a near-tie
+    assert compile_times.record(old, {"fwd_ms": 0.5, "fwd_bwd_ms": 2.5}, **kw)["backend"] == "torch_compile"
+    failed = compile_times.record(old, {"error": "not timed: compiling took over 300 s"}, **kw)
+    assert "torch_compile_fwd_bwd" not in failed["times_ms"] and "compile_mode" not in failed
+    assert failed["notes"][-1].startswith("torch_compile: not timed: compiling took over 300 s")
+
+
+def test_compile_times_refuses_without_a_gpu(tmp_path, capsys):
+    from tuning import compile_times
+    f = tmp_path / "t.yaml"
+    f.write_text("meta: {gpu: NVIDIA H200, arch: sm90, dry_run: false}\nentries: []\n")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    assert compile_times.main([str(f)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
