@@ -142,6 +142,8 @@ def host_breakdown(B, n=3000):
     from gsa_kernels.configs import launch_config
     from gsa_kernels.intmath import cdiv, next_pow2
     from gsa_kernels.launchers import recurrent as launchers
+    from gsa_kernels.launchers.direct import DirectLaunch
+    direct_values = DirectLaunch(launchers.decode_values_kernel)
     xs, (hk, hv) = make_step_inputs(B)
     out = torch.empty_like(hk), torch.empty_like(hv)
     scale = K ** -0.5
@@ -156,6 +158,7 @@ def host_breakdown(B, n=3000):
     grid = (cdiv(V, cfg["BV"]), B * H)
     parts = {
         "one launch of decode_values_kernel": lambda: launchers.decode_values_kernel[grid](*args, **kw),
+        "one direct launch of it (launchers/direct.py)": lambda: direct_values(grid, *args, **kw),
         "fused_recurrent_gsa": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), output_final_state=True),
         "fused_recurrent_gsa out=": lambda: fused_recurrent_gsa(*xs, initial_state=(hk, hv), out=out),
         "check_inputs": lambda: check_inputs(*xs, scale, (hk, hv), None, bf16_dots=False),

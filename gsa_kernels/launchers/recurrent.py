@@ -20,6 +20,7 @@ from gsa_kernels.kernels.decode import decode_keys_kernel, decode_values_kernel
 from gsa_kernels.kernels.recurrent import (recurrent_bwd_dp_kernel, recurrent_bwd_gates_kernel,
                                            recurrent_bwd_keys_kernel, recurrent_bwd_values_kernel,
                                            recurrent_fwd_keys_kernel, recurrent_fwd_values_kernel)
+from gsa_kernels.launchers.direct import DirectLaunch
 from gsa_kernels.launches import this_thread
 from gsa_kernels.lookup import epoch as lookup_epoch
 
@@ -149,12 +150,16 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, sta
     flags = dict(H=H, G=G, GP=GP, M=M, BM=BM, USE_INITIAL_STATE=use_h0, STORE_STATE=store, POOLED=pooled,
                  PDL=pdl, num_warps=cfg["num_warps"])
     rows = (state_indices, has_initial_state) if pooled else (q, q)
-    decode_keys_kernel[(nkt, B * H)](
-        q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
-    decode_values_kernel[(cdiv(V, cfg["BV"]), B * H)](
-        v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
-        BV=cfg["BV"], **flags, **({"launch_pdl": True} if pdl else {}))
+    # eager, the two launches' host time is most of the step: launched directly once compiled
+    _decode_keys((nkt, B * H),
+                 q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
+    _decode_values((cdiv(V, cfg["BV"]), B * H),
+                   v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
+                   BV=cfg["BV"], **flags, **({"launch_pdl": True} if pdl else {}))
     return o
+
+
+_decode_keys, _decode_values = DirectLaunch(decode_keys_kernel), DirectLaunch(decode_values_kernel)
 
 
 _pdl: dict = {}
