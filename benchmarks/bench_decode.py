@@ -187,14 +187,7 @@ def host_breakdown(B, n=3000):
     result = {}
     with torch.no_grad():
         for name, fn in parts.items():
-            for _ in range(50):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-            result[name] = (time.perf_counter() - t0) / n * 1e6
+            result[name] = bench_eager(fn, calls=n, repeats=1) * 1e3
             print(f"  host B={B}: {name:42s} {result[name]:7.1f} us per call", flush=True)
     return result
 

@@ -127,6 +127,12 @@ def _run(shape, dtype: str, settings, *, warm: bool, timeout: float | None = Non
     return res
 
 
+def wins(compiled_fwd_bwd_ms: float, triton_fwd_bwd_ms: float, tie: float) -> bool:
+    """The compiled form is dispatched to only where its forward+backward beats the kernels' by more
+    than the near-tie window (a tie goes to the kernels: no compile on a model's first call)."""
+    return compiled_fwd_bwd_ms < triton_fwd_bwd_ms * (1 - tie)
+
+
 def measure_in_subprocess(shape, dtype: str, settings) -> dict:
     """{"fwd_ms", "fwd_bwd_ms"} of the compiled form at this shape, or {"error": why}; a shape whose
     up-front compile failed (settings.compile_failed) is not compiled again."""

@@ -23,6 +23,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tuning import compile_backend
+
 NOTE_PREFIX = "torch_compile:"
 
 
@@ -65,7 +67,7 @@ def record(entry: dict, res: dict, *, mode: str, tie: float, date: str) -> dict:
         entry["times_ms"]["torch_compile_fwd_bwd"] = res["fwd_bwd_ms"]
         entry["compile_mode"] = mode
         triton = entry["times_ms"]["triton_fwd_bwd"]
-        if res["fwd_bwd_ms"] < triton * (1 - tie):
+        if compile_backend.wins(res["fwd_bwd_ms"], triton, tie):
             entry["backend"] = "torch_compile"
         notes.append(f"{NOTE_PREFIX} timed by tuning.compile_times on {date} (mode {mode}), forward+backward "
                      f"{res['fwd_bwd_ms'] / triton:.2f}x the kernels' time (timed by the sweep)")
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     import torch
 
     from gsa_kernels.problem_keys import current_arch
-    from tuning import compile_backend, search, shapes, yamlio
+    from tuning import search, shapes, yamlio
     try:
         dtypes = shapes.parse_dtypes(args.dtypes)
     except ValueError as e:

@@ -552,7 +552,7 @@ class ShapeSearch:
                 times_ms["torch_compile_fwd"] = res["fwd_ms"]
                 times_ms["torch_compile_fwd_bwd"] = res["fwd_bwd_ms"]
                 entry["compile_mode"] = self.s.compile_mode
-                if res["fwd_bwd_ms"] < total * (1 - self.s.tie):
+                if compile_backend.wins(res["fwd_bwd_ms"], total, self.s.tie):
                     entry["backend"] = "torch_compile"
             self.progress(2)
         elif self.op == "chunk":
