@@ -383,11 +383,24 @@ def train_and_save(run: Run, task: Task, out: Path, progress, max_steps=None) ->
     return rec
 
 
+def learning_rates(spec: str, model: str) -> list[float]:
+    """The learning rates of MODEL in SPEC: bare entries apply to every model, MODEL:LR to that one only."""
+    rates = []
+    for entry in spec.split(","):
+        name, _, rate = entry.rpartition(":")
+        if name in ("", model):
+            rates.append(float(rate))
+    if not rates:
+        raise SystemExit(f"error: --lrs {spec!r} gives no learning rate for the model {model!r}")
+    return rates
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gsa,attention")
     ap.add_argument("--widths", default="64,128,256")
-    ap.add_argument("--lrs", default="1e-3,3e-3")
+    ap.add_argument("--lrs", default="1e-3,3e-3",
+                    help="learning rates for every model, or MODEL:LR entries for one model (gsa:1e-2,attention:3e-3)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
@@ -422,7 +435,7 @@ def main(argv=None):
                 short_conv=args.short_conv)
             for model in args.models.split(",")
             for width in (int(w) for w in args.widths.split(","))
-            for lr in (float(x) for x in args.lrs.split(","))]
+            for lr in learning_rates(args.lrs, model)]
     def finished(run):
         path = out / "runs" / f"{run.name}.json"
         return path.is_file() and json.loads(path.read_text()).get("finished", False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from examples.mqar import IGNORE, Run, Task, make_examples, train
+from examples.mqar import IGNORE, Run, Task, learning_rates, make_examples, train
 
 
 def test_examples_hold_every_pair_and_query_it_after_the_context():
@@ -47,3 +47,11 @@ def test_tiny_mqar_trains(model, monkeypatch):
     rec = train(Run(model, 32, 1e-2, epochs=4, batch=32), task, data, torch.device(DEVICE), progress=False)
     assert rec["train_loss"][-1] < 0.85 * rec["train_loss"][0], rec["train_loss"]
     assert rec["best_test_acc"] > 2 / (task.vocab // 2), rec["test_acc"]      # chance: 1 / 16 values
+
+
+def test_learning_rates_per_model():
+    assert learning_rates("1e-3,3e-3", "gsa") == [1e-3, 3e-3]
+    assert learning_rates("gsa:1e-2,attention:3e-3,1e-3", "gsa") == [1e-2, 1e-3]
+    assert learning_rates("gsa:1e-2,attention:3e-3", "attention") == [3e-3]
+    with pytest.raises(SystemExit, match="attention"):
+        learning_rates("gsa:1e-2", "attention")
