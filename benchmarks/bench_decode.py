@@ -173,7 +173,7 @@ def host_breakdown(B, n=3000):
     o = torch.empty(B, 1, H, V, dtype=torch.bfloat16, device="cuda")
     args = (xs[2], xs[3], xs[4], hv, o, out[1], zpart, xs[0], xs[0], scale)
     kw = dict(H=H, G=1, GP=1, M=M, BM=next_pow2(M), USE_INITIAL_STATE=True, STORE_STATE=True, POOLED=False,
-              PDL=False, num_warps=cfg["num_warps"], V=V, NKT=nkt, BV=cfg["BV"])
+              PDL=False, num_warps=cfg["num_warps"], V=V, NKT=nkt, NKTP=next_pow2(nkt), BV=cfg["BV"])
     grid = (cdiv(V, cfg["BV"]), B * H)
     parts = {
         "one launch of decode_values_kernel": lambda: launchers.decode_values_kernel[grid](*args, **kw),

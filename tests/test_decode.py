@@ -335,7 +335,7 @@ out = {}
 for name in ("decode_keys_kernel", "decode_values_kernel"):
     fn = getattr(decode, name)
     params = list(inspect.signature(fn.fn).parameters)
-    const = {p: v for p, v in dict(H=4, G=1, GP=1, K=512, V=512, M=64, BM=64, BK=16, BV=16, NKT=32,
+    const = {p: v for p, v in dict(H=4, G=1, GP=1, K=512, V=512, M=64, BM=64, BK=16, BV=16, NKT=32, NKTP=32,
              USE_INITIAL_STATE=True, STORE_STATE=True, POOLED=False, PDL=pdl).items() if p in params}
     ptr = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "s": "*bf16", "g": "*bf16", "o": "*bf16", "scale": "fp32",
            "state_indices": "*i32", "has_initial_state": "*i8"}

@@ -7,7 +7,7 @@ by tiles of the state instead: every tile is its own program, and each program r
 
     decode_keys    grid (K tiles, B * H): Hk_new[tile] = Hk[tile] diag(alpha) + k[tile] s^T (stored),
                    and the tile's share of the scores, zpart[tile] = q[tile]^T Hk_new[tile], per query head
-    decode_values  grid (V tiles, B * H): z = scale * (sum of zpart over the K tiles, in tile order),
+    decode_values  grid (V tiles, B * H): z = scale * (sum of zpart over the K tiles),
                    p = softmax(z); Hv_new[:, tile] = diag(alpha) Hv[:, tile] + s v[tile]^T (stored),
                    o[tile] = p^T Hv_new[:, tile]
 
@@ -20,8 +20,8 @@ traffic and the second launch's latency then hide behind the keys' half.
 The scores need all of K, so they are summed across programs: the second launch is the barrier. A
 one-launch step would have every program read all of Hk to form full scores (L2 reads of Hk growing
 with the programs per head) and leaves each program a serial walk over K tiles, which at B = 1 made
-the step latency-bound (docs/history/perf-notes.md, "Decode step"). The sum over tiles runs in a fixed
-order, so the result does not depend on scheduling; it equals the one-program sum over the same tiles.
+the step latency-bound (docs/history/perf-notes.md, "Decode step"). The sum over tiles loads all of
+them at once and adds them in one fixed tree, so the result does not depend on scheduling.
 
 Grouped query heads (GQA): q and o have HQ = H * G heads, k, v, s, g and the states H (the kv
 heads). The memories depend only on k, v, s and g, so a kv head's state tile is updated once, by its
@@ -95,19 +95,28 @@ def decode_keys_kernel(q, k, s, g, hk0, hk_new, zpart, state_indices, has_initia
 
 
 @triton.jit
-def decode_values_kernel(v, s, g, hv0, o, hv_new, zpart, state_indices, has_initial_state, scale,
-                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                         BM: tl.constexpr, NKT: tl.constexpr, BV: tl.constexpr,
-                         USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr,
-                         PDL: tl.constexpr):
-    i, bh = tl.program_id(0), tl.program_id(1)
-    NBH = tl.num_programs(1)
-    row, write, m_read, m_write = _state_row(bh, state_indices, has_initial_state, H, M, POOLED)
+def _slot_probs(zpart, bh, NBH, scale, GP: tl.constexpr, BM: tl.constexpr, M: tl.constexpr, NKT: tl.constexpr,
+                NKTP: tl.constexpr):
+    """p [GP, BM]: the softmax over the slots of the keys' partial scores, summed over their K tiles.
+    The NKT partial rows are loaded as one [NKTP, GP, BM] tile, not one after another: at B = 1 the
+    step is latency-bound, and a loop of NKT (32 at K = 512, BK = 16) dependent loads was its tail."""
+    tt = tl.arange(0, NKTP)
+    rows = tl.arange(0, GP)
+    mm = tl.arange(0, BM)
+    parts = tl.load(zpart + ((tt[:, None, None] * NBH + bh) * GP + rows[None, :, None]) * BM + mm[None, None, :],
+                    mask=(tt < NKT)[:, None, None], other=0.0)
+    z = tl.sum(parts, 0)
+    z = tl.where((mm < M)[None, :], z * scale, float("-inf"))
+    p = tl.exp(z - tl.max(z, 1)[:, None])
+    return p / tl.sum(p, 1)[:, None]
+
+
+@triton.jit
+def _values_memory(v, s, g, hv0, hv_new, bh, row, m_read, m_write, vv, mask_v, V: tl.constexpr, M: tl.constexpr,
+                   BM: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr):
+    """Hv_new[:, tile] = diag(alpha) Hv[:, tile] + s v[tile]^T, stored when STORE_STATE, returned."""
     mm = tl.arange(0, BM)
     mask_m = mm < M
-    # the values' memory first: it needs nothing from the keys' launch
-    vv = i * BV + tl.arange(0, BV)
-    mask_v = vv < V
     st = tl.load(s + bh * M + mm, mask=mask_m, other=0.0).to(tl.float32)
     vt = tl.load(v + bh * V + vv, mask=mask_v, other=0.0).to(tl.float32)
     hv = st[:, None] * vt[None, :]
@@ -117,16 +126,33 @@ def decode_values_kernel(v, s, g, hv0, o, hv_new, zpart, state_indices, has_init
         hv += alpha[:, None] * tl.load(hv0 + hv_off, mask=(mm < m_read)[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
     if STORE_STATE:
         tl.store(hv_new + hv_off, hv, mask=(mm < m_write)[:, None] & mask_v[None, :])
+    return hv
 
+
+@triton.jit
+def decode_values_kernel(v, s, g, hv0, o, hv_new, zpart, state_indices, has_initial_state, scale,
+                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                         BM: tl.constexpr, NKT: tl.constexpr, NKTP: tl.constexpr, BV: tl.constexpr,
+                         USE_INITIAL_STATE: tl.constexpr, STORE_STATE: tl.constexpr, POOLED: tl.constexpr,
+                         PDL: tl.constexpr):
+    i, bh = tl.program_id(0), tl.program_id(1)
+    NBH = tl.num_programs(1)
+    row, write, m_read, m_write = _state_row(bh, state_indices, has_initial_state, H, M, POOLED)
+    vv = i * BV + tl.arange(0, BV)
+    mask_v = vv < V
     if PDL:
+        # the values' memory first: it needs nothing from the keys' launch, which may still be running
+        hv = _values_memory(v, s, g, hv0, hv_new, bh, row, m_read, m_write, vv, mask_v, V, M, BM,
+                            USE_INITIAL_STATE, STORE_STATE)
         gdc_wait()                   # the keys' launch has finished and its partial scores are visible
+        p = _slot_probs(zpart, bh, NBH, scale, GP, BM, M, NKT, NKTP)
+    else:
+        # after a plain launch the scores are ready: their loads first (at B = 1 this order measured
+        # ~10% faster on the H200 than the values' memory first)
+        p = _slot_probs(zpart, bh, NBH, scale, GP, BM, M, NKT, NKTP)
+        hv = _values_memory(v, s, g, hv0, hv_new, bh, row, m_read, m_write, vv, mask_v, V, M, BM,
+                            USE_INITIAL_STATE, STORE_STATE)
     rows = tl.arange(0, GP)
-    z = tl.zeros((GP, BM), dtype=tl.float32)
-    for t in range(NKT):
-        z += tl.load(zpart + ((t * NBH + bh) * GP + rows[:, None]) * BM + mm[None, :])
-    z = tl.where(mask_m[None, :], z * scale, float("-inf"))
-    p = tl.exp(z - tl.max(z, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
     for r in tl.static_range(G):
         pr = tl.sum(tl.where(rows[:, None] == r, p, 0.0), 0)     # row r of p (exact: the rest add 0)
         ot = tl.where(write, tl.sum(pr[:, None] * hv, 0), 0.0)

@@ -155,7 +155,7 @@ def decode_step(q, k, v, s, g, scale, hk0, hv0, hk_new, hv_new, config=None, sta
                  q, k, s, g, hk0 if use_h0 else q, hk_new if store else q, zpart, *rows, K=K, BK=cfg["BK"], **flags)
     _decode_values((cdiv(V, cfg["BV"]), B * H),
                    v, s, g, hv0 if use_h0 else q, o, hv_new if store else q, zpart, *rows, scale, V=V, NKT=nkt,
-                   BV=cfg["BV"], **flags, **({"launch_pdl": True} if pdl else {}))
+                   NKTP=next_pow2(nkt), BV=cfg["BV"], **flags, **({"launch_pdl": True} if pdl else {}))
     return o
 
 
