@@ -24,6 +24,17 @@ def compiled_kernel_report():
                 print(f"  {fn.fn.__name__:28s} regs {n_regs} spills {n_spills} smem {smem}")
 
 
+def print_last_step(prof):
+    """The last step's kernels in launch order, each with its own time: a kernel launched twice in a
+    step (the level-2 backward's two reverse walks) shows as two rows, and the order shows the chain."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_step = len(kernels) // 5
+    print("  the last step's kernels in order:")
+    for e in kernels[len(kernels) - per_step:]:
+        print(f"    {e.time_range.elapsed_us() / 1e3:8.3f} ms  {e.name[:60]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="a,b")
@@ -34,7 +45,7 @@ def main(argv=None):
                          "TILE; SPLIT 0 paired, 1 one program per tile, default 0); empty: the default lookup")
     args = ap.parse_args(argv)
     from gsa_kernels import chunk_gsa
-    from gsa_kernels.launches import override
+    from gsa_kernels.launches import last_launches, override
     variants = [None] + [(tuple(map(int, v.split(":"))) + (0,))[:4] for v in args.states.split(",") if v]
     for name in args.shapes.split(","):
         B, T, H, D, M = SHAPES[name]
@@ -58,6 +69,10 @@ def main(argv=None):
             rows = [(e.key, e.device_time_total / 5e3) for e in prof.key_averages() if e.device_time_total > 0]
             for key, ms in sorted(rows, key=lambda r: -r[1])[:9]:
                 print(f"  {ms:8.3f} ms  {key[:60]}")
+            print_last_step(prof)
+            for kern, rec in last_launches().items():
+                if kern.startswith("states"):
+                    print(f"  {kern}: {rec['config']} ({rec['source']})")
     compiled_kernel_report()
 
 
