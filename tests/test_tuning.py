@@ -636,8 +636,8 @@ def test_kernel_hashes_follow_each_kernels_own_source(tmp_path):
     now = kernel_hashes()
     assert set(now) == set(candidates.all_candidates())
 
-    decode = _edited_kernel_hashes(tmp_path / "a", "decode.py", "z = tl.where(mask_m[None, :], z * scale",
-                                   "z = tl.where(mask_m[None, :], z * scale * 1.0")
+    decode = _edited_kernel_hashes(tmp_path / "a", "decode.py", "z = tl.where((mm < M)[None, :], z * scale",
+                                   "z = tl.where((mm < M)[None, :], z * scale * 1.0")
     assert {k for k in now if decode[k] != now[k]} == {"decode"}
 
     intra = _edited_kernel_hashes(tmp_path / "b", "intra.py", "X, 0.0), axis=1)", "X, -0.0), axis=1)")
