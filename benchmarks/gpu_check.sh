@@ -22,8 +22,9 @@
 #               COMPILE_ARGS="--fla" adds FLA's GSAForCausalLM: carry .whl_hf too; "--profile 25" the
 #               largest GPU kernels of one eager step; COMPILE_TESTS=0 skips the tests)
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
-#               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, both at the
-#               default configs (a patched kernel's tuned configs are stale), AB_ARGS (default
+#               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, each side
+#               with its own tree's shipped H200 file (a kernel the patch edits is stale there and runs its
+#               defaults; AB_SWEEP below re-times it), AB_ARGS (default
 #               "--shapes a,e --no-fla --no-sdpa"); one log, ab.log (the device tool brings back at most 8
 #               files), and ab_base.json, ab_patched.json. AB_TESTS: pytest
 #               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk,chunk_fwd"):
@@ -129,7 +130,9 @@ for step in ${steps//,/ }; do
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
         [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
           | tee -a "$OUT/ab.log"
-        base_cfg=none; patched_cfg=none
+        # without a sweep each side runs its own tree's shipped file (a kernel the patch edits is stale
+        # there and falls back to its defaults alone)
+        base_cfg=$PWD/tuned_configs/sm90-nvidia-h200.yaml; patched_cfg=/tmp/ab/tuned_configs/sm90-nvidia-h200.yaml
         if [ -n "${AB_SWEEP:-}" ]; then
           # the patched kernels re-timed from the shipped file's configs (a re-validation, not a search),
           # so that both sides run tuned: base with the shipped file, patched with this one
