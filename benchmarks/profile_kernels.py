@@ -24,12 +24,15 @@ def compiled_kernel_report():
                 print(f"  {fn.fn.__name__:28s} regs {n_regs} spills {n_spills} smem {smem}")
 
 
+STEPS = 5      # profiled steps per variant; the tables are per step
+
+
 def print_last_step(prof):
     """The last step's kernels in launch order, each with its own time: a kernel launched twice in a
     step (the level-2 backward's two reverse walks) shows as two rows, and the order shows the chain."""
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
-    per_step = len(kernels) // 5
+    per_step = len(kernels) // STEPS
     print("  the last step's kernels in order:")
     for e in kernels[len(kernels) - per_step:]:
         print(f"    {e.time_range.elapsed_us() / 1e3:8.3f} ms  {e.name[:60]}")
@@ -61,12 +64,12 @@ def main(argv=None):
                 step()
                 torch.cuda.synchronize()
                 with gpu_lock(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
+                    for _ in range(STEPS):
                         step()
                     torch.cuda.synchronize()
             print(f"== shape {name} {SHAPES[name]}, chunk {BT}, state walks {variant or 'default'}: "
                   "per-kernel CUDA time, per fwd+bwd step")
-            rows = [(e.key, e.device_time_total / 5e3) for e in prof.key_averages() if e.device_time_total > 0]
+            rows = [(e.key, e.device_time_total / (STEPS * 1e3)) for e in prof.key_averages() if e.device_time_total > 0]
             for key, ms in sorted(rows, key=lambda r: -r[1])[:9]:
                 print(f"  {ms:8.3f} ms  {key[:60]}")
             print_last_step(prof)
