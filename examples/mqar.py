@@ -161,11 +161,11 @@ class Run:
     batch: int = 64
     warmup: float = 0.1            # fraction of the steps
     weight_decay: float = 0.1
-    short_conv: bool = False       # GSA's causal depthwise convolutions on q, k, v (conv_size 4)
+    short_conv: bool = False       # GSA's causal depthwise convolutions on q, k, v (conv_size 4); GSA only
 
     @property
     def name(self) -> str:
-        conv = "-conv" if self.short_conv and self.model == "gsa" else ""
+        conv = "-conv" if self.short_conv else ""
         return f"{self.model}{conv}-w{self.width}-L{self.layers}-lr{self.lr:g}"
 
 
@@ -345,23 +345,47 @@ def train(run: Run, task: Task, data, device, ckpt: Path | None = None, progress
     return record
 
 
+def _label(record: dict) -> str:
+    return record["model"] + (" + short conv" if record.get("short_conv") else "")
+
+
+def best_runs(records: list) -> dict:
+    """{(label, width): the record of that model and width with the best test accuracy over its lrs}."""
+    best = {}
+    for r in records:
+        key = (_label(r), r["width"])
+        if key not in best or (r["best_test_acc"] or 0.0) > (best[key]["best_test_acc"] or 0.0):
+            best[key] = r
+    return best
+
+
 def plot(records: list, path: Path):
+    """Left: best test accuracy against width (best lr per point). Right: those runs' test accuracy
+    after each epoch (MQAR is learned in sudden steps: where a run stands when it stops matters)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model in sorted({r["model"] for r in records}):
-        best = {}
-        for r in records:
-            if r["model"] == model:
-                best[r["width"]] = max(best.get(r["width"], 0.0), r["best_test_acc"] or 0.0)
-        widths = sorted(best)
-        ax.plot(widths, [best[w] for w in widths], marker="o", label=model)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("model width")
-    ax.set_ylabel("MQAR test accuracy (best lr)")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
+    best = best_runs(records)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label in sorted({lab for lab, _ in best}):
+        widths = sorted(w for lab, w in best if lab == label)
+        line, = left.plot(widths, [best[label, w]["best_test_acc"] or 0.0 for w in widths], marker="o", label=label)
+        for style, w in zip(("-", "--", ":", "-."), widths):
+            r = best[label, w]
+            right.plot(range(1, len(r["test_acc"]) + 1), r["test_acc"], style, color=line.get_color(),
+                       label=f"{label}, width {w}, lr {r['lr']:g}")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("model width")
+    left.set_ylabel("MQAR test accuracy (best lr)")
+    left.set_ylim(0, 1.02)
+    left.legend()
+    right.set_xlabel("epoch")
+    right.set_ylabel("test accuracy")
+    right.set_ylim(0, 1.02)
+    right.legend(fontsize=7)
+    some = records[0] if records else {}
+    fig.suptitle(f"MQAR on {some.get('device', '?')}: {some.get('layers', '?')} layers, batch {some.get('batch', '?')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -432,7 +456,7 @@ def main(argv=None):
         sys.exit("error: the GSA model runs the Triton kernels, which need a GPU (or TRITON_INTERPRET=1 set "
                  "before starting, for the interpreter: very slow); --models attention runs on a CPU")
     runs = [Run(model, width, lr, layers=args.layers, epochs=args.epochs, batch=args.batch,
-                short_conv=args.short_conv)
+                short_conv=args.short_conv and model == "gsa")
             for model in args.models.split(",")
             for width in (int(w) for w in args.widths.split(","))
             for lr in learning_rates(args.lrs, model)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from examples.mqar import IGNORE, Run, Task, learning_rates, make_examples, train
+from examples.mqar import IGNORE, Run, Task, best_runs, learning_rates, make_examples, train
 
 
 def test_examples_hold_every_pair_and_query_it_after_the_context():
@@ -55,3 +55,17 @@ def test_learning_rates_per_model():
     assert learning_rates("gsa:1e-2,attention:3e-3", "attention") == [3e-3]
     with pytest.raises(SystemExit, match="attention"):
         learning_rates("gsa:1e-2", "attention")
+
+
+def test_best_runs_keep_each_model_and_widths_best_learning_rate():
+    def rec(model, width, lr, acc, conv=False):
+        return dict(model=model, width=width, lr=lr, best_test_acc=acc, short_conv=conv)
+    records = [rec("attention", 64, 1e-3, 0.2), rec("attention", 64, 3e-3, 0.9), rec("attention", 64, 1e-2, None),
+               rec("gsa", 64, 1e-2, 0.5, conv=True), rec("gsa", 64, 1e-3, 0.7)]
+    best = best_runs(records)
+    assert sorted(best) == [("attention", 64), ("gsa", 64), ("gsa + short conv", 64)]
+    assert best["attention", 64]["lr"] == 3e-3
+    assert best["gsa + short conv", 64]["best_test_acc"] == 0.5 and best["gsa", 64]["lr"] == 1e-3
+    # the short convolutions are a GSA layer's: an attention run never carries them
+    assert Run("attention", 64, 1e-3, short_conv=False).name == "attention-w64-L2-lr0.001"
+    assert Run("gsa", 64, 1e-2, short_conv=True).name == "gsa-conv-w64-L2-lr0.01"
