@@ -161,7 +161,11 @@ class Run:
     batch: int = 64
     warmup: float = 0.1            # fraction of the steps
     weight_decay: float = 0.1
-    short_conv: bool = False       # GSA's causal depthwise convolutions on q, k, v (conv_size 4); GSA only
+    short_conv: bool = False       # GSA's causal depthwise convolutions on q, k, v (conv_size 4)
+
+    def __post_init__(self):
+        if self.short_conv and self.model != "gsa":
+            raise ValueError(f"short_conv is a GSA layer's option, not {self.model!r}'s")
 
     @property
     def name(self) -> str:

@@ -66,6 +66,8 @@ def test_best_runs_keep_each_model_and_widths_best_learning_rate():
     assert sorted(best) == [("attention", 64), ("gsa", 64), ("gsa + short conv", 64)]
     assert best["attention", 64]["lr"] == 3e-3
     assert best["gsa + short conv", 64]["best_test_acc"] == 0.5 and best["gsa", 64]["lr"] == 1e-3
-    # the short convolutions are a GSA layer's: an attention run never carries them
-    assert Run("attention", 64, 1e-3, short_conv=False).name == "attention-w64-L2-lr0.001"
+    # the short convolutions are a GSA layer's: an attention run cannot carry them
+    assert Run("attention", 64, 1e-3).name == "attention-w64-L2-lr0.001"
     assert Run("gsa", 64, 1e-2, short_conv=True).name == "gsa-conv-w64-L2-lr0.01"
+    with pytest.raises(ValueError, match="short_conv"):
+        Run("attention", 64, 1e-3, short_conv=True)
