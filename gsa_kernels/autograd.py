@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.launchers.chunk import chunk_gsa_bwd, chunk_gsa_fwd
+from gsa_kernels.configs import recompute_segment_chunks
+from gsa_kernels.launchers.chunk import chunk_gsa_bwd, chunk_gsa_fwd, segment_starts
 from gsa_kernels.launchers.recurrent import recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import in_launch_scope, launch_scope
 
@@ -36,9 +37,9 @@ def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
     """(dq, dk, dv, ds, dg, dhk0, dhv0) of chunk_gsa; dhk0, dhv0 None without initial states.
 
     saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0) as the forward left them, the chunk
-    states None at checkpoint level 2 (the backward rebuilds them) and the initial states None when
-    there were none; do, dhk_final, dhv_final: the incoming gradients (None where nothing flows back);
-    N: the number of sequences.
+    states at checkpoint level 2 only those at the segment starts (the backward rebuilds the rest) and
+    the initial states None when there were none; do, dhk_final, dhv_final: the incoming gradients
+    (None where nothing flows back); N: the number of sequences.
     bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0) -> the seven
     gradients.
     """
@@ -82,8 +83,11 @@ class ChunkGSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout, checkpoint_level):
         o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
             q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
+        ctx.segment_chunks = 0
         if checkpoint_level == 2:
-            hk_chunks = hv_chunks = None
+            H, K, V = k.shape[2], k.shape[3], v.shape[3]
+            ctx.segment_chunks = L = recompute_segment_chunks(layout.BT, layout.N * H, K, V)
+            hk_chunks, hv_chunks = segment_starts(hk_chunks, hv_chunks, layout, L) if L else (None, None)
         ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0)
         ctx.scale, ctx.layout = scale, layout
         ctx.launch_scope = launch_scope()
@@ -92,7 +96,7 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dhk_final, dhv_final):
         grads = chunk_gsa_backward(
-            lambda *tensors: chunk_gsa_bwd(*tensors, ctx.layout, ctx.scale),
+            lambda *tensors: chunk_gsa_bwd(*tensors, ctx.layout, ctx.scale, ctx.segment_chunks),
             ctx.launch_scope, ctx.saved_tensors, do, dhk_final, dhv_final, N=ctx.layout.N)
         return (*grads, None, None, None, None)
 

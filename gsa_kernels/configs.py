@@ -173,6 +173,30 @@ def walk_segment_chunks(segment: int, programs: int, chunks: int) -> int:
     return segment
 
 
+# Checkpoint level 2 keeps the chunk state at the start of every segment of this many tokens where the
+# rebuilt walk would leave the GPU idle, so that the backward rebuilds the chunk states with segments
+# walked side by side from those starts (one walk's work, a chain of one segment) instead of a walk of
+# each whole sequence. The starts cost 1 / L of level 0's float32 states (L = chunks per segment): at
+# 1024 tokens and chunk 32, 1/32.
+RECOMPUTE_SEGMENT_TOKENS = 1024
+
+
+def recompute_segment_chunks(BT: int, seq_heads: int, K: int, V: int) -> int:
+    """Chunks per segment (at least 2) of checkpoint level 2's rebuilt state walk for chunk size BT and
+    seq_heads = N * H walks, or 0: keep no states and rebuild them by walking each sequence from its
+    start. Segments only while the one-level walk (at 64-row tiles, keys' and values' apart) has fewer
+    than two programs per SM: there the walk's chain of chunk steps is what it costs, and the copy of
+    the starts is small; where the walk fills the GPU, segments save nothing and the copy is paid
+    (H200, level 2 fwd+bwd: [2, 8192, 4, 512, 64], 128 such programs, 2.51 -> 2.40 ms and
+    [1, 32768] 5.54 -> 5.37 with segments; [8, 2048], 512 programs, 1.99 -> 2.01, and [32, 512],
+    one segment a sequence, 1.28 -> 1.30: docs/history/perf-notes.md, "Session 26"). Not a function
+    of T, so that the saved starts' size follows T as the chunk states' does (torch.compile: no guard
+    on T)."""
+    if seq_heads * (cdiv(K, 64) + cdiv(V, 64)) >= 2 * num_sms():
+        return 0
+    return max(2, RECOMPUTE_SEGMENT_TOKENS // BT)
+
+
 def launch_config(kernel: str, *, K: int, V: int, M: int, dtype, BT: int | None = None,
                   tokens: int | None = None, seqs: int | None = None) -> dict:
     """The config `kernel` launches with for this shape; recorded for this thread's `last_launches()`.

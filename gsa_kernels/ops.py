@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from gsa_kernels.autograd import chunk_gsa_backward, fused_recurrent_gsa_backward
-from gsa_kernels.configs import launch_config
+from gsa_kernels.configs import launch_config, recompute_segment_chunks
 from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, num_chunk_slots,
-                                         stacked_chunk_limit)
+                                         segment_starts, stacked_chunk_limit)
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import launch_scope
 
@@ -66,13 +66,29 @@ def _chunk_layout(q, k, v, s, cu_seqlens, chunk_size: int) -> ChunkLayout:
     return ChunkLayout(q.shape[0], q.shape[1], _chunk_size(q, k, v, s, chunk_size), cu_seqlens, q.device)
 
 
+def _segment_chunks(BT: int, N, H: int, K: int, V: int, checkpoint_level: int):
+    """L of the segment starts kept at checkpoint level 2 (configs.recompute_segment_chunks), 0 where
+    nothing is kept (other levels keep every chunk state)."""
+    return recompute_segment_chunks(BT, N * H, K, V) if checkpoint_level == 2 else 0
+
+
+def _saved_state_slots(B, T, BT: int, N, is_varlen: bool, H: int, K: int, V: int, checkpoint_level: int):
+    """Slots of the chunk states the forward keeps: every chunk's, or at level 2 the segment starts'
+    (a chunk layout of chunk size BT * L) or none. Also takes symbolic sizes."""
+    if checkpoint_level != 2:
+        return num_chunk_slots(B, T, BT, N, is_varlen)
+    L = _segment_chunks(BT, N, H, K, V, checkpoint_level)
+    return num_chunk_slots(B, T, BT * L, N, is_varlen) if L else 0
+
+
 @torch.library.custom_op("gsa_kernels::chunk_gsa_fwd", mutates_args=())
 def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
                      hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
                      scale: float, chunk_size: int, output_final_state: bool, checkpoint_level: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's, the
-    chunk states empty at checkpoint level 2 (the backward rebuilds them). chunk_size 0: the tuned one
+    chunk states at checkpoint level 2 only those at the segment starts (launchers/chunk.py
+    `segment_starts`; the backward rebuilds the rest) or none (configs.recompute_segment_chunks). chunk_size 0: the tuned one
     for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out flat (1-D): a
     [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T crosses one
     chunk."""
@@ -81,8 +97,9 @@ def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
     o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
         q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
     if checkpoint_level == 2:
-        hk_chunks = hv_chunks = None
-    return (o, scores, _or_empty(hk_chunks, q).view(-1), _or_empty(hv_chunks, q).view(-1),
+        L = _segment_chunks(layout.BT, layout.N, k.shape[2], k.shape[3], v.shape[3], checkpoint_level)
+        hk_chunks, hv_chunks = segment_starts(hk_chunks, hv_chunks, layout, L) if L else (None, None)
+    return (o, scores, _or_empty(hk_chunks, q).reshape(-1), _or_empty(hv_chunks, q).reshape(-1),
             _or_empty(hk_final, q), _or_empty(hv_final, q))
 
 
@@ -91,8 +108,8 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = 0 if checkpoint_level == 2 else num_chunk_slots(B, T, _chunk_size(q, k, v, s, chunk_size), N,
-                                                            cu_seqlens is not None)
+    slots = _saved_state_slots(B, T, _chunk_size(q, k, v, s, chunk_size), N, cu_seqlens is not None, H, K, V,
+                               checkpoint_level)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
@@ -104,26 +121,30 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
 def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: Tensor,
                      dhk_final: Tensor | None, dhv_final: Tensor | None, scores: Tensor,
                      hk_chunks: Tensor, hv_chunks: Tensor, hk0: Tensor | None, hv0: Tensor | None,
-                     cu_seqlens: Tensor | None, scale: float, chunk_size: int
+                     cu_seqlens: Tensor | None, scale: float, chunk_size: int, checkpoint_level: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states. Empty
-    chunk states (checkpoint level 2): rebuilt from hk0, hv0."""
+    """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states. At
+    checkpoint level 2 the chunk states given are the segment starts' (the rest are rebuilt from them)
+or empty (all are rebuilt from hk0, hv0)."""
     q, k, v, s, g, do, dhk_final, dhv_final, hk0, hv0 = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final,
                                                                     hk0, hv0)
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
     H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
-    if hk_chunks.numel() == 0:
-        hk_chunks = hv_chunks = None
-    elif hk_chunks.numel() != layout.num_slots * H * K * M:
+    slots = _saved_state_slots(q.shape[0], q.shape[1], layout.BT, layout.N, layout.is_varlen, H, K, V,
+                               checkpoint_level)
+    if hk_chunks.numel() != slots * H * K * M:
         raise RuntimeError(f"chunk_gsa backward: the saved chunk states hold {hk_chunks.numel()} values, "
-                           f"chunk size {layout.BT} needs {layout.num_slots} x {H * K * M}: the tuned "
-                           f"table changed between the forward and the backward")
-    else:
+                           f"chunk size {layout.BT} at checkpoint level {checkpoint_level} needs {slots} x "
+                           f"{H * K * M}: the tuned table changed between the forward and the backward")
+    if slots:
         hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
+    else:
+        hk_chunks = hv_chunks = None
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale)
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale,
+        _segment_chunks(layout.BT, layout.N, H, K, V, checkpoint_level))
     if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
@@ -131,7 +152,7 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
 
 @chunk_gsa_bwd_op.register_fake
 def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens, scale,
-      chunk_size):
+      chunk_size, checkpoint_level):
     B, T, _, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -143,10 +164,10 @@ def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0
 
 
 def _chunk_setup_context(ctx, inputs, output):
-    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _, _ = inputs
+    q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _, checkpoint_level = inputs
     _, scores, hk_chunks, hv_chunks, _, _ = output
     ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens)
-    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.scale, ctx.chunk_size, ctx.checkpoint_level = scale, chunk_size, checkpoint_level
     # holds for an eager call of the op; inside a compiled graph this runs once, at trace time, and
     # the graph's backward kernels see the thread that runs them
     ctx.launch_scope = launch_scope()
@@ -158,7 +179,7 @@ def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_
     q = saved[0]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     grads = chunk_gsa_backward(
-        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size),
+        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size, ctx.checkpoint_level),
         ctx.launch_scope, saved, do, dhk_final, dhv_final, N=N)
     return (*grads, None, None, None, None, None)
 

@@ -2,11 +2,14 @@
 changes nothing else.
 
 Level 0 (and 1: the gate cumsum is never kept) saves the float32 chunk states; level 2 (the default,
-as flash-linear-attention's) saves the inputs and the float32 slot scores only, and the backward runs
-the forward state walk again. For float32 inputs the rebuilt states are the forward's bit for bit
-(same kernel, same G, same config), so both levels give the same gradients exactly, eager and through
-the custom ops. For half inputs level 2 rebuilds them as scaled float16, which the backward's tf32
-dots read without loss: the forward is the same bit for bit and each level meets the contract.
+as flash-linear-attention's) saves the inputs, the float32 slot scores and the chunk states at the
+start of every segment of L chunks only (or none, where the walk fills the GPU), and the backward
+walks every segment again from its start (or every sequence from its own).
+For float32 inputs the rebuilt states are the forward's bit for bit (each step the forward walk's,
+from the forward's own state), so both levels give the same gradients exactly, eager and through
+the custom ops, with one segment per sequence or several (`_segments`: L = 2 chunks). For half
+inputs level 2 rebuilds them as scaled float16, which the backward's tf32 dots read without loss: the
+forward is the same bit for bit and each level meets the contract.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU
-from gsa_kernels import chunk_gsa, ops
+from gsa_kernels import chunk_gsa, configs, ops
 from gsa_kernels.launchers.chunk import num_chunk_slots
 from gsa_kernels.layers import GatedSlotAttention
 from test_chunk import HALF, assert_close, make_inputs, run_both
@@ -36,10 +39,21 @@ def _grads_at(level, ins, cu_seqlens=None, chunk_size=16, compiled_ops=False):
     return [o.detach(), hk.detach(), hv.detach()] + [x.grad for x in xs]
 
 
+def _segments(which, monkeypatch):
+    """Level 2's rebuilt walk with one segment per sequence ("one": the default's 1024 tokens), or
+    ("several") segments of two chunks: at chunk 16, T = 37 walks 2 segments, the varlen inputs' long
+    sequence 2; or ("none") as where the walk fills the GPU: no starts kept, every sequence walked
+    again from its start."""
+    if which == "several":
+        monkeypatch.setattr(configs, "RECOMPUTE_SEGMENT_TOKENS", 32)
+    if which == "none":
+        monkeypatch.setattr(configs, "num_sms", lambda: 1)
+
+
 def _level_inputs(dtype, varlen):
     B = 1 if varlen else 2
     ins = make_inputs(B, 37, 2, 16, 24, 8, dtype, gates="mixed", seed=3)
-    cu = torch.tensor([0, 5, 21, 37], dtype=torch.int32) if varlen else None
+    cu = torch.tensor([0, 2, 3, 37], dtype=torch.int32) if varlen else None   # 1, 1 and 3 chunks at 16
     if varlen:   # one initial state per sequence
         gen = torch.Generator().manual_seed(4)
         ins = ins[:5] + (torch.randn(3, 2, 16, 8, generator=gen), torch.randn(3, 2, 8, 24, generator=gen))
@@ -49,8 +63,10 @@ def _level_inputs(dtype, varlen):
 NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"]
 
 
+@pytest.mark.parametrize("segments", ["none", "one", "several"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_float32_levels_give_the_same_results_bit_for_bit(varlen):
+def test_float32_levels_give_the_same_results_bit_for_bit(varlen, segments, monkeypatch):
+    _segments(segments, monkeypatch)
     ins, cu = _level_inputs(torch.float32, varlen)
     level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
     for name, a, b in zip(NAMES, level0, level2):
@@ -59,7 +75,8 @@ def test_float32_levels_give_the_same_results_bit_for_bit(varlen):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("varlen", [False, True])
-def test_half_levels_share_the_forward_and_each_meets_the_contract(dtype, varlen):
+def test_half_levels_share_the_forward_and_each_meets_the_contract(dtype, varlen, monkeypatch):
+    _segments("several", monkeypatch)     # one segment is every level-2 call of test_chunk.py
     ins, cu = _level_inputs(dtype, varlen)
     level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
     for name, a, b in zip(NAMES[:3], level0, level2):
@@ -69,8 +86,9 @@ def test_half_levels_share_the_forward_and_each_meets_the_contract(dtype, varlen
     assert_close(ours, ref, dtype, "checkpoint_level=2")
 
 
-@pytest.mark.parametrize("level", [0, 2])
-def test_custom_ops_match_the_eager_path_at_each_level(level):
+@pytest.mark.parametrize("level,segments", [(0, "one"), (2, "none"), (2, "one"), (2, "several")])
+def test_custom_ops_match_the_eager_path_at_each_level(level, segments, monkeypatch):
+    _segments(segments, monkeypatch)
     ins = make_inputs(2, 29, 2, 16, 16, 8, torch.float32, gates="model", seed=5)
     eager = _grads_at(level, ins)
     compiled = _grads_at(level, ins, compiled_ops=True)
@@ -101,15 +119,20 @@ def _saved_bytes(level, B, T, H, K, V, M, chunk_size):
     return sum(unique.values()), o
 
 
-def test_level_2_keeps_no_chunk_states_and_level_1_is_level_0():
+@pytest.mark.parametrize("segments", ["none", "one", "several"])
+def test_level_2_keeps_the_segment_starts_only_and_level_1_is_level_0(segments, monkeypatch):
+    _segments(segments, monkeypatch)
     B, T, H, K, V, M, BT = 2, 40, 2, 16, 24, 8, 16
     inputs = 4 * (B * T * H * (2 * K + V + 2 * M) + B * H * (K * M + M * V))   # float32 q k v s g hk0 hv0
     scores = 4 * B * T * H * M
     states = 4 * num_chunk_slots(B, T, BT, B, False) * H * (K * M + M * V)
+    L = configs.recompute_segment_chunks(BT, B * H, K, V)
+    starts = 4 * num_chunk_slots(B, T, BT * L, B, False) * H * (K * M + M * V) if L else 0
+    assert starts == {"none": 0, "one": states // 3, "several": 2 * states // 3}[segments]   # 3 chunks a sequence
     level2, _ = _saved_bytes(2, B, T, H, K, V, M, BT)
     level1, _ = _saved_bytes(1, B, T, H, K, V, M, BT)
     level0, _ = _saved_bytes(0, B, T, H, K, V, M, BT)
-    assert level2 == inputs + scores
+    assert level2 == inputs + scores + starts
     assert level0 == level1 == inputs + scores + states     # 1 is 0: the gate cumsum is never kept
 
 

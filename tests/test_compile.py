@@ -89,7 +89,7 @@ def test_opcheck_chunk_bwd(case, level):
     do = torch.randn_like(o)
     dhk, dhv = states(seed=2) if case != "plain" else (None, None)
     _opcheck(ops.chunk_gsa_bwd_op, (q, k, v, s, g, do, dhk, dhv, scores, hk_chunks, hv_chunks, hk0, hv0,
-                                    None, 0.25, 0))
+                                    None, 0.25, 0, level))
 
 
 @pytest.mark.parametrize("case", ["plain", "gqa-states", "varlen"])

@@ -7,9 +7,11 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and, at checkpoint level 0 or 1,
-the float32 chunk states. At level 2 nothing of size [chunks, H, K, M] lives between forward and
-backward: the backward runs the forward state walk again first and walks the two memories' gradients
-in two launches (7 in all), keys then values, freeing the keys' states before the values' walk.
+the float32 chunk states. At level 2 only the states at the start of every segment of L chunks
+(configs.recompute_segment_chunks, 1 / L of them), or none where the walk fills the GPU, live between
+forward and backward: the backward rebuilds the chunk states from those starts, all segments side by
+side (or from each sequence's start), and walks the two memories' gradients in two launches (7 in
+all), keys then values, freeing the keys' states before the values' walk.
 For half inputs the state gradients (and at level 2 the rebuilt states) are scaled float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 
@@ -50,7 +52,7 @@ class ChunkLayout:
     (sequence offsets, first slot of each sequence, and (sequence, chunk) of every slot)."""
 
     def __init__(self, B: int, T: int, BT: int, cu_seqlens: torch.Tensor | None, device):
-        self.BT, self.T = BT, T
+        self.B, self.BT, self.T = B, BT, T
         self.is_varlen = cu_seqlens is not None
         if not self.is_varlen:
             self.N = B
@@ -142,6 +144,23 @@ def _walk_plan(kernel, cfg, layout: ChunkLayout, B, T, H, K, V, M, device, keys=
     return cfg, tiles, (Segments(B, T, layout, L, H, K, V, M, device) if L else None)
 
 
+def _empty_states(layout: ChunkLayout, H, K, V, M, compact, device):
+    """(hk_chunks, hv_chunks, hk_scales, hv_scales) to be written by a forward walk: float32, or
+    scaled float16 with float32 scales (compact; else the scales are None)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    states = dict(dtype=torch.float16 if compact else torch.float32, device=device)
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
+    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else None
+    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else None
+    if layout.is_varlen:
+        # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
+        # every output of the op is defined (the custom op returns these states)
+        hk_chunks[-layout.N:].zero_()
+        hv_chunks[-layout.N:].zero_()
+    return hk_chunks, hv_chunks, hk_scales, hv_scales
+
+
 def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_state=False, compact=False):
     """The forward state walk: (hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final), Hk and
     Hv at every chunk start. compact: scaled float16 states with their float32 scales (else the scales
@@ -155,16 +174,7 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
     N, BT = layout.N, layout.BT
     cu, offsets, _ = layout.ptrs(k)
     f32 = dict(dtype=torch.float32, device=k.device)
-    states = dict(dtype=torch.float16 if compact else torch.float32, device=k.device)
-    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
-    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
-    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else None
-    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else None
-    if layout.is_varlen:
-        # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
-        # every output of the op is defined (the custom op returns these states)
-        hk_chunks[-N:].zero_()
-        hv_chunks[-N:].zero_()
+    hk_chunks, hv_chunks, hk_scales, hv_scales = _empty_states(layout, H, K, V, M, compact, k.device)
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
     kernel = "states_fwd_compact" if compact else "states_fwd"
@@ -199,6 +209,57 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
         opt(hv_scales), dummy, dummy, dummy, cu, offsets, seg_table, T, segments.chunks, SEGMENTED=True,
         USE_INITIAL_STATE=True, STORE_CHUNKS=True, STORE_FINAL_STATE=False, STORE_DECAY=False, **walk)
     return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
+
+
+def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int):
+    """(hk_starts, hv_starts): the chunk states at the start of every segment of L chunks,
+    [segment slots, H, K, M] and [segment slots, H, M, V], the slots those of ChunkLayout(B, T, BT * L)
+    (a padding slot of varlen holds its sequence's first state; nothing walks it). What checkpoint
+    level 2 keeps for chunk_states_from_starts."""
+    seg = ChunkLayout(layout.B, layout.T, layout.BT * L, layout.cu, hk_chunks.device)
+    if layout.is_varlen:
+        sequence, segment = seg.table[:, 0].long(), seg.table[:, 1].long()
+        first = layout.chunk_offsets[sequence.clamp(min=0)].long() + segment * L
+        index = torch.where(sequence >= 0, first, 0)
+        return hk_chunks.index_select(0, index), hv_chunks.index_select(0, index)
+    B, chunks = layout.B, layout.num_slots // layout.B
+    # a copy, never a view: the kernel reads the starts as contiguous rows, and a view would keep
+    # every chunk state alive until the backward
+    take = lambda x: x.view(B, chunks, *x.shape[1:])[:, ::L].contiguous().view(-1, *x.shape[1:])   # noqa: E731
+    return take(hk_chunks), take(hv_chunks)
+
+
+def chunk_states_from_starts(k, v, s, G, hk_starts, hv_starts, layout: ChunkLayout, L: int, compact=False):
+    """(hk_chunks, hv_chunks, hk_scales, hv_scales): the chunk states rebuilt from segment_starts'
+    starts, every L-chunk segment walked at once from its start (the two-level walk's second level
+    with the starts given). Each step is the forward walk's own, so the states come out as the
+    forward's, bit for bit where the stored dtype is the same. The walk's tiles and warps are the
+    forward walk's config (states_fwd, or states_fwd_compact for scaled float16 states), its tiles
+    paired where a sequence has more than one segment (as _walk_plan pairs them for two levels: the
+    segments fill the GPU, and a paired program loads each chunk's G and s once for two tiles). The
+    launch record keeps the looked-up config: `SEGMENT` there is the choice for a walk from the
+    sequence start, which this is not."""
+    B, T, H, K = k.shape
+    V, M = v.shape[-1], s.shape[-1]
+    BT = layout.BT
+    cu, offsets, _ = layout.ptrs(k)
+    seg = ChunkLayout(B, T, BT * L, layout.cu, k.device)
+    _, _, seg_table = seg.ptrs(k)
+    hk_chunks, hv_chunks, hk_scales, hv_scales = _empty_states(layout, H, K, V, M, compact, k.device)
+    kernel = "states_fwd_compact" if compact else "states_fwd"
+    cfg = launch_config(kernel, K=K, V=V, M=M, dtype=k.dtype, BT=BT, tokens=B * T * H, seqs=layout.N * H)
+    if cdiv(T, BT) > L:     # of a sequence (varlen: of the longest there could be)
+        cfg = dict(cfg, SPLIT=0)
+    tiles = _grid_states(K, V, cfg, layout.N, H)[0]
+    dummy = k
+    opt = lambda x: dummy if x is None else x   # noqa: E731
+    states_fwd_kernel[(tiles, seg.num_slots * H)](
+        k, v, s, G, hk_starts, hv_starts, hk_chunks, hv_chunks, opt(hk_scales), opt(hv_scales), dummy, dummy,
+        dummy, cu, offsets, seg_table, T, L, H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"],
+        BV=cfg["BV"], IS_VARLEN=layout.is_varlen, SPLIT=cfg["SPLIT"], PREC=dot_precision(k.dtype),
+        COMPACT=compact, SEGMENTED=True, USE_INITIAL_STATE=True, STORE_CHUNKS=True, STORE_FINAL_STATE=False,
+        STORE_DECAY=False, **_warps(cfg))
+    return hk_chunks, hv_chunks, hk_scales, hv_scales
 
 
 def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
@@ -312,17 +373,20 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
 
 
 def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0,
-                  layout: ChunkLayout, scale: float):
+                  layout: ChunkLayout, scale: float, segment_chunks: int = 0):
     """The backward launches: (dq, dk, dv, ds, dg) in the inputs' dtypes and the float32 initial-state
     gradients (dhk0, dhv0), written whether or not there were initial states. dhk_final / dhv_final:
     float32 contiguous final-state gradients, or both None.
 
-    hk_chunks, hv_chunks None (checkpoint level 2): the forward state walk runs again from hk0, hv0
-    (None: zeros), and the backward keeps its peak memory low: the keys' side runs first, from its own
-    reverse walk, and its states and their gradients are freed before the values' reverse walk, so at
-    most three of the four [chunks, H, K, M]-sized tensors live at once. For half inputs the rebuilt
-    states and every state gradient are scaled float16 (kernels/states.py `_store_scaled`): the tf32
-    dots that read them keep no more bits. float32 inputs keep float32 states (their dots are IEEE)."""
+    Checkpoint level 2: segment_chunks L > 0 and hk_chunks, hv_chunks segment_starts' states at the
+    start of every L-chunk segment, the chunk states rebuilt from them (chunk_states_from_starts); or
+    hk_chunks, hv_chunks None, the forward walk run again from hk0, hv0 (None: zeros). The backward
+    then keeps its peak memory low: the keys' side runs
+    first, from its own reverse walk, and its states and their gradients are freed before the values'
+    reverse walk, so at most three of the four [chunks, H, K, M]-sized tensors live at once. For half
+    inputs the rebuilt states and every state gradient are scaled float16 (kernels/states.py
+    `_store_scaled`): the tf32 dots that read them keep no more bits. float32 inputs keep float32
+    states (their dots are IEEE)."""
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     group = HQ // H
@@ -335,9 +399,12 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     opt = lambda x: dummy if x is None else x   # noqa: E731
 
     G = chunk_gates(g, layout)
-    recomputed = hk_chunks is None
+    recomputed = hk_chunks is None or segment_chunks > 0
     hk_scales = hv_scales = None
-    if recomputed:
+    if segment_chunks:
+        hk_chunks, hv_chunks, hk_scales, hv_scales = chunk_states_from_starts(
+            k, v, s, G, hk_chunks, hv_chunks, layout, segment_chunks, compact=compact)
+    elif recomputed:
         hk_chunks, hv_chunks, hk_scales, hv_scales, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout,
                                                                           compact=compact)
     states_compact = recomputed and compact
