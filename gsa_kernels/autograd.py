@@ -37,8 +37,8 @@ def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
     """(dq, dk, dv, ds, dg, dhk0, dhv0) of chunk_gsa; dhk0, dhv0 None without initial states.
 
     saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0) as the forward left them, the chunk
-    states at checkpoint level 2 only those at the segment starts (the backward rebuilds the rest) and
-    the initial states None when there were none; do, dhk_final, dhv_final: the incoming gradients
+    states at checkpoint level 2 only those at the segment starts, or None (the backward rebuilds the
+    rest), and the initial states None when there were none; do, dhk_final, dhv_final: the incoming gradients
     (None where nothing flows back); N: the number of sequences.
     bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0) -> the seven
     gradients.

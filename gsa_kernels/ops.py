@@ -88,8 +88,8 @@ def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's, the
     chunk states at checkpoint level 2 only those at the segment starts (launchers/chunk.py
-    `segment_starts`; the backward rebuilds the rest) or none (configs.recompute_segment_chunks). chunk_size 0: the tuned one
-    for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out flat (1-D): a
+    `segment_starts`; the backward rebuilds the rest) or none (configs.recompute_segment_chunks).
+    chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out flat (1-D): a
     [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T crosses one
     chunk."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
