@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.configs import recompute_segment_chunks
-from gsa_kernels.launchers.chunk import chunk_gsa_bwd, chunk_gsa_fwd, segment_starts
+from gsa_kernels.launchers.chunk import chunk_gsa_bwd, chunk_gsa_train_fwd
 from gsa_kernels.launchers.recurrent import recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import in_launch_scope, launch_scope
 
@@ -38,8 +37,8 @@ def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
 
     saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0) as the forward left them, the chunk
     states at checkpoint level 2 only those at the segment starts, or None (the backward rebuilds the
-    rest), and the initial states None when there were none; do, dhk_final, dhv_final: the incoming gradients
-    (None where nothing flows back); N: the number of sequences.
+    rest), and the initial states None when there were none; do, dhk_final, dhv_final: the incoming
+    gradients (None where nothing flows back); N: the number of sequences.
     bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0) -> the seven
     gradients.
     """
@@ -81,13 +80,8 @@ class ChunkGSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout, checkpoint_level):
-        o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
-            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
-        ctx.segment_chunks = 0
-        if checkpoint_level == 2:
-            H, K, V = k.shape[2], k.shape[3], v.shape[3]
-            ctx.segment_chunks = L = recompute_segment_chunks(layout.BT, layout.N * H, K, V)
-            hk_chunks, hv_chunks = segment_starts(hk_chunks, hv_chunks, layout, L) if L else (None, None)
+        o, scores, hk_chunks, hv_chunks, hk_final, hv_final, ctx.segment_chunks = chunk_gsa_train_fwd(
+            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, checkpoint_level)
         ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0)
         ctx.scale, ctx.layout = scale, layout
         ctx.launch_scope = launch_scope()

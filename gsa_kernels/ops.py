@@ -24,8 +24,8 @@ import torch
 
 from gsa_kernels.autograd import chunk_gsa_backward, fused_recurrent_gsa_backward
 from gsa_kernels.configs import launch_config, recompute_segment_chunks
-from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_fwd, num_chunk_slots,
-                                         segment_starts, stacked_chunk_limit)
+from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_train_fwd, num_chunk_slots,
+                                         stacked_chunk_limit)
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import launch_scope
 
@@ -72,12 +72,11 @@ def _segment_chunks(BT: int, N, H: int, K: int, V: int, checkpoint_level: int):
     return recompute_segment_chunks(BT, N * H, K, V) if checkpoint_level == 2 else 0
 
 
-def _saved_state_slots(B, T, BT: int, N, is_varlen: bool, H: int, K: int, V: int, checkpoint_level: int):
-    """Slots of the chunk states the forward keeps: every chunk's, or at level 2 the segment starts'
-    (a chunk layout of chunk size BT * L) or none. Also takes symbolic sizes."""
+def _saved_state_slots(B, T, BT: int, N, is_varlen: bool, L: int, checkpoint_level: int):
+    """Slots of the chunk states the forward keeps: every chunk's, or at level 2 the starts' of
+    L-chunk segments (a chunk layout of chunk size BT * L) or none (L 0). Also takes symbolic sizes."""
     if checkpoint_level != 2:
         return num_chunk_slots(B, T, BT, N, is_varlen)
-    L = _segment_chunks(BT, N, H, K, V, checkpoint_level)
     return num_chunk_slots(B, T, BT * L, N, is_varlen) if L else 0
 
 
@@ -89,16 +88,13 @@ def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
     """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's, the
     chunk states at checkpoint level 2 only those at the segment starts (launchers/chunk.py
     `segment_starts`; the backward rebuilds the rest) or none (configs.recompute_segment_chunks).
-    chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out flat (1-D): a
-    [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T crosses one
-    chunk."""
+    chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out
+    flat (1-D): a [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T
+    crosses one chunk."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
     layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
-    o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
-        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
-    if checkpoint_level == 2:
-        L = _segment_chunks(layout.BT, layout.N, k.shape[2], k.shape[3], v.shape[3], checkpoint_level)
-        hk_chunks, hv_chunks = segment_starts(hk_chunks, hv_chunks, layout, L) if L else (None, None)
+    o, scores, hk_chunks, hv_chunks, hk_final, hv_final, _ = chunk_gsa_train_fwd(
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, checkpoint_level)
     return (o, scores, _or_empty(hk_chunks, q).reshape(-1), _or_empty(hv_chunks, q).reshape(-1),
             _or_empty(hk_final, q), _or_empty(hv_final, q))
 
@@ -108,8 +104,9 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    slots = _saved_state_slots(B, T, _chunk_size(q, k, v, s, chunk_size), N, cu_seqlens is not None, H, K, V,
-                               checkpoint_level)
+    BT = _chunk_size(q, k, v, s, chunk_size)
+    L = _segment_chunks(BT, N, H, K, V, checkpoint_level)
+    slots = _saved_state_slots(B, T, BT, N, cu_seqlens is not None, L, checkpoint_level)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
@@ -125,14 +122,15 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states. At
     checkpoint level 2 the chunk states given are the segment starts' (the rest are rebuilt from them)
-or empty (all are rebuilt from hk0, hv0)."""
+    or empty (all are rebuilt from hk0, hv0)."""
     q, k, v, s, g, do, dhk_final, dhv_final, hk0, hv0 = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final,
                                                                     hk0, hv0)
     if dhk_final is not None:   # the kernels read float32 states
         dhk_final, dhv_final = dhk_final.float(), dhv_final.float()
     layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
     H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
-    slots = _saved_state_slots(q.shape[0], q.shape[1], layout.BT, layout.N, layout.is_varlen, H, K, V,
+    L = _segment_chunks(layout.BT, layout.N, H, K, V, checkpoint_level)
+    slots = _saved_state_slots(q.shape[0], q.shape[1], layout.BT, layout.N, layout.is_varlen, L,
                                checkpoint_level)
     if hk_chunks.numel() != slots * H * K * M:
         raise RuntimeError(f"chunk_gsa backward: the saved chunk states hold {hk_chunks.numel()} values, "
@@ -143,8 +141,7 @@ or empty (all are rebuilt from hk0, hv0)."""
     else:
         hk_chunks = hv_chunks = None
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale,
-        _segment_chunks(layout.BT, layout.N, H, K, V, checkpoint_level))
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale, L)
     if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
@@ -179,7 +176,8 @@ def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_
     q = saved[0]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     grads = chunk_gsa_backward(
-        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size, ctx.checkpoint_level),
+        lambda *tensors: chunk_gsa_bwd_op(*tensors, cu_seqlens, ctx.scale, ctx.chunk_size,
+                                          ctx.checkpoint_level),
         ctx.launch_scope, saved, do, dhk_final, dhv_final, N=N)
     return (*grads, None, None, None, None, None)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from gsa_kernels.configs import launch_config, walk_segment_chunks
+from gsa_kernels.configs import launch_config, recompute_segment_chunks, walk_segment_chunks
 from gsa_kernels.intmath import cdiv, next_pow2, pow2_at_least
 from gsa_kernels.kernels.chunk_bwd import chunk_bwd_dscores_kernel, chunk_bwd_keys_kernel, chunk_bwd_values_kernel
 from gsa_kernels.kernels.chunk_fwd import chunk_fwd_kernel
@@ -289,6 +289,23 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
             IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, GROUP=HQ // H, SAFE=safe,
             **_warps(cfg))
     return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
+
+
+def chunk_gsa_train_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout,
+                        checkpoint_level: int):
+    """The forward of a call with gradients and what it keeps for chunk_gsa_bwd: (o, scores, hk_kept,
+    hv_kept, hk_final, hv_final, segment_chunks). Levels 0 and 1 keep every chunk state
+    (segment_chunks 0). Level 2 keeps the states at the start of every segment of L = segment_chunks
+    chunks (configs.recompute_segment_chunks), or none (hk_kept, hv_kept None, segment_chunks 0)."""
+    o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
+    if checkpoint_level != 2:
+        return o, scores, hk_chunks, hv_chunks, hk_final, hv_final, 0
+    L = recompute_segment_chunks(layout.BT, layout.N * k.shape[2], k.shape[3], v.shape[3])
+    if not L:
+        return o, scores, None, None, hk_final, hv_final, 0
+    hk_starts, hv_starts = segment_starts(hk_chunks, hv_chunks, layout, L)
+    return o, scores, hk_starts, hv_starts, hk_final, hv_final, L
 
 
 # The reverse walk stacks a group's rows into one dot ([BT * GP, BM] tiles of dz, p and G per step);
