@@ -18,7 +18,7 @@ from gsa_kernels.autograd import ChunkGSAFunction
 from gsa_kernels.autotune import maybe_autotune
 from gsa_kernels.checks import check_inputs
 from gsa_kernels.configs import launch_config
-from gsa_kernels.launchers.chunk import ChunkLayout, chunk_gsa_fwd, stacked_chunk_limit
+from gsa_kernels.launchers.chunk import COMPACT_STATES, ChunkLayout, chunk_gsa_fwd, stacked_chunk_limit
 from gsa_kernels.lookup import backend_for, compile_mode_for
 from gsa_kernels.ops import chunk_gsa_compiled
 from gsa_kernels.problem_keys import problem_key
@@ -63,7 +63,8 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     call keeps for its backward. 0 keeps the float32 chunk states ([chunks, H, K, M] and
     [chunks, H, M, V], most of a call's memory); 2 keeps the inputs and the float32 slot scores
     (and, for a few long sequences, the chunk states at the start of every 1024 tokens) and the
-    backward runs the forward state walk again (one more launch). 1 (FLA: recompute the
+    backward runs the forward state walk again (one more launch); for half inputs its forward walk
+    stores Hv's chunk states as scaled float16 (Hk's stay float32 for the scores). 1 (FLA: recompute the
     gate cumsum) is 0 here: the cumsum is never kept. Calls without gradients keep nothing at any level.
     `chunk_size` (keyword) overrides the tuned chunk length: any power of two, as FLA accepts; the
     kernels run 16, 32 or 64, so a smaller one runs as 16 and a larger one as 64. Results do not depend
@@ -138,8 +139,8 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     if q.dtype != torch.float32 and not (torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, s, g, hk0, hv0))):
         # forward only: nothing is saved for a backward, so the chunk states can be scaled float16
-        o, _, _, _, hk, hv = chunk_gsa_fwd(*tensors[:5], scale, tensors[5], tensors[6], bool(output_final_state),
-                                           layout, compact=True)
+        o, *_, hk, hv = chunk_gsa_fwd(*tensors[:5], scale, tensors[5], tensors[6], bool(output_final_state),
+                                      layout, compact=COMPACT_STATES)
         return o, (hk, hv)
     o, hk, hv = ChunkGSAFunction.apply(*tensors, scale, bool(output_final_state), layout, int(checkpoint_level))
     return o, (hk, hv)

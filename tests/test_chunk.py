@@ -438,7 +438,7 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
 
 def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_seqlens=None):
     """(o, hk, hv) of a no-grad chunk_gsa call and of the float64 naive recurrence; checks that the
-    call took the compact path (launchers.chunk.chunk_gsa_fwd with compact=True)."""
+    call took the compact path (launchers.chunk.chunk_gsa_fwd with both states scaled float16)."""
     import gsa_kernels.chunk as chunk_mod
     calls = []
     real = chunk_mod.chunk_gsa_fwd
@@ -449,7 +449,7 @@ def forward_only_both(q, k, v, s, g, hk0, hv0, monkeypatch, chunk_size=None, cu_
     cu_dev = None if cu_seqlens is None else cu_seqlens.to(DEVICE)
     with torch.no_grad():
         o, (hk, hv) = chunk_gsa(*dev, initial_state=h0, output_final_state=True, cu_seqlens=cu_dev, **extra)
-    assert calls and calls[0].get("compact") is True, "a no-grad half-precision call must use compact states"
+    assert calls and calls[0].get("compact") == (True, True), "a no-grad half-precision call must use compact states"
     ref_h0 = None if hk0 is None else (hk0.double(), hv0.double())
     ro, (rhk, rhv) = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), initial_state=ref_h0,
                                          output_final_state=True, cu_seqlens=cu_seqlens)

@@ -41,7 +41,8 @@ def _walks(ins, cu, compact=False):
     B, T, H, _ = q.shape
     layout = launchers.ChunkLayout(B, T, 16, None if cu is None else cu.to(DEVICE), q.device)
     G = launchers.chunk_gates(g, layout)
-    fwd = launchers.chunk_states_fwd(k, v, s, G, hk0, hv0, layout, output_final_state=True, compact=compact)
+    stored = launchers.COMPACT_STATES if compact else launchers.FLOAT32_STATES
+    fwd = launchers.chunk_states_fwd(k, v, s, G, hk0, hv0, layout, output_final_state=True, compact=stored)
     gen = torch.Generator().manual_seed(9)
     do, dz, p = (torch.randn(t.shape, generator=gen).to(DEVICE, t.dtype) for t in (v, s.float(), s.float()))
     dht = [torch.randn(x.shape, generator=gen).to(DEVICE) for x in (hk0, hv0)]

@@ -45,11 +45,14 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
                      chunk_table, bad_chunks, scale, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                      BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr,
-                     GROUP: tl.constexpr, SAFE: tl.constexpr):
-    """COMPACT: the states are scaled float16 (states.py `_store_scaled`); Hk's row scales fold into
-    q's columns and Hv's column scales into the output's, both exact (powers of two), and the scores
-    are not stored (the forward-only path has no backward to read them).
+                     BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT_HK: tl.constexpr,
+                     COMPACT_HV: tl.constexpr, STORE_SCORES: tl.constexpr, GROUP: tl.constexpr,
+                     SAFE: tl.constexpr):
+    """COMPACT_HK / COMPACT_HV: Hk's / Hv's states are scaled float16 (states.py `_store_scaled`); Hk's
+    row scales fold into q's columns and Hv's column scales into the output's, both exact (powers of
+    two). The scores a backward reads take float32 Hk (its 16-bit halves: the softmax backward
+    amplifies what an 11-bit Hk would lose), so COMPACT_HK is the forward-only path's. STORE_SCORES:
+    the float32 scores for a backward (the forward-only path has none to read them).
     SAFE: only the chunks that the fast launch flagged in bad_chunks [chunks, HQ], each exactly."""
     pid, hq = tl.program_id(0), tl.program_id(1)
     HQ: tl.constexpr = H * GROUP
@@ -94,7 +97,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
                 bad = tl.maximum(bad, bad_k)
             hk = tl.load(hk_chunks + (slot * H + h) * K * M + kk[:, None] * M + m[None, :],
                          mask=(kk < K)[:, None] & slot_mask, other=0.0).to(tl.float32)
-            if COMPACT:
+            if COMPACT_HK:
                 # float16 Hk and q times a power of two: both exact in tf32
                 qf = qc.to(tl.float32) * tl.load(hk_scales + (slot * H + h) * K + kk, mask=kk < K, other=0.0)[None, :]
                 qh += tl.dot(qf, hk, input_precision=PREC)
@@ -106,7 +109,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
                           + apply_causal(A, sc, G, G_chunk, H * M, nvalid_g, M, BT, BM, PREC))
         if SAFE:
             poisoned = (tl.cumsum(bad, axis=0) > 0)[:, None]       # from the first bad row on
-        if not COMPACT:
+        if STORE_SCORES:
             kept = scores
             if SAFE:
                 kept = tl.where(poisoned, float("nan"), scores)
@@ -131,7 +134,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
                          mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
             inter = tl.dot(pe, hv, input_precision=PREC)
-            if COMPACT:
+            if COMPACT_HV:
                 inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
             oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
             if SAFE:

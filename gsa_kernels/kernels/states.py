@@ -141,15 +141,15 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
               BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DO_KEYS: tl.constexpr,
               DO_VALUES: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_CHUNKS: tl.constexpr,
               STORE_FINAL_STATE: tl.constexpr, STORE_DECAY: tl.constexpr, PREC: tl.constexpr,
-              COMPACT: tl.constexpr):
+              COMPACT_HK: tl.constexpr, COMPACT_HV: tl.constexpr):
     """Walk Hk row tile `key_tile` (if DO_KEYS) and Hv column tile `value_tile` (if DO_VALUES) of head h
     over num_chunks chunks from token bos (eos: where the sequence ends), from hk0 / hv0[index] if
     USE_INITIAL_STATE (else zeros), storing the state at each chunk start in chunk slots chunk0, ... if
     STORE_CHUNKS, the state after the last chunk in hk_final / hv_final[index] if STORE_FINAL_STATE
     and the walk's total log decay (the sum of its chunks' Gend) in seg_decay[index] if STORE_DECAY.
-    COMPACT: the chunk states go out as scaled float16 (`_store_scaled`), Hk with one scale per row
-    k, Hv with one per column v; the values walk then carries Hv transposed, [BV, BM], so that its
-    scale is a reduction within a row like Hk's."""
+    COMPACT_HK / COMPACT_HV: Hk's / Hv's chunk states go out as scaled float16 (`_store_scaled`), Hk
+    with one scale per row k, Hv with one per column v; the values walk then carries Hv transposed,
+    [BV, BM], so that its scale is a reduction within a row like Hk's."""
     m = tl.arange(0, BM)
     t = tl.arange(0, BT)
     kk = key_tile * BK + tl.arange(0, BK)
@@ -158,13 +158,13 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
     hv_mask = (m < M)[:, None] & (vv < V)[None, :]
     hk_off = kk[:, None] * M + m[None, :]
     hv_off = m[:, None] * V + vv[None, :]
-    if COMPACT:     # Hv carried transposed: [BV, BM]
+    if COMPACT_HV:     # Hv carried transposed: [BV, BM]
         hv_mask = (vv < V)[:, None] & (m < M)[None, :]
         hv_off = m[None, :] * V + vv[:, None]
     # hk, hv hold the states at the start of chunk c (a memory this program does not own stays
     # unused and is compiled away)
     hk = tl.zeros((BK, BM), dtype=tl.float32)
-    if COMPACT:
+    if COMPACT_HV:
         hv = tl.zeros((BV, BM), dtype=tl.float32)
     else:
         hv = tl.zeros((BM, BV), dtype=tl.float32)
@@ -194,8 +194,12 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
             vc_next = _prefetch_tile(v, t0 + BT, nvalid - BT, h, vv, H, V, BT)
         Gend_next = _gate_end(G_all, t0 + BT, nvalid - BT, h, H, M, BM, BT)
         if STORE_CHUNKS:
-            _store_chunk(hk, hv, hk_chunks, hv_chunks, hk_scales, hv_scales, slot * H + h, hk_off, hk_mask,
-                         hv_off, hv_mask, kk, vv, K, V, M, DO_KEYS, DO_VALUES, COMPACT)
+            if DO_KEYS:
+                _store_chunk(hk, hv, hk_chunks, hv_chunks, hk_scales, hv_scales, slot * H + h, hk_off, hk_mask,
+                             hv_off, hv_mask, kk, vv, K, V, M, True, False, COMPACT_HK)
+            if DO_VALUES:
+                _store_chunk(hk, hv, hk_chunks, hv_chunks, hk_scales, hv_scales, slot * H + h, hk_off, hk_mask,
+                             hv_off, hv_mask, kk, vv, K, V, M, False, True, COMPACT_HV)
         G = load_gates(G_all + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         sc = load_rows(s + (t0 * H + h) * M, t, H * M, nvalid, M, BM)
         w = sc * tl.exp(Gend[None, :] - G)
@@ -204,7 +208,7 @@ def _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scal
             hk = dot_acc(tl.trans(kc), w, hk * decay[None, :], PREC)
             kc = kc_next
         if DO_VALUES:
-            if COMPACT:
+            if COMPACT_HV:
                 hv = dot_acc(tl.trans(vc), w, hv * decay[None, :], PREC)
             else:
                 hv = dot_acc(tl.trans(w), vc, decay[:, None] * hv, PREC)
@@ -226,12 +230,14 @@ def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales,
                       BT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       SPLIT: tl.constexpr, SEGMENTED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
                       STORE_CHUNKS: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_DECAY: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT: tl.constexpr):
+                      IS_VARLEN: tl.constexpr, PREC: tl.constexpr, COMPACT_HK: tl.constexpr,
+                      COMPACT_HV: tl.constexpr):
     """Grid (NK + NV if SPLIT else max(NK, NV), rows): tile programs x walk rows, a row being a
     sequence-head (n * H + h), or with SEGMENTED a segment-head (indexing.py `walk_span`; the
     two-level walk, launchers/chunk.py). The state index of hk0 / hk_final / seg_decay is the row.
-    COMPACT: the chunk states as scaled float16 (values in hk_chunks / hv_chunks, float32 scales per
-    row of Hk and per column of Hv in hk_scales [slots, H, K] / hv_scales [slots, H, V])."""
+    COMPACT_HK / COMPACT_HV: Hk's / Hv's chunk states as scaled float16 (values in hk_chunks /
+    hv_chunks, float32 scales per row of Hk and per column of Hv in hk_scales [slots, H, K] /
+    hv_scales [slots, H, V])."""
     tile, row = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     bos, eos, chunk0, num_chunks, h = walk_span(cu_seqlens, chunk_offsets, segment_table, row, T, segment_chunks,
@@ -239,15 +245,18 @@ def states_fwd_kernel(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales,
     if not SPLIT:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, tile, H, K, V, M, BT, BM, BK, BV,
-                  True, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
+                  True, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT_HK,
+                  COMPACT_HV)
     elif tile < NK:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   seg_decay, bos, eos, chunk0, num_chunks, row, h, tile, 0, H, K, V, M, BT, BM, BK, BV,
-                  True, False, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
+                  True, False, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT_HK,
+                  COMPACT_HV)
     else:
         _walk_fwd(k, v, s, G_all, hk0, hv0, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final,
                   seg_decay, bos, eos, chunk0, num_chunks, row, h, 0, tile - NK, H, K, V, M, BT, BM, BK, BV,
-                  False, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT)
+                  False, True, USE_INITIAL_STATE, STORE_CHUNKS, STORE_FINAL_STATE, STORE_DECAY, PREC, COMPACT_HK,
+                  COMPACT_HV)
 
 
 @triton.jit

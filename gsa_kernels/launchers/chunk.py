@@ -12,7 +12,8 @@ the float32 chunk states. At level 2 only the states at the start of every segme
 forward and backward: the backward rebuilds the chunk states from those starts, all segments side by
 side (or from each sequence's start), and walks the two memories' gradients in two launches (7 in
 all), keys then values, freeing the keys' states before the values' walk.
-For half inputs the state gradients (and at level 2 the rebuilt states) are scaled float16.
+For half inputs the state gradients (and at level 2 the forward's and the rebuilt states) are scaled
+float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 
 Grouped query heads: q (and do) with HQ = H * group heads over k, v, s, g with H. The gates, the
@@ -144,15 +145,26 @@ def _walk_plan(kernel, cfg, layout: ChunkLayout, B, T, H, K, V, M, device, keys=
     return cfg, tiles, (Segments(B, T, layout, L, H, K, V, M, device) if L else None)
 
 
+# Which chunk states a forward walk stores as scaled float16 (kernels/states.py `_store_scaled`), as
+# (Hk, Hv): none (float32 inputs, checkpoint level 0); Hv only (half inputs at level 2: the scores
+# the backward reads need Hk's float32 bits, kernels/chunk_fwd.py); both (the forward-only path, and
+# level 2's rebuilt states, which enter only products).
+FLOAT32_STATES = (False, False)
+COMPACT_VALUES = (False, True)
+COMPACT_STATES = (True, True)
+
+
 def _empty_states(layout: ChunkLayout, H, K, V, M, compact, device):
     """(hk_chunks, hv_chunks, hk_scales, hv_scales) to be written by a forward walk: float32, or
-    scaled float16 with float32 scales (compact; else the scales are None)."""
+    scaled float16 with float32 scales where compact (Hk, Hv) says so (else the scales are None)."""
     f32 = dict(dtype=torch.float32, device=device)
-    states = dict(dtype=torch.float16 if compact else torch.float32, device=device)
-    hk_chunks = torch.empty(layout.num_slots, H, K, M, **states)
-    hv_chunks = torch.empty(layout.num_slots, H, M, V, **states)
-    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact else None
-    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact else None
+    compact_hk, compact_hv = compact
+    hk_chunks = torch.empty(layout.num_slots, H, K, M, dtype=torch.float16 if compact_hk else torch.float32,
+                            device=device)
+    hv_chunks = torch.empty(layout.num_slots, H, M, V, dtype=torch.float16 if compact_hv else torch.float32,
+                            device=device)
+    hk_scales = torch.empty(layout.num_slots, H, K, **f32) if compact_hk else None
+    hv_scales = torch.empty(layout.num_slots, H, V, **f32) if compact_hv else None
     if layout.is_varlen:
         # the slot count is a bound; the unused slots (all among the last N) are zeroed, so that
         # every output of the op is defined (the custom op returns these states)
@@ -161,11 +173,13 @@ def _empty_states(layout: ChunkLayout, H, K, V, M, compact, device):
     return hk_chunks, hv_chunks, hk_scales, hv_scales
 
 
-def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_state=False, compact=False):
+def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_state=False,
+                     compact=FLOAT32_STATES):
     """The forward state walk: (hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final), Hk and
-    Hv at every chunk start. compact: scaled float16 states with their float32 scales (else the scales
-    are None). The backward of checkpoint level 2 runs it again, on the same G, with the same config:
-    it rebuilds the forward's states bit for bit.
+    Hv at every chunk start. compact (Hk, Hv): which are scaled float16 with their float32 scales (the
+    scales of the others None); the walk's config is states_fwd_compact where both are, else
+    states_fwd. The backward of checkpoint level 2 runs it again on the same G: each step is the
+    forward's, so the states it rebuilds are the forward's up to how each is stored.
     With segments (the config's SEGMENT, configs.walk_segment_chunks) the walk takes two levels: every
     segment walked from zero, recording its end state and log decay; the fold (kernels/fold.py) into
     each segment's true start; every segment walked again from it, storing the chunk states."""
@@ -177,14 +191,15 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
     hk_chunks, hv_chunks, hk_scales, hv_scales = _empty_states(layout, H, K, V, M, compact, k.device)
     hk_final = torch.empty(N, H, K, M, **f32) if output_final_state else None
     hv_final = torch.empty(N, H, M, V, **f32) if output_final_state else None
-    kernel = "states_fwd_compact" if compact else "states_fwd"
+    kernel = "states_fwd_compact" if compact == COMPACT_STATES else "states_fwd"
     cfg = launch_config(kernel, K=K, V=V, M=M, dtype=k.dtype, BT=BT, tokens=B * T * H, seqs=N * H)
     cfg, tiles, segments = _walk_plan(kernel, cfg, layout, B, T, H, K, V, M, k.device)
     dummy = k     # the pointer passed for an absent tensor; the kernel never reads it
     opt = lambda x: dummy if x is None else x   # noqa: E731
     common = dict(H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"], BV=cfg["BV"],
                   IS_VARLEN=layout.is_varlen, **_warps(cfg))
-    walk = dict(common, SPLIT=cfg["SPLIT"], PREC=dot_precision(k.dtype), COMPACT=compact)
+    walk = dict(common, SPLIT=cfg["SPLIT"], PREC=dot_precision(k.dtype), COMPACT_HK=compact[0],
+                COMPACT_HV=compact[1])
     if segments is None:
         states_fwd_kernel[(tiles, N * H)](
             k, v, s, G, opt(hk0), opt(hv0), hk_chunks, hv_chunks, opt(hk_scales), opt(hv_scales),
@@ -211,25 +226,33 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
     return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
 
 
-def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int):
-    """(hk_starts, hv_starts): the chunk states at the start of every segment of L chunks,
+def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int, hk_scales=None, hv_scales=None):
+    """(hk_starts, hv_starts): the float32 chunk states at the start of every segment of L chunks,
     [segment slots, H, K, M] and [segment slots, H, M, V], the slots those of ChunkLayout(B, T, BT * L)
     (a padding slot of varlen holds its sequence's first state; nothing walks it). What checkpoint
-    level 2 keeps for chunk_states_from_starts."""
+    level 2 keeps for chunk_states_from_starts. A state given with its scales is scaled float16: its
+    starts are taken back to float32 (exactly: each is a float16 times a power of two)."""
     seg = ChunkLayout(layout.B, layout.T, layout.BT * L, layout.cu, hk_chunks.device)
     if layout.is_varlen:
         sequence, segment = seg.table[:, 0].long(), seg.table[:, 1].long()
         first = layout.chunk_offsets[sequence.clamp(min=0)].long() + segment * L
         index = torch.where(sequence >= 0, first, 0)
-        return hk_chunks.index_select(0, index), hv_chunks.index_select(0, index)
-    B, chunks = layout.B, layout.num_slots // layout.B
-    # a copy, never a view: the kernel reads the starts as contiguous rows, and a view would keep
-    # every chunk state alive until the backward
-    take = lambda x: x.view(B, chunks, *x.shape[1:])[:, ::L].contiguous().view(-1, *x.shape[1:])   # noqa: E731
-    return take(hk_chunks), take(hv_chunks)
+        take = lambda x: x.index_select(0, index)     # noqa: E731
+    else:
+        B, chunks = layout.B, layout.num_slots // layout.B
+        # a copy, never a view: the kernel reads the starts as contiguous rows, and a view would keep
+        # every chunk state alive until the backward
+        take = lambda x: x.view(B, chunks, *x.shape[1:])[:, ::L].contiguous().view(-1, *x.shape[1:])   # noqa: E731
+    hk_starts, hv_starts = take(hk_chunks), take(hv_chunks)
+    if hk_scales is not None:
+        hk_starts = hk_starts.float() * take(hk_scales)[..., None]        # Hk's rows scaled
+    if hv_scales is not None:
+        hv_starts = hv_starts.float() * take(hv_scales)[..., None, :]     # Hv's columns
+    return hk_starts, hv_starts
 
 
-def chunk_states_from_starts(k, v, s, G, hk_starts, hv_starts, layout: ChunkLayout, L: int, compact=False):
+def chunk_states_from_starts(k, v, s, G, hk_starts, hv_starts, layout: ChunkLayout, L: int,
+                             compact=FLOAT32_STATES):
     """(hk_chunks, hv_chunks, hk_scales, hv_scales): the chunk states rebuilt from segment_starts'
     starts, every L-chunk segment walked at once from its start (the two-level walk's second level
     with the starts given). Each step is the forward walk's own, so the states come out as the
@@ -246,7 +269,7 @@ def chunk_states_from_starts(k, v, s, G, hk_starts, hv_starts, layout: ChunkLayo
     seg = ChunkLayout(B, T, BT * L, layout.cu, k.device)
     _, _, seg_table = seg.ptrs(k)
     hk_chunks, hv_chunks, hk_scales, hv_scales = _empty_states(layout, H, K, V, M, compact, k.device)
-    kernel = "states_fwd_compact" if compact else "states_fwd"
+    kernel = "states_fwd_compact" if compact == COMPACT_STATES else "states_fwd"
     cfg = launch_config(kernel, K=K, V=V, M=M, dtype=k.dtype, BT=BT, tokens=B * T * H, seqs=layout.N * H)
     if cdiv(T, BT) > L:     # of a sequence (varlen: of the longest there could be)
         cfg = dict(cfg, SPLIT=0)
@@ -257,26 +280,31 @@ def chunk_states_from_starts(k, v, s, G, hk_starts, hv_starts, layout: ChunkLayo
         k, v, s, G, hk_starts, hv_starts, hk_chunks, hv_chunks, opt(hk_scales), opt(hv_scales), dummy, dummy,
         dummy, cu, offsets, seg_table, T, L, H=H, K=K, V=V, M=M, BT=BT, BM=pow2_at_least(M), BK=cfg["BK"],
         BV=cfg["BV"], IS_VARLEN=layout.is_varlen, SPLIT=cfg["SPLIT"], PREC=dot_precision(k.dtype),
-        COMPACT=compact, SEGMENTED=True, USE_INITIAL_STATE=True, STORE_CHUNKS=True, STORE_FINAL_STATE=False,
-        STORE_DECAY=False, **_warps(cfg))
+        COMPACT_HK=compact[0], COMPACT_HV=compact[1], SEGMENTED=True, USE_INITIAL_STATE=True, STORE_CHUNKS=True,
+        STORE_FINAL_STATE=False, STORE_DECAY=False, **_warps(cfg))
     return hk_chunks, hv_chunks, hk_scales, hv_scales
 
 
-def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout, compact=False):
-    """The forward launches. compact (forward-only calls with half inputs): the chunk states as scaled
-    float16, half the bytes of float32 at the same precision as the tf32 dots that read them
-    (kernels/states.py `_store_scaled`), and no scores (returned as None: nothing will read them)."""
+def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout,
+                  compact=FLOAT32_STATES):
+    """The forward launches: (o, scores, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final,
+    hv_final). compact (Hk, Hv): which chunk states the walk stores as scaled float16 with their
+    float32 scales, half the bytes of float32 at the same precision as the tf32 dots that read them
+    (kernels/states.py `_store_scaled`; the other scales None). COMPACT_STATES is the forward-only
+    path of half inputs: its configs are the _compact ones, and it stores no scores (None); otherwise
+    the float32 slot scores are stored for a backward."""
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N, BT, BM = layout.N, layout.BT, pow2_at_least(M)
     cu, _, table = layout.ptrs(q)
+    forward_only = compact == COMPACT_STATES
     G = chunk_gates(g, layout)
     hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final = chunk_states_fwd(
         k, v, s, G, hk0, hv0, layout, output_final_state, compact)
 
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
-    scores = None if compact else torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
-    cfg = launch_config("chunk_fwd_compact" if compact else "chunk_fwd", K=K, V=V, M=M, dtype=q.dtype,
+    scores = None if forward_only else torch.empty(B, T, HQ, M, dtype=torch.float32, device=q.device)
+    cfg = launch_config("chunk_fwd_compact" if forward_only else "chunk_fwd", K=K, V=V, M=M, dtype=q.dtype,
                         BT=BT, tokens=B * T * HQ, seqs=N * HQ)
     # each program flags whether its output holds a non-finite value; the second launch computes the
     # flagged chunks again so that no such value reaches an earlier row (kernels/chunk_fwd.py)
@@ -284,27 +312,36 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
     for safe in (False, True):
         chunk_fwd_kernel[(layout.num_slots, HQ)](
             q, k, v, s, G, hk_chunks, hv_chunks, q if hk_scales is None else hk_scales,
-            q if hv_scales is None else hv_scales, o, q if compact else scores, cu, table, bad_chunks,
+            q if hv_scales is None else hv_scales, o, q if scores is None else scores, cu, table, bad_chunks,
             scale, T, H=H, K=K, V=V, M=M, BT=BT, BM=BM, BK=cfg["BK"], BV=cfg["BV"],
-            IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT=compact, GROUP=HQ // H, SAFE=safe,
-            **_warps(cfg))
-    return o, scores, hk_chunks, hv_chunks, hk_final, hv_final
+            IS_VARLEN=layout.is_varlen, PREC=dot_precision(q.dtype), COMPACT_HK=compact[0],
+            COMPACT_HV=compact[1], STORE_SCORES=not forward_only, GROUP=HQ // H, SAFE=safe, **_warps(cfg))
+    return o, scores, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
 
 
 def chunk_gsa_train_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout,
                         checkpoint_level: int):
     """The forward of a call with gradients and what it keeps for chunk_gsa_bwd: (o, scores, hk_kept,
-    hv_kept, hk_final, hv_final, segment_chunks). Levels 0 and 1 keep every chunk state
-    (segment_chunks 0). Level 2 keeps the states at the start of every segment of L = segment_chunks
-    chunks (configs.recompute_segment_chunks), or none (hk_kept, hv_kept None, segment_chunks 0)."""
-    o, scores, hk_chunks, hv_chunks, hk_final, hv_final = chunk_gsa_fwd(
-        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
+    hv_kept, hk_final, hv_final, segment_chunks).
+
+    Levels 0 and 1 keep every float32 chunk state (segment_chunks 0). Level 2 keeps the float32 states
+    at the start of every segment of L = segment_chunks chunks (configs.recompute_segment_chunks), or
+    none (hk_kept, hv_kept None, segment_chunks 0). For half inputs its walk stores Hv as scaled
+    float16 (COMPACT_VALUES): the states live only until chunk_fwd has read them, and Hv enters only
+    o = p Hv, where 11 bits are what the tf32 dot keeps; Hk stays float32 for the scores the backward
+    reads (kernels/chunk_fwd.py). A quarter fewer state bytes stored and read."""
     if checkpoint_level != 2:
+        o, scores, hk_chunks, hv_chunks, _, _, hk_final, hv_final = chunk_gsa_fwd(
+            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
         return o, scores, hk_chunks, hv_chunks, hk_final, hv_final, 0
-    L = recompute_segment_chunks(layout.BT, layout.N * k.shape[2], k.shape[3], v.shape[3])
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    L = recompute_segment_chunks(layout.BT, layout.N * H, K, V)
+    o, scores, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final = chunk_gsa_fwd(
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout,
+        compact=FLOAT32_STATES if q.dtype == torch.float32 else COMPACT_VALUES)
     if not L:
         return o, scores, None, None, hk_final, hv_final, 0
-    hk_starts, hv_starts = segment_starts(hk_chunks, hv_chunks, layout, L)
+    hk_starts, hv_starts = segment_starts(hk_chunks, hv_chunks, layout, L, hk_scales, hv_scales)
     return o, scores, hk_starts, hv_starts, hk_final, hv_final, L
 
 
@@ -417,13 +454,14 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
 
     G = chunk_gates(g, layout)
     recomputed = hk_chunks is None or segment_chunks > 0
+    rebuilt = COMPACT_STATES if compact else FLOAT32_STATES
     hk_scales = hv_scales = None
     if segment_chunks:
         hk_chunks, hv_chunks, hk_scales, hv_scales = chunk_states_from_starts(
-            k, v, s, G, hk_chunks, hv_chunks, layout, segment_chunks, compact=compact)
+            k, v, s, G, hk_chunks, hv_chunks, layout, segment_chunks, compact=rebuilt)
     elif recomputed:
         hk_chunks, hv_chunks, hk_scales, hv_scales, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout,
-                                                                          compact=compact)
+                                                                          compact=rebuilt)
     states_compact = recomputed and compact
     p = torch.empty(B, T, HQ, M, **f32)
     dz = torch.empty(B, T, HQ, M, **f32)
