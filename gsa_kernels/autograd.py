@@ -35,20 +35,21 @@ def final_state_grads(dhk, dhv, hk_shape, hv_shape, device):
 def chunk_gsa_backward(bwd, scope, saved, do, dhk_final, dhv_final, *, N: int):
     """(dq, dk, dv, ds, dg, dhk0, dhv0) of chunk_gsa; dhk0, dhv0 None without initial states.
 
-    saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0) as the forward left them, the chunk
-    states at checkpoint level 2 only those at the segment starts, or None (the backward rebuilds the
-    rest), and the initial states None when there were none; do, dhk_final, dhv_final: the incoming
-    gradients (None where nothing flows back); N: the number of sequences.
-    bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0) -> the seven
-    gradients.
+    saved: (q, k, v, s, g, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0) as the forward left
+    them (launchers/chunk.py `chunk_gsa_train_fwd`), the chunk states at checkpoint level 2 only those
+    at the segment starts, or None (the backward rebuilds the rest), and the initial states None when
+    there were none; do, dhk_final, dhv_final: the incoming gradients (None where nothing flows back);
+    N: the number of sequences.
+    bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0) ->
+    the seven gradients.
     """
-    q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0 = saved
+    q, k, v, s, g, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0 = saved
     H, K, V, M = k.shape[2], k.shape[3], v.shape[3], s.shape[3]     # H: the kv heads (the states')
     do = torch.zeros(*q.shape[:3], V, dtype=v.dtype, device=v.device) if do is None else do.contiguous()
     dhk_final, dhv_final = final_state_grads(dhk_final, dhv_final, (N, H, K, M), (N, H, M, V), q.device)
     with in_launch_scope(scope):
         dq, dk, dv, ds, dg, dhk0, dhv0 = bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks,
-                                             hv_chunks, hk0, hv0)
+                                             hv_chunks, hv_scales, hk0, hv0)
     if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, dhk0, dhv0
@@ -80,9 +81,10 @@ class ChunkGSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, layout, checkpoint_level):
-        o, scores, hk_chunks, hv_chunks, hk_final, hv_final, ctx.segment_chunks = chunk_gsa_train_fwd(
-            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, checkpoint_level)
-        ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0)
+        (o, scores, hk_chunks, hv_chunks, hv_scales, hk_final, hv_final,
+         ctx.segment_chunks) = chunk_gsa_train_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout,
+                                                   checkpoint_level)
+        ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0)
         ctx.scale, ctx.layout = scale, layout
         ctx.launch_scope = launch_scope()
         return o, hk_final, hv_final

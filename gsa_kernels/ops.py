@@ -84,19 +84,21 @@ def _saved_state_slots(B, T, BT: int, N, is_varlen: bool, L: int, checkpoint_lev
 def chunk_gsa_fwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor,
                      hk0: Tensor | None, hv0: Tensor | None, cu_seqlens: Tensor | None,
                      scale: float, chunk_size: int, output_final_state: bool, checkpoint_level: int
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(o, scores, hk_chunks, hv_chunks, hk_final, hv_final); the middle three are the backward's, the
-    chunk states at checkpoint level 2 only those at the segment starts (launchers/chunk.py
-    `segment_starts`; the backward rebuilds the rest) or none (configs.recompute_segment_chunks).
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, scores, hk_chunks, hv_chunks, hv_scales, hk_final, hv_final); the middle four are the
+    backward's (launchers/chunk.py `chunk_gsa_train_fwd`): the chunk states at checkpoint level 2 only
+    those at the segment starts (the backward rebuilds the rest) or none
+    (configs.recompute_segment_chunks), float32; at the other levels every chunk state, Hv of half
+    inputs scaled float16 with its float32 scales (hv_scales, else empty).
     chunk_size 0: the tuned one for (K, V, M, dtype) (`compiled_chunk_size`). The chunk states go out
     flat (1-D): a [slots, H, K, M] result would make Dynamo guard on slots != 1, and recompile when T
     crosses one chunk."""
     q, k, v, s, g, hk0, hv0 = _contiguous(q, k, v, s, g, hk0, hv0)
     layout = _chunk_layout(q, k, v, s, cu_seqlens, chunk_size)
-    o, scores, hk_chunks, hv_chunks, hk_final, hv_final, _ = chunk_gsa_train_fwd(
+    o, scores, hk_chunks, hv_chunks, hv_scales, hk_final, hv_final, _ = chunk_gsa_train_fwd(
         q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, checkpoint_level)
     return (o, scores, _or_empty(hk_chunks, q).reshape(-1), _or_empty(hv_chunks, q).reshape(-1),
-            _or_empty(hk_final, q), _or_empty(hv_final, q))
+            _or_empty(hv_scales, q).reshape(-1), _or_empty(hk_final, q), _or_empty(hv_final, q))
 
 
 @chunk_gsa_fwd_op.register_fake
@@ -108,8 +110,11 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     L = _segment_chunks(BT, N, H, K, V, checkpoint_level)
     slots = _saved_state_slots(B, T, BT, N, cu_seqlens is not None, L, checkpoint_level)
     f32 = dict(dtype=torch.float32)
+    compact_hv = checkpoint_level != 2 and q.dtype != torch.float32     # chunk_gsa_train_fwd's rule
+    hv_states = dict(dtype=torch.float16) if compact_hv else f32
     return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
-            q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **f32),
+            q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **hv_states),
+            q.new_empty(slots * H * V if compact_hv else NONE, **f32),
             q.new_empty(N, H, K, M, **f32) if output_final_state else q.new_empty(NONE, **f32),
             q.new_empty(N, H, M, V, **f32) if output_final_state else q.new_empty(NONE, **f32))
 
@@ -117,12 +122,13 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
 @torch.library.custom_op("gsa_kernels::chunk_gsa_bwd", mutates_args=())
 def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: Tensor,
                      dhk_final: Tensor | None, dhv_final: Tensor | None, scores: Tensor,
-                     hk_chunks: Tensor, hv_chunks: Tensor, hk0: Tensor | None, hv0: Tensor | None,
-                     cu_seqlens: Tensor | None, scale: float, chunk_size: int, checkpoint_level: int
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     hk_chunks: Tensor, hv_chunks: Tensor, hv_scales: Tensor, hk0: Tensor | None,
+                     hv0: Tensor | None, cu_seqlens: Tensor | None, scale: float, chunk_size: int,
+                     checkpoint_level: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, ds, dg, dhk0, dhv0); dhk0 and dhv0 float32, empty without initial states. At
     checkpoint level 2 the chunk states given are the segment starts' (the rest are rebuilt from them)
-    or empty (all are rebuilt from hk0, hv0)."""
+    or empty (all are rebuilt from hk0, hv0); hv_scales: those of the forward's Hv where it kept them
+    scaled float16 (levels 0 and 1, half inputs), else empty."""
     q, k, v, s, g, do, dhk_final, dhv_final, hk0, hv0 = _contiguous(q, k, v, s, g, do, dhk_final, dhv_final,
                                                                     hk0, hv0)
     if dhk_final is not None:   # the kernels read float32 states
@@ -140,16 +146,18 @@ def chunk_gsa_bwd_op(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, do: 
         hk_chunks, hv_chunks = hk_chunks.view(-1, H, K, M), hv_chunks.view(-1, H, M, V)
     else:
         hk_chunks = hv_chunks = None
+    hv_scales = hv_scales.view(-1, H, V) if hv_scales.numel() else None
     dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(
-        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, layout, scale, L)
+        q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0, layout,
+        scale, L)
     if hk0 is None:
         dhk0 = dhv0 = None
     return dq, dk, dv, ds, dg, _or_empty(dhk0, q), _or_empty(dhv0, q)
 
 
 @chunk_gsa_bwd_op.register_fake
-def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens, scale,
-      chunk_size, checkpoint_level):
+def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0, cu_seqlens,
+      scale, chunk_size, checkpoint_level):
     B, T, _, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -162,16 +170,16 @@ def _(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0
 
 def _chunk_setup_context(ctx, inputs, output):
     q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, _, checkpoint_level = inputs
-    _, scores, hk_chunks, hv_chunks, _, _ = output
-    ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hk0, hv0, cu_seqlens)
+    _, scores, hk_chunks, hv_chunks, hv_scales, _, _ = output
+    ctx.save_for_backward(q, k, v, s, g, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0, cu_seqlens)
     ctx.scale, ctx.chunk_size, ctx.checkpoint_level = scale, chunk_size, checkpoint_level
     # holds for an eager call of the op; inside a compiled graph this runs once, at trace time, and
     # the graph's backward kernels see the thread that runs them
     ctx.launch_scope = launch_scope()
-    ctx.mark_non_differentiable(scores, hk_chunks, hv_chunks)
+    ctx.mark_non_differentiable(scores, hk_chunks, hv_chunks, hv_scales)
 
 
-def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, dhk_final, dhv_final):
+def _chunk_backward(ctx, do, _dscores, _dhk_chunks, _dhv_chunks, _dhv_scales, dhk_final, dhv_final):
     *saved, cu_seqlens = ctx.saved_tensors
     q = saved[0]
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -188,7 +196,7 @@ chunk_gsa_fwd_op.register_autograd(_chunk_backward, setup_context=_chunk_setup_c
 def chunk_gsa_compiled(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state,
                        checkpoint_level):
     """chunk_gsa as custom ops: (o, hk_final or None, hv_final or None)."""
-    o, _, _, _, hk, hv = chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size,
+    o, _, _, _, _, hk, hv = chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size,
                                           output_final_state, checkpoint_level)
     return o, (hk if output_final_state else None), (hv if output_final_state else None)
 

@@ -1,15 +1,17 @@
 """chunk_gsa's checkpoint_level: what a training call keeps for its backward, and that keeping less
 changes nothing else.
 
-Level 0 (and 1: the gate cumsum is never kept) saves the float32 chunk states; level 2 (the default,
-as flash-linear-attention's) saves the inputs, the float32 slot scores and the chunk states at the
-start of every segment of L chunks only (or none, where the walk fills the GPU), and the backward
-walks every segment again from its start (or every sequence from its own).
+Level 0 (and 1: the gate cumsum is never kept) saves the chunk states (for half inputs Hv as scaled
+float16); level 2 (the default, as flash-linear-attention's) saves the inputs, the float32 slot
+scores and the float32 chunk states at the start of every segment of L chunks only (or none, where
+the walk fills the GPU), and the backward walks every segment again from its start (or every
+sequence from its own).
 For float32 inputs the rebuilt states are the forward's bit for bit (each step the forward walk's,
 from the forward's own state), so both levels give the same gradients exactly, eager and through
 the custom ops, with one segment per sequence or several (`_segments`: L = 2 chunks). For half
-inputs level 2 stores Hv's chunk states (and rebuilds both) as scaled float16, which the tf32 dots read
-without loss; Hk's forward walk is level 0's, and each level meets the contract.
+inputs every level's forward stores Hv's chunk states as scaled float16 (and level 2 rebuilds both
+that way), which the tf32 dots read without loss, and Hk's as float32: the forward is the same at
+every level, and each level meets the contract.
 """
 from __future__ import annotations
 
@@ -75,16 +77,17 @@ def test_float32_levels_give_the_same_results_bit_for_bit(varlen, segments, monk
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("varlen", [False, True])
-def test_half_level_2_walks_hk_as_level_0_and_meets_the_contract(dtype, varlen, monkeypatch):
+def test_half_levels_share_the_forward_and_meet_the_contract(dtype, varlen, monkeypatch):
     _segments("several", monkeypatch)     # one segment is every level-2 call of test_chunk.py
     ins, cu = _level_inputs(dtype, varlen)
     level0, level2 = (_grads_at(level, ins, cu) for level in (0, 2))
-    # Hk's walk is level 0's (float32 chunk states: the scores the backward reads keep their bits);
-    # Hv's chunk states are scaled float16, so o may differ from level 0's by their rounding
-    assert torch.equal(level0[1], level2[1]), "level 2 changes the forward's hk"
-    # level 2's gradients, from the starts taken back to float32 (level 0's are test_chunk's subject)
-    ours, ref = run_both(*ins, scale=0.5, cu_seqlens=cu, chunk_size=16, checkpoint_level=2)
-    assert_close(ours, ref, dtype, "checkpoint_level=2")
+    # one forward walk at both levels (Hk float32, Hv scaled float16): the same o and final states
+    for name, a, b in zip(NAMES[:3], level0, level2):
+        assert torch.equal(a, b), f"level 2 changes the forward's {name}"
+    # the gradients: level 0's from the forward's 16-bit Hv, level 2's from float32 starts rebuilt
+    for level in (0, 2):
+        ours, ref = run_both(*ins, scale=0.5, cu_seqlens=cu, chunk_size=16, checkpoint_level=level)
+        assert_close(ours, ref, dtype, f"checkpoint_level={level}")
 
 
 @pytest.mark.parametrize("level,segments", [(0, "one"), (2, "none"), (2, "one"), (2, "several")])
@@ -104,9 +107,9 @@ def test_each_level_matches_the_float64_recurrence(level):
     assert_close(ours, ref, torch.float32, f"checkpoint_level={level}")
 
 
-def _saved_bytes(level, B, T, H, K, V, M, chunk_size):
+def _saved_bytes(level, B, T, H, K, V, M, chunk_size, dtype=torch.float32):
     """Bytes the forward of one training call keeps for its backward (autograd's saved tensors)."""
-    ins = make_inputs(B, T, H, K, V, M, torch.float32, seed=1)
+    ins = make_inputs(B, T, H, K, V, M, dtype, seed=1)
     xs = [x.to(DEVICE).requires_grad_() for x in ins]
     saved = []
 
@@ -135,6 +138,13 @@ def test_level_2_keeps_the_segment_starts_only_and_level_1_is_level_0(segments, 
     level0, _ = _saved_bytes(0, B, T, H, K, V, M, BT)
     assert level2 == inputs + scores + starts
     assert level0 == level1 == inputs + scores + states     # 1 is 0: the gate cumsum is never kept
+    # half inputs: level 0 keeps Hk's float32 chunk states and Hv's as float16 with a float32 scale
+    # per column; level 2's starts stay float32
+    half_inputs = 2 * B * T * H * (2 * K + V + 2 * M) + 4 * B * H * (K * M + M * V)
+    slots = num_chunk_slots(B, T, BT, B, False)
+    half_states = slots * H * (4 * K * M + 2 * M * V + 4 * V)
+    assert _saved_bytes(0, B, T, H, K, V, M, BT, torch.float16)[0] == half_inputs + scores + half_states
+    assert _saved_bytes(2, B, T, H, K, V, M, BT, torch.float16)[0] == half_inputs + scores + starts
 
 
 def test_positional_order_is_flash_linear_attentions():
@@ -171,7 +181,7 @@ def test_level_2_lowers_what_lives_between_forward_and_backward():
         held[level] = torch.cuda.memory_allocated() - before
         o.sum().backward()
         del o, ins
-    states = 4 * B * (T // 16) * H * 2 * D * M      # the float32 chunk states at the smallest chunk
+    states = B * (T // 16) * H * D * M * (4 + 2)    # float32 Hk and float16 Hv at the smallest chunk
     assert held[0] - held[2] >= states // 4, held   # at least the states of the largest chunk (64)
 
 

@@ -299,16 +299,18 @@ def test_half_state_walk_keeps_float32_precision(dtype):
     assert max(errors.values()) < 2e-5, errors
 
 
+@pytest.mark.parametrize("level", [0, 2])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_half_slot_scores_keep_hk_beyond_tf32(dtype):
+def test_half_slot_scores_keep_hk_beyond_tf32(dtype, level):
     """Scale 1, no forgetting, 211 steps, K = 128: slot scores in the tens, a near one-hot softmax whose
     backward subtracts nearly equal terms. A Hypothesis draw on the H100: with q Hk in
     tf32 (Hk truncated to 11 bits) dq, dk, ds and dhk0 were 1.6e-2 to 1.8e-2 off, over the 1e-2 bound;
     chunk_fwd now takes Hk as 16-bit halves (dots.py `dot_acc_scaled`): 2.5e-3. The interpreter
-    truncates tf32 operands as the GPU does (conftest), so this fails there too without the halves."""
+    truncates tf32 operands as the GPU does (conftest), so this fails there too without the halves.
+    Both levels: level 0's backward reads the forward's chunk states (Hv in 16 bits), level 2's rebuilt ones."""
     q, k, v, s, g, hk0, hv0 = make_inputs(2, 211, 1, 128, 16, 5, dtype, "zero", seed=74, initial_state=True)
-    ours, ref = run_both(q, k, v, s, g, hk0, hv0, scale=1.0, chunk_size=64, seed=75)
-    errors = assert_close(ours, ref, dtype, "scale 1, g = 0")
+    ours, ref = run_both(q, k, v, s, g, hk0, hv0, scale=1.0, chunk_size=64, seed=75, checkpoint_level=level)
+    errors = assert_close(ours, ref, dtype, f"scale 1, g = 0, checkpoint_level={level}")
     print(f"\n{dtype}: " + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
 
 

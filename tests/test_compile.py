@@ -63,9 +63,11 @@ def _cover(cases, levels=(0, 2)):
     return [(c, levels[i % len(levels)]) for i, c in enumerate(cases)]
 
 
-@pytest.mark.parametrize("case,level", _cover(["plain", "states", "varlen", "gqa-chunk16"]))
+# "half": float16 inputs, whose Hv chunk states the forward keeps at level 0 as scaled float16
+@pytest.mark.parametrize("case,level", _cover(["plain", "states", "varlen", "gqa-chunk16", "half"]))
 def test_opcheck_chunk_fwd(case, level):
-    q, k, v, s, g = gsa_inputs(T=37, requires_grad=True)
+    dtype = torch.float16 if case == "half" else torch.float32
+    q, k, v, s, g = gsa_inputs(T=37, dtype=dtype, requires_grad=True)
     hk0 = hv0 = cu = None
     chunk_size, final = 0, case != "plain"
     if case == "states":
@@ -78,18 +80,18 @@ def test_opcheck_chunk_fwd(case, level):
     _opcheck(ops.chunk_gsa_fwd_op, (q, k, v, s, g, hk0, hv0, cu, 0.25, chunk_size, final, level))
 
 
-@pytest.mark.parametrize("case,level", _cover(["plain", "gqa-states-final"], levels=(2, 0)))
+@pytest.mark.parametrize("case,level", _cover(["half", "plain", "gqa-states-final"]))
 def test_opcheck_chunk_bwd(case, level):
-    q, k, v, s, g = gsa_inputs(T=37)
+    q, k, v, s, g = gsa_inputs(T=37, dtype=torch.float16 if case == "half" else torch.float32)
     if case.startswith("gqa"):     # 4 query heads over the 2 kv heads
         q = gsa_inputs(T=37, H=4, seed=3)[0]
     hk0, hv0 = states() if case != "plain" else (None, None)
-    o, scores, hk_chunks, hv_chunks, _, _ = ops.chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25, 0, True,
-                                                                 level)
+    o, scores, hk_chunks, hv_chunks, hv_scales, _, _ = ops.chunk_gsa_fwd_op(q, k, v, s, g, hk0, hv0, None, 0.25,
+                                                                            0, True, level)
     do = torch.randn_like(o)
     dhk, dhv = states(seed=2) if case != "plain" else (None, None)
-    _opcheck(ops.chunk_gsa_bwd_op, (q, k, v, s, g, do, dhk, dhv, scores, hk_chunks, hv_chunks, hk0, hv0,
-                                    None, 0.25, 0, level))
+    _opcheck(ops.chunk_gsa_bwd_op, (q, k, v, s, g, do, dhk, dhv, scores, hk_chunks, hv_chunks, hv_scales,
+                                    hk0, hv0, None, 0.25, 0, level))
 
 
 @pytest.mark.parametrize("case", ["plain", "gqa-states", "varlen"])

@@ -322,27 +322,27 @@ def chunk_gsa_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: Ch
 def chunk_gsa_train_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layout: ChunkLayout,
                         checkpoint_level: int):
     """The forward of a call with gradients and what it keeps for chunk_gsa_bwd: (o, scores, hk_kept,
-    hv_kept, hk_final, hv_final, segment_chunks).
+    hv_kept, hv_scales, hk_final, hv_final, segment_chunks).
 
-    Levels 0 and 1 keep every float32 chunk state (segment_chunks 0). Level 2 keeps the float32 states
-    at the start of every segment of L = segment_chunks chunks (configs.recompute_segment_chunks), or
-    none (hk_kept, hv_kept None, segment_chunks 0). For half inputs its walk stores Hv as scaled
-    float16 (COMPACT_VALUES): the states live only until chunk_fwd has read them, and Hv enters only
-    o = p Hv, where 11 bits are what the tf32 dot keeps; Hk stays float32 for the scores the backward
-    reads (kernels/chunk_fwd.py). A quarter fewer state bytes stored and read."""
+    For half inputs the walk stores Hv as scaled float16 (COMPACT_VALUES) at every level: Hv enters
+    only o = p Hv and the backward's products, where 11 bits are what the tf32 dots keep; Hk stays
+    float32 for the scores the backward reads (kernels/chunk_fwd.py). A quarter fewer state bytes
+    stored and read.
+    Levels 0 and 1 keep every chunk state (segment_chunks 0), Hv with its scales (hv_scales, None for
+    float32 inputs). Level 2 keeps the float32 states at the start of every segment of
+    L = segment_chunks chunks (configs.recompute_segment_chunks), or none (hk_kept, hv_kept None,
+    segment_chunks 0); its hv_scales are None."""
+    compact = FLOAT32_STATES if q.dtype == torch.float32 else COMPACT_VALUES
+    o, scores, hk_chunks, hv_chunks, _, hv_scales, hk_final, hv_final = chunk_gsa_fwd(
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, compact=compact)
     if checkpoint_level != 2:
-        o, scores, hk_chunks, hv_chunks, _, _, hk_final, hv_final = chunk_gsa_fwd(
-            q, k, v, s, g, scale, hk0, hv0, output_final_state, layout)
-        return o, scores, hk_chunks, hv_chunks, hk_final, hv_final, 0
+        return o, scores, hk_chunks, hv_chunks, hv_scales, hk_final, hv_final, 0
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
     L = recompute_segment_chunks(layout.BT, layout.N * H, K, V)
-    o, scores, hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final = chunk_gsa_fwd(
-        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout,
-        compact=FLOAT32_STATES if q.dtype == torch.float32 else COMPACT_VALUES)
     if not L:
-        return o, scores, None, None, hk_final, hv_final, 0
-    hk_starts, hv_starts = segment_starts(hk_chunks, hv_chunks, layout, L, hk_scales, hv_scales)
-    return o, scores, hk_starts, hv_starts, hk_final, hv_final, L
+        return o, scores, None, None, None, hk_final, hv_final, 0
+    hk_starts, hv_starts = segment_starts(hk_chunks, hv_chunks, layout, L, hv_scales=hv_scales)
+    return o, scores, hk_starts, hv_starts, None, hk_final, hv_final, L
 
 
 # The reverse walk stacks a group's rows into one dot ([BT * GP, BM] tiles of dz, p and G per step);
@@ -426,7 +426,7 @@ def chunk_states_bwd(q, do, dz, p, G, dhk_final, dhv_final, dhk0, dhv0, layout: 
     return dhk_chunks, dhv_chunks, dhk_scales, dhv_scales
 
 
-def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hk0, hv0,
+def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv_chunks, hv_scales, hk0, hv0,
                   layout: ChunkLayout, scale: float, segment_chunks: int = 0):
     """The backward launches: (dq, dk, dv, ds, dg) in the inputs' dtypes and the float32 initial-state
     gradients (dhk0, dhv0), written whether or not there were initial states. dhk_final / dhv_final:
@@ -440,7 +440,9 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     reverse walk, so at most three of the four [chunks, H, K, M]-sized tensors live at once. For half
     inputs the rebuilt states and every state gradient are scaled float16 (kernels/states.py
     `_store_scaled`): the tf32 dots that read them keep no more bits. float32 inputs keep float32
-    states (their dots are IEEE)."""
+    states (their dots are IEEE).
+    Levels 0 and 1: hk_chunks, hv_chunks every chunk state as chunk_gsa_train_fwd kept them, Hv of half
+    inputs scaled float16 with hv_scales (else hv_scales None)."""
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[-1], s.shape[-1]
     group = HQ // H
@@ -455,14 +457,18 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     G = chunk_gates(g, layout)
     recomputed = hk_chunks is None or segment_chunks > 0
     rebuilt = COMPACT_STATES if compact else FLOAT32_STATES
-    hk_scales = hv_scales = None
+    hk_scales = None
     if segment_chunks:
         hk_chunks, hv_chunks, hk_scales, hv_scales = chunk_states_from_starts(
             k, v, s, G, hk_chunks, hv_chunks, layout, segment_chunks, compact=rebuilt)
     elif recomputed:
         hk_chunks, hv_chunks, hk_scales, hv_scales, *_ = chunk_states_fwd(k, v, s, G, hk0, hv0, layout,
                                                                           compact=rebuilt)
-    states_compact = recomputed and compact
+    # which states the chunk kernels read as scaled float16: Hv wherever the inputs are half (the
+    # forward's and the rebuilt alike), Hk only where rebuilt
+    keys_compact, values_compact = recomputed and compact, compact
+    if values_compact and hv_scales is None:
+        raise ValueError("chunk_gsa_bwd: half inputs' saved Hv chunk states need their scales (hv_scales)")
     p = torch.empty(B, T, HQ, M, **f32)
     dz = torch.empty(B, T, HQ, M, **f32)
     dG_loc = torch.empty(B, T, HQ, M, **f32)
@@ -471,7 +477,7 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     chunk_bwd_dscores_kernel[(layout.num_slots, HQ)](
         v, s, G, do, hv_chunks, opt(hv_scales), scores, p, dz, dG_loc, cu, table, scale, T,
         H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"],
-        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, GROUP=group, **_warps(cfg))
+        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=values_compact, GROUP=group, **_warps(cfg))
 
     dhk0 = torch.empty(N, H, K, M, **f32)
     dhv0 = torch.empty(N, H, M, V, **f32)
@@ -492,7 +498,7 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     chunk_bwd_keys_kernel[(layout.num_slots, HQ)](
         q, k, s, G, hk_chunks, dhk_chunks, opt(hk_scales), opt(dhk_scales), dz, dq, dk, ds_keys, carry_keys,
         cu, table, T, H=H, K=K, M=M, BT=BT, BM=BM, BK=cfg["BK"], IS_VARLEN=layout.is_varlen, PREC=prec,
-        STATES_COMPACT=states_compact, DSTATES_COMPACT=compact, GROUP=group, **_warps(cfg))
+        STATES_COMPACT=keys_compact, DSTATES_COMPACT=compact, GROUP=group, **_warps(cfg))
     del hk_chunks, hk_scales, dhk_chunks, dhk_scales, dz   # the keys' side is done: free it
     if recomputed:
         _, dhv_chunks, _, dhv_scales = chunk_states_bwd(q, do, None, p, G, dhk_final, dhv_final, dhk0, dhv0,
@@ -503,7 +509,7 @@ def chunk_gsa_bwd(q, k, v, s, g, do, dhk_final, dhv_final, scores, hk_chunks, hv
     chunk_bwd_values_kernel[(layout.num_slots, HQ)](
         v, s, G, do, hv_chunks, dhv_chunks, opt(hv_scales), opt(dhv_scales), p, dG_loc, ds_keys, carry_keys,
         dv, ds, dg, cu, table, T, H=H, V=V, M=M, BT=BT, BM=BM, BV=cfg["BV"], USE_INITIAL_STATE=hk0 is not None,
-        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=states_compact, DSTATES_COMPACT=compact,
+        IS_VARLEN=layout.is_varlen, PREC=prec, STATES_COMPACT=values_compact, DSTATES_COMPACT=compact,
         GROUP=group, **_warps(cfg))
     if group > 1:
         dk, dv, ds, dg = (share.view(B, T, H, group, -1).sum(3).to(x.dtype)
