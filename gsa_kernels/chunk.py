@@ -60,12 +60,12 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     Returns o [B, T, HQ, V] in q's dtype and (hk [N, H, K, M], hv [N, H, M, V]) float32 final states
     when output_final_state, else (None, None).
     checkpoint_level (flash-linear-attention's argument, same default and position): what a training
-    call keeps for its backward. 0 keeps the float32 chunk states ([chunks, H, K, M] and
-    [chunks, H, M, V], most of a call's memory); 2 keeps the inputs and the float32 slot scores
-    (and, for a few long sequences, the chunk states at the start of every 1024 tokens) and the
-    backward runs the forward state walk again (one more launch); for half inputs its forward walk
-    stores Hv's chunk states as scaled float16 (Hk's stay float32 for the scores). 1 (FLA: recompute the
-    gate cumsum) is 0 here: the cumsum is never kept. Calls without gradients keep nothing at any level.
+    call keeps for its backward. 0 keeps the chunk states ([chunks, H, K, M] and [chunks, H, M, V],
+    most of a call's memory: Hk float32, Hv float32 or, for half inputs, scaled float16); 2 keeps the
+    inputs and the float32 slot scores (and, for a few long sequences, the chunk states at the start
+    of every 1024 tokens) and the backward runs the forward state walk again (one more launch). 1
+    (FLA: recompute the gate cumsum) is 0 here: the cumsum is never kept. Calls without gradients keep
+    nothing at any level.
     `chunk_size` (keyword) overrides the tuned chunk length: any power of two, as FLA accepts; the
     kernels run 16, 32 or 64, so a smaller one runs as 16 and a larger one as 64. Results do not depend
     on the chunk size beyond rounding (equal within the bounds of docs/contract.md).

@@ -24,8 +24,8 @@ import torch
 
 from gsa_kernels.autograd import chunk_gsa_backward, fused_recurrent_gsa_backward
 from gsa_kernels.configs import launch_config, recompute_segment_chunks
-from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_train_fwd, num_chunk_slots,
-                                         stacked_chunk_limit)
+from gsa_kernels.launchers.chunk import (ChunkLayout, chunk_gsa_bwd, chunk_gsa_train_fwd, keeps_compact_values,
+                                         num_chunk_slots, stacked_chunk_limit)
 from gsa_kernels.launchers.recurrent import decode_step, recurrent_bwd, recurrent_fwd
 from gsa_kernels.launches import launch_scope
 
@@ -110,7 +110,7 @@ def _(q, k, v, s, g, hk0, hv0, cu_seqlens, scale, chunk_size, output_final_state
     L = _segment_chunks(BT, N, H, K, V, checkpoint_level)
     slots = _saved_state_slots(B, T, BT, N, cu_seqlens is not None, L, checkpoint_level)
     f32 = dict(dtype=torch.float32)
-    compact_hv = checkpoint_level != 2 and q.dtype != torch.float32     # chunk_gsa_train_fwd's rule
+    compact_hv = keeps_compact_values(q.dtype, checkpoint_level)
     hv_states = dict(dtype=torch.float16) if compact_hv else f32
     return (q.new_empty(B, T, HQ, V), q.new_empty(B, T, HQ, M, **f32),
             q.new_empty(slots * H * K * M, **f32), q.new_empty(slots * H * M * V, **hv_states),

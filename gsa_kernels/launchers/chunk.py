@@ -7,13 +7,13 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and, at checkpoint level 0 or 1,
-the float32 chunk states. At level 2 only the states at the start of every segment of L chunks
+the chunk states (Hk float32; Hv scaled float16 for half inputs). At level 2 only the states at the start of every segment of L chunks
 (configs.recompute_segment_chunks, 1 / L of them), or none where the walk fills the GPU, live between
 forward and backward: the backward rebuilds the chunk states from those starts, all segments side by
 side (or from each sequence's start), and walks the two memories' gradients in two launches (7 in
 all), keys then values, freeing the keys' states before the values' walk.
-For half inputs the state gradients (and at level 2 the forward's and the rebuilt states) are scaled
-float16.
+For half inputs the forward stores Hv as scaled float16 at every level, and the state gradients and
+level 2's rebuilt states are scaled float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
 
 Grouped query heads: q (and do) with HQ = H * group heads over k, v, s, g with H. The gates, the
@@ -146,12 +146,23 @@ def _walk_plan(kernel, cfg, layout: ChunkLayout, B, T, H, K, V, M, device, keys=
 
 
 # Which chunk states a forward walk stores as scaled float16 (kernels/states.py `_store_scaled`), as
-# (Hk, Hv): none (float32 inputs, checkpoint level 0); Hv only (half inputs at level 2: the scores
-# the backward reads need Hk's float32 bits, kernels/chunk_fwd.py); both (the forward-only path, and
+# (Hk, Hv): none (float32 inputs); Hv only (a training forward of half inputs: the scores the
+# backward reads need Hk's float32 bits, kernels/chunk_fwd.py); both (the forward-only path, and
 # level 2's rebuilt states, which enter only products).
 FLOAT32_STATES = (False, False)
 COMPACT_VALUES = (False, True)
 COMPACT_STATES = (True, True)
+
+
+def training_states(dtype) -> tuple[bool, bool]:
+    """What a training forward's walk stores as scaled float16, at every checkpoint level."""
+    return FLOAT32_STATES if dtype == torch.float32 else COMPACT_VALUES
+
+
+def keeps_compact_values(dtype, checkpoint_level: int) -> bool:
+    """Whether chunk_gsa_train_fwd keeps Hv's chunk states scaled float16 with their scales (levels 0
+    and 1 of half inputs; level 2 keeps float32 segment starts or nothing)."""
+    return checkpoint_level != 2 and training_states(dtype)[1]
 
 
 def _empty_states(layout: ChunkLayout, H, K, V, M, compact, device):
@@ -226,12 +237,12 @@ def chunk_states_fwd(k, v, s, G, hk0, hv0, layout: ChunkLayout, output_final_sta
     return hk_chunks, hv_chunks, hk_scales, hv_scales, hk_final, hv_final
 
 
-def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int, hk_scales=None, hv_scales=None):
+def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int, hv_scales=None):
     """(hk_starts, hv_starts): the float32 chunk states at the start of every segment of L chunks,
     [segment slots, H, K, M] and [segment slots, H, M, V], the slots those of ChunkLayout(B, T, BT * L)
     (a padding slot of varlen holds its sequence's first state; nothing walks it). What checkpoint
-    level 2 keeps for chunk_states_from_starts. A state given with its scales is scaled float16: its
-    starts are taken back to float32 (exactly: each is a float16 times a power of two)."""
+    level 2 keeps for chunk_states_from_starts. Hv given with its scales is scaled float16: its starts
+    are taken back to float32 (exactly: each is a float16 times a power of two)."""
     seg = ChunkLayout(layout.B, layout.T, layout.BT * L, layout.cu, hk_chunks.device)
     if layout.is_varlen:
         sequence, segment = seg.table[:, 0].long(), seg.table[:, 1].long()
@@ -244,8 +255,6 @@ def segment_starts(hk_chunks, hv_chunks, layout: ChunkLayout, L: int, hk_scales=
         # every chunk state alive until the backward
         take = lambda x: x.view(B, chunks, *x.shape[1:])[:, ::L].contiguous().view(-1, *x.shape[1:])   # noqa: E731
     hk_starts, hv_starts = take(hk_chunks), take(hv_chunks)
-    if hk_scales is not None:
-        hk_starts = hk_starts.float() * take(hk_scales)[..., None]        # Hk's rows scaled
     if hv_scales is not None:
         hv_starts = hv_starts.float() * take(hv_scales)[..., None, :]     # Hv's columns
     return hk_starts, hv_starts
@@ -332,9 +341,8 @@ def chunk_gsa_train_fwd(q, k, v, s, g, scale, hk0, hv0, output_final_state, layo
     float32 inputs). Level 2 keeps the float32 states at the start of every segment of
     L = segment_chunks chunks (configs.recompute_segment_chunks), or none (hk_kept, hv_kept None,
     segment_chunks 0); its hv_scales are None."""
-    compact = FLOAT32_STATES if q.dtype == torch.float32 else COMPACT_VALUES
     o, scores, hk_chunks, hv_chunks, _, hv_scales, hk_final, hv_final = chunk_gsa_fwd(
-        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, compact=compact)
+        q, k, v, s, g, scale, hk0, hv0, output_final_state, layout, compact=training_states(q.dtype))
     if checkpoint_level != 2:
         return o, scores, hk_chunks, hv_chunks, hv_scales, hk_final, hv_final, 0
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
