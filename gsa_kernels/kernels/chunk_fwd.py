@@ -27,7 +27,7 @@ hq // GROUP, so the GROUP query heads of a kv head read one memory.
 import triton
 import triton.language as tl
 
-from gsa_kernels.kernels.dots import dot_acc_scaled
+from gsa_kernels.kernels.dots import dot_acc_scaled, halves
 from gsa_kernels.kernels.indexing import chunk_coords
 from gsa_kernels.kernels.intra import apply_causal, load_rows, matrix_causal
 from gsa_kernels.kernels.states import chunk_gates
@@ -121,9 +121,19 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
 
-        # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v
+        # values pass: inter-chunk (p * exp(G)) Hv plus the gated intra-chunk attention on v.
+        # SPLIT16 (half inputs): the loop-invariant float32 operands go to the tensor cores as 16-bit
+        # halves (dots.py), so that the tiles loaded in the loop (v, and Hv when compact) feed the dots
+        # as stored: no conversion waits on their loads, and the halves keep more bits than tf32 (pe <= 1
+        # and |Av| <= max |s|: float16 halves cannot overflow). Chunks of 64 keep the tf32 form: Triton 3.6
+        # miscompiles the halves there on the H200 (o 0.2 off at M 128, float16, 4 warps; docs/history/perf-notes.md).
         Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid_g, M, BT, BM, PREC)
         pe = p * tl.exp(G)
+        SPLIT16: tl.constexpr = (v.dtype.element_ty != tl.float32) and (BT <= 32)
+        if SPLIT16:
+            av_hi, av_lo = halves(Av, v.dtype.element_ty)
+            if COMPACT_HV:
+                pe_hi, pe_lo = halves(pe, tl.float16)
         probe = tl.zeros((BT, BV), dtype=tl.float32)      # 0, or NaN where an output is not finite
         for i in range(tl.cdiv(V, BV)):
             vv = i * BV + tl.arange(0, BV)
@@ -132,11 +142,17 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
             if SAFE:
                 vc, _ = _finite_rows(vc)
             hv = tl.load(hv_chunks + (slot * H + h) * M * V + m[:, None] * V + vv[None, :],
-                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0).to(tl.float32)
-            inter = tl.dot(pe, hv, input_precision=PREC)
+                         mask=(m < M)[:, None] & (vv < V)[None, :], other=0.0)
+            if SPLIT16 and COMPACT_HV:
+                inter = tl.dot(pe_lo, hv, tl.dot(pe_hi, hv))
+            else:
+                inter = tl.dot(pe, hv.to(tl.float32), input_precision=PREC)
             if COMPACT_HV:
                 inter = inter * tl.load(hv_scales + (slot * H + h) * V + vv, mask=vv < V, other=0.0)[None, :]
-            oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
+            if SPLIT16:
+                oc = tl.dot(av_lo, vc, tl.dot(av_hi, vc, inter))
+            else:
+                oc = inter + tl.dot(Av, vc.to(tl.float32), input_precision=PREC)
             if SAFE:
                 oc = tl.where(poisoned, float("nan"), oc)
             else:
