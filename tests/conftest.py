@@ -42,8 +42,55 @@ def _truncate_tf32_in_interpreter():
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
+def _patch_language_once_per_launch():
+    """Speed only: Triton 3.6's interpreter patches triton.language (interpreter._patch_lang: every
+    builtin re-wrapped) at each kernel launch, which is needed, and again at every call of a
+    @triton.jit helper inside the kernel, which is not: the launch has already patched the same
+    modules with the same builder and restores them when it ends. The repeats were a quarter of an
+    interpreted chunk test's time. Here a helper's call whose language modules the running launch
+    already patched gets an empty patch scope; any other call goes through as before. Where the
+    interpreter lacks these internals (another Triton version), nothing is changed."""
+    import inspect
+
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    original = getattr(interpreter, "_patch_lang", None)
+    launch = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    if original is None or launch is None or scope_type is None:
+        return
+    launches = []       # per launch in progress: the language modules it patched (None: not yet)
+
+    def langs_of(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+    def patch_lang(fn):
+        langs = langs_of(fn)
+        if launches and launches[-1] is not None and langs <= launches[-1]:
+            return scope_type()          # a helper inside a launch that has patched its modules
+        scope = original(fn)
+        if launches:
+            # the launch's own patch, or a helper's of a module the launch had not patched
+            # (triton.language.core, for Triton's own helpers): the interpreter never restores a
+            # helper's patch, so either is in effect for the rest of the launch
+            launches[-1] = langs | (launches[-1] or frozenset())
+        return scope
+
+    def run_launch(self, *args, **kwargs):
+        launches.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = run_launch
+
+
 if not ON_GPU:
     _truncate_tf32_in_interpreter()
+    _patch_language_once_per_launch()
 
 # Kernel tests run their tensors here: "cuda" on a GPU, "cpu" under the interpreter.
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -1001,13 +1001,14 @@ NUMPY_TOO_NEW_FOR_INTERPRETER = tuple(int(x) for x in np.__version__.split(".")[
                     reason=f"numpy {np.__version__}: Triton 3.6's interpreter needs numpy < 2.4")
 def test_sweep_dry_run_end_to_end_with_budget_resume_and_runtime_load(monkeypatch, tmp_path):
     out = tmp_path / "sm90.yaml"
-    first = sweep("--arch", "sm90", "--dry-run", "--output", str(out), "--time-budget", "1")
+    # one candidate a kernel: the budget, resume and load paths are this test's, the search others'
+    first = sweep("--arch", "sm90", "--dry-run", "--max-candidates", "1", "--output", str(out), "--time-budget", "1")
     assert first.returncode == 0, first.stderr
     assert "stopped by --time-budget" in first.stderr and "ETA" in first.stderr
     doc1 = yaml.safe_load(out.read_text())
     assert doc1["meta"]["dry_run"] is True and doc1["meta"]["complete"] is False
     assert len(doc1["entries"]) == 1
-    second = sweep("--arch", "sm90", "--dry-run", "--output", str(out), "--resume")
+    second = sweep("--arch", "sm90", "--dry-run", "--max-candidates", "1", "--output", str(out), "--resume")
     assert second.returncode == 0, second.stderr
     doc2 = yaml.safe_load(out.read_text())
     assert doc2["meta"]["complete"] is True and len(doc2["entries"]) == 2
