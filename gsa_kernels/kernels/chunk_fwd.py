@@ -127,7 +127,7 @@ def chunk_fwd_kernel(q, k, v, s, G_all, hk_chunks, hv_chunks, hk_scales, hv_scal
         # as stored: no conversion waits on their loads, and the halves keep more bits than tf32 (pe <= 1
         # and |Av| <= max |s|: float16 halves cannot overflow). Chunks of 64 keep the tf32 form: there the
         # halves gave o 0.2 off on the H200 (M 128, float16, 4 warps) where the interpreter is exact, taken
-        # for a Triton 3.6 miscompile (docs/history/perf-notes.md, session 28).
+        # for a Triton 3.6 miscompile (docs/history/perf-notes.md, "Chunk 64 fenced").
         Av = matrix_causal(p, sc, G, G_chunk, H * M, nvalid_g, M, BT, BM, PREC)
         pe = p * tl.exp(G)
         SPLIT16: tl.constexpr = (v.dtype.element_ty != tl.float32) and (BT <= 32)

@@ -7,11 +7,12 @@ Backward, 5 launches: chunk_cumsum (G again, cheaper than keeping it) -> chunk_b
                       initial-state gradients) -> chunk_bwd_keys (dq, dk, the keys' share of ds)
                       -> chunk_bwd_values (dv, ds, dg).
 Saved for the backward: the inputs, the float32 scores [B, T, H, M] and, at checkpoint level 0 or 1,
-the chunk states (Hk float32; Hv scaled float16 for half inputs). At level 2 only the states at the start of every segment of L chunks
-(configs.recompute_segment_chunks, 1 / L of them), or none where the walk fills the GPU, live between
-forward and backward: the backward rebuilds the chunk states from those starts, all segments side by
-side (or from each sequence's start), and walks the two memories' gradients in two launches (7 in
-all), keys then values, freeing the keys' states before the values' walk.
+the chunk states (Hk float32; Hv scaled float16 for half inputs). At level 2 only the states at the
+start of every segment of L chunks (configs.recompute_segment_chunks, 1 / L of them), or none where
+the walk fills the GPU, live between forward and backward: the backward rebuilds the chunk states
+from those starts, all segments side by side (or from each sequence's start), and walks the two
+memories' gradients in two launches (7 in all), keys then values, freeing the keys' states before the
+values' walk.
 For half inputs the forward stores Hv as scaled float16 at every level, and the state gradients and
 level 2's rebuilt states are scaled float16.
 No host sync anywhere: varlen chunk tables are built on the device with a host-known upper bound.
