@@ -1,7 +1,7 @@
 """The benchmark report: speed, peak memory and the decode step against flash-linear-attention and
 attention, as JSON, CSV, a markdown summary and PNG plots.
 
-    python -m benchmarks.report [--out docs/benchmarks] [--resume] [--no-fla] [--quick]
+    python -m benchmarks.report [--out docs/benchmarks] [--resume] [--no-fla] [--quick] [--sections long,...]
     python -m benchmarks.report --plot-only docs/benchmarks/report.json    # redraw from saved results
     bash benchmarks/gpu_check.sh report                                     # on the device machine
 
@@ -13,6 +13,9 @@ and benchmarks/bench_decode.py hold the timing code it shares):
     gate is per key channel), and SDPA causal attention of the same hidden size (2048 = 8 heads x
     256) with its flash and cuDNN backends;
   * "shapes": the same for the shapes a-d of bench_chunk;
+  * "long": the paper's layer at B = 1 and 4 for T = 4096 ... 262144 (up to a million tokens a batch),
+    gsa_kernels against flash-linear-attention's chunk_gsa, time and its multiple of the byte floor:
+    the sequence lengths GSA exists for, where few sequence-heads leave SMs idle;
   * "decode": one decode step (T = 1 with a float32 state) at B = 1, 8, 64, eager and in a CUDA graph.
 Peak memory is the most memory allocated during one call beyond what the inputs already hold. The
 byte floor (read q, k, v, s, g once and write o once; the backward adds do and the gradients) is
@@ -39,6 +42,10 @@ LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 TOKENS = 32768
 LAYER = dict(H=4, D=512, M=64)           # the paper's layer; K = V = D
 DECODE_BATCHES = [1, 8, 64]
+LONG_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+LONG_BATCHES = [1, 4]
+LONG_PROVIDERS = ["gsa_kernels", "fla_gsa"]
+SECTIONS = ("length", "shapes", "long", "decode")
 PROVIDERS = ["gsa_kernels", "fla_gsa", "fla_gla", "sdpa_flash", "sdpa_cudnn"]
 MODES = ["fwd", "fwd+bwd"]
 STYLE = {"gsa_kernels": ("C0", "o"), "fla_gsa": ("C1", "s"), "fla_gla": ("C2", "^"),
@@ -153,7 +160,16 @@ def plan(args, provs):
         for p in provs:
             for mode in MODES:
                 work.append(("shapes", name, B, T, H, D, M, p, mode))
-    return work
+    for B in LONG_BATCHES[:1] if args.quick else LONG_BATCHES:
+        for T in LONG_LENGTHS[::4] if args.quick else LONG_LENGTHS:
+            for p in (p for p in LONG_PROVIDERS if p in provs):
+                for mode in MODES:
+                    work.append(("long", long_label(B, T), B, T, LAYER["H"], LAYER["D"], LAYER["M"], p, mode))
+    return [w for w in work if w[0] in args.sections]
+
+
+def long_label(B: int, T: int) -> str:
+    return f"{B}x{T}"
 
 
 def run(args):
@@ -171,7 +187,8 @@ def run(args):
     # flash-linear-attention's chunk_gla last: its first call per head size autotunes for minutes, and
     # a call cut short should lose those rows rather than ours, the other peers' or the decode step
     todo.sort(key=lambda w: w[7] == "fla_gla")
-    decode_done = args.resume and results.has("decode", "1", "gsa_kernels", "eager")
+    decode_done = "decode" not in args.sections or (
+        args.resume and results.has("decode", "1", "gsa_kernels", "eager"))
     start = time.time()
     for i, (section, label, B, T, H, D, M, p, mode) in enumerate(todo):
         if p == "fla_gla" and not decode_done:
@@ -233,6 +250,13 @@ def _get(rows, section, label, provider, mode):
     return None
 
 
+def floor_multiple(r) -> str:
+    """A row's time as a multiple of its byte floor, or "-"."""
+    if r is None or r.get("ms") is None or not r.get("floor_ms"):
+        return "-"
+    return f"{r['ms'] / r['floor_ms']:.1f}x"
+
+
 def summary_markdown(doc) -> str:
     m, rows = doc["meta"], doc["rows"]
     lines = [f"Measured on {m['device']} (driver {m.get('driver')}, CUDA {m.get('cuda')}), torch {m['torch']}, "
@@ -268,6 +292,21 @@ def summary_markdown(doc) -> str:
                              f"| {fmt(r['fla_gla'])} | {fmt(r['sdpa_flash'])} | {fmt(r['sdpa_cudnn'])} "
                              f"| {fmt(ours, 'floor_ms')} | {fmt(ours, 'peak_MiB', digits=0)} "
                              f"| {fmt(r['fla_gsa'], 'peak_MiB', digits=0)} |")
+        lines.append("")
+    longs = [long_label(B, T) for B in LONG_BATCHES for T in LONG_LENGTHS
+             if _get(rows, "long", long_label(B, T), "gsa_kernels", "fwd")]
+    if longs:
+        lines += [f"**Long sequences**: the paper's layer (H {LAYER['H']}, K = V {LAYER['D']}, M {LAYER['M']}) "
+                  "at B = 1 and 4", "",
+                  "| [B, T] | mode | gsa_kernels | x byte floor | FLA chunk_gsa | x byte floor | speed-up "
+                  "| gsa_kernels peak MiB | FLA chunk_gsa peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for lb in longs:
+            for mode in MODES:
+                ours, fla = _get(rows, "long", lb, "gsa_kernels", mode), _get(rows, "long", lb, "fla_gsa", mode)
+                lines.append(f"| [{ours['B']}, {ours['T']}] | {mode} | {fmt(ours)} | {floor_multiple(ours)} "
+                             f"| {fmt(fla)} | {floor_multiple(fla)} | {speedup(ours, fla)} "
+                             f"| {fmt(ours, 'peak_MiB', digits=0)} | {fmt(fla, 'peak_MiB', digits=0)} |")
         lines.append("")
     if _get(rows, "decode", "1", "gsa_kernels", "eager"):
         lines += ["**Decode step** (H 4, K = V 512, M 64, float32 state), us", "",
@@ -319,6 +358,9 @@ def plot(doc, out: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
 
+    if any(r["section"] == "long" for r in rows):
+        files.append(plot_long(rows, meta, out / "time_vs_long_T.png"))
+
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for p in PROVIDERS:
         pts = [(T, _get(rows, "length", T, p, "fwd+bwd")) for T in lengths]
@@ -338,7 +380,39 @@ def plot(doc, out: Path) -> list[Path]:
     return files
 
 
+def plot_long(rows, meta, path: Path) -> Path:
+    """Time against T at B = 1 and 4, ours and FLA's, with each batch's byte floor: one panel a mode."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, mode in zip(axes, MODES):
+        for B, line in zip(LONG_BATCHES, ("-", "--")):
+            series = {p: [] for p in LONG_PROVIDERS + ["byte floor"]}
+            for T in LONG_LENGTHS:
+                for p in LONG_PROVIDERS:
+                    r = _get(rows, "long", long_label(B, T), p, mode)
+                    if r and r.get("ms") is not None:
+                        series[p].append((T, r["ms"]))
+                        if p == "gsa_kernels":
+                            series["byte floor"].append((T, r["floor_ms"]))
+            for p, pts in series.items():
+                if pts:
+                    color, marker = STYLE[p]
+                    ax.plot(*zip(*pts), line, color=color, marker=marker, label=f"{p}, B = {B}")
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms",
+               title=f"{mode}: H {LAYER['H']}, K = V {LAYER['D']}, M {LAYER['M']}, bf16")
+        ax.set_xticks(LONG_LENGTHS, [str(t) for t in LONG_LENGTHS], rotation=45)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, FLA {meta.get('fla')}; "
+                 f"byte floor at the {meta['copy_GBps']:.0f} GB/s copy", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(doc, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
     write_csv(doc, out / "report.csv")
     (out / "summary.md").write_text(summary_markdown(doc))
     try:
@@ -355,10 +429,15 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="keep the rows already in OUT/report.json")
     ap.add_argument("--no-fla", action="store_true", help="leave out flash-linear-attention")
     ap.add_argument("--quick", action="store_true", help="a few lengths and shape a only (a smoke run)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), type=lambda v: v.split(","),
+                    help=f"which parts to measure, comma-separated (default: all of {', '.join(SECTIONS)})")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw CSV, summary and plots from saved results")
     ap.add_argument("--json-only", action="store_true",
                     help="write OUT/report.json alone (a GPU call returns few files; draw later with --plot-only)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--sections: unknown {', '.join(unknown)} (expected some of {', '.join(SECTIONS)})")
     if args.plot_only:
         doc = json.loads(Path(args.plot_only).read_text())
         write_outputs(doc, Path(args.out))
