@@ -24,7 +24,8 @@
 #     ab        A/B of a kernel change: AB_PATCH (a diff, e.g. docs/pending/*.diff) applied to a copy of
 #               gsa_kernels/ and benched against this tree with benchmarks/bench_chunk.py --graph, each side
 #               with its own tree's shipped H200 file (a kernel the patch edits is stale there and runs its
-#               defaults; AB_SWEEP below re-times it), AB_ARGS (default
+#               defaults; AB_SWEEP below re-times it, or write the patch with `python -m benchmarks.ab_patch`,
+#               which moves the shipped files' hashes so that both sides run the shipped configs), AB_ARGS (default
 #               "--shapes a,e --no-fla --no-sdpa"); one log, ab.log (the device tool brings back at most 8
 #               files), and ab_base.json, ab_patched.json. AB_TESTS: pytest
 #               targets run in the patched copy first; AB_SWEEP (kernels, e.g. "chunk,chunk_fwd"):
