@@ -117,6 +117,41 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(scope="session")
+def compile_pool():
+    """`compile_pool(fn, tasks)`: on a GPU, fn(task) for every task in spawned worker processes first,
+    all at once, so that a test that then launches many configs one after another (the candidate-config
+    tests) finds them compiled in Triton's on-disk cache instead of compiling each in turn (0.5-3 s
+    each, minutes a test). fn must be a module-level function (the workers import it) that swallows
+    its own errors: the test's own launch meets them again and reports them. Results are not used.
+    Without a GPU (the interpreter compiles nothing), or with GSA_TEST_COMPILE_JOBS=0, it does nothing.
+    One pool for the session: a worker's start (torch, Triton, a CUDA context) costs seconds."""
+    jobs = int(os.environ.get("GSA_TEST_COMPILE_JOBS", max(0, min(14, (os.cpu_count() or 1) - 2))))
+    state = {"pool": None, "broken": not ON_GPU or jobs < 2}
+
+    def run(fn, tasks):
+        if state["broken"]:
+            return
+        try:
+            if state["pool"] is None:
+                import multiprocessing
+                import sys
+                from concurrent.futures import ProcessPoolExecutor
+                # the workers import fn's test module and its imports from the paths pytest set up
+                os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+                state["pool"] = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+            list(state["pool"].map(fn, tasks))
+        except Exception as e:     # a speed-up only: the test compiles as it launches
+            import warnings
+            warnings.warn(f"compile_pool: the parallel compile failed ({type(e).__name__}: {e}); the tests "
+                          "compile each config as they launch it")
+            state["broken"] = True
+
+    yield run
+    if state["pool"] is not None:
+        state["pool"].shutdown(wait=True, cancel_futures=True)
+
+
 def pytest_collection_modifyitems(config, items):
     # the `gpu` marker (registered in pyproject.toml) means "needs CUDA": skip those tests without it
     if ON_GPU:

@@ -365,33 +365,78 @@ def config_label(cfg):
     return ",".join(f"{n}={x}" for n, x in cfg.items())
 
 
+_CANDIDATE_FWD_SHAPE = (2, 242, 1, 128, 64, 5) if ON_GPU else (1, 70, 1, 40, 24, 5)
+_CANDIDATE_BWD_SHAPE = (2, 242, 1, 128, 64, 16) if ON_GPU else (1, 70, 1, 40, 24, 16)
+
+
+def candidate_fwd_inputs():
+    return make_inputs(*_CANDIDATE_FWD_SHAPE, torch.float16, "steep", seed=699, initial_state=True)
+
+
+def candidate_bwd_inputs():
+    """(leaves, do) of the backward candidate test."""
+    B, T, H, K, V, M = _CANDIDATE_BWD_SHAPE
+    leaves = make_inputs(B, T, H, K, V, M, torch.float16, "model", seed=812)
+    return leaves, torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(813)).to(torch.float16)
+
+
+def run_forward_candidate(kernel, BT, cfg, inputs):
+    """The forward candidate test's call under `cfg` for `kernel`: o."""
+    q, k, v, s, g, hk0, hv0 = inputs
+    ins = [x.to(DEVICE) for x in (q, k, v, s, g)]
+    if kernel == "chunk_fwd":
+        ins[0].requires_grad_()      # the training path's forward
+    with override({kernel: cfg}), torch.set_grad_enabled(kernel == "chunk_fwd"):
+        o, _ = chunk_gsa(*ins, initial_state=(hk0.to(DEVICE), hv0.to(DEVICE)), chunk_size=BT)
+    assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
+    return o
+
+
+def run_backward_candidate(kernel, BT, cfg, leaves, do):
+    """The backward candidate test's call under `cfg` for `kernel`: the leaves, holding their .grad."""
+    ins = [x.detach().clone().to(DEVICE).requires_grad_() for x in leaves]   # fresh .grad per config
+    with override({kernel: cfg}):
+        o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=BT)
+        o.backward(do.to(DEVICE))
+    assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
+    return ins
+
+
+def compile_candidate(task):
+    """A worker of `compile_pool`: the candidate test's call once, for Triton's on-disk cache."""
+    direction, kernel, BT, cfg = task
+    try:
+        if direction == "fwd":
+            run_forward_candidate(kernel, BT, cfg, candidate_fwd_inputs())
+        else:
+            run_backward_candidate(kernel, BT, cfg, *candidate_bwd_inputs())
+        torch.cuda.synchronize()
+    except Exception:     # the test's own call meets it again and reports it
+        pass
+
+
 @pytest.mark.parametrize("BT", [32, 64])
 @pytest.mark.parametrize("kernel", ["chunk_fwd", "chunk_fwd_compact"])
-def test_every_forward_candidate_config_agrees(kernel, BT):
+def test_every_forward_candidate_config_agrees(kernel, BT, compile_pool):
     """Every config the sweep may pick for a forward chunk kernel gives the right forward, and so does
     the default. On the H100 both kernels at chunk 64 with 8 warps put rows up to 0.5
     off at this steep-gate draw, not the same rows twice, or hit illegal memory accesses: a Triton
     miscompile (configs.miscompiled), which the sweep prunes and launch_config never launches."""
-    B, T, H, K, V, M = (2, 242, 1, 128, 64, 5) if ON_GPU else (1, 70, 1, 40, 24, 5)
+    B, T, H, K, V, M = _CANDIDATE_FWD_SHAPE
     dtype = torch.float16
-    q, k, v, s, g, hk0, hv0 = make_inputs(B, T, H, K, V, M, dtype, "steep", seed=699, initial_state=True)
+    inputs = candidate_fwd_inputs()
+    q, k, v, s, g, hk0, hv0 = inputs
     space = candidate_configs(kernel, K, V, M, BT, dtype, seqs=B * H)
+    compile_pool(compile_candidate, [("fwd", kernel, BT, cfg) for cfg in space])
     ro, _ = naive_recurrent_gsa(*(x.double() for x in (q, k, v, s, g)), initial_state=(hk0.double(), hv0.double()))
     bad = {}
     for cfg in space:
-        ins = [x.to(DEVICE) for x in (q, k, v, s, g)]
-        if kernel == "chunk_fwd":
-            ins[0].requires_grad_()      # the training path's forward
-        with override({kernel: cfg}), torch.set_grad_enabled(kernel == "chunk_fwd"):
-            o, _ = chunk_gsa(*ins, initial_state=(hk0.to(DEVICE), hv0.to(DEVICE)), chunk_size=BT)
-        assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
-        err = rel_err(o, ro)
+        err = rel_err(run_forward_candidate(kernel, BT, cfg, inputs), ro)
         if err > BOUNDS[dtype][0]:
             bad[config_label(cfg)] = f"{err:.1e}"
     assert not bad, f"{kernel} chunk {BT}: {len(bad)} of {len(space)} configs off: {bad}"
 
 
-_CANDIDATE_BWD_SHAPE = (2, 242, 1, 128, 64, 16) if ON_GPU else (1, 70, 1, 40, 24, 16)
 _candidate_bwd_reference = {}
 
 
@@ -400,9 +445,7 @@ def candidate_bwd_case():
     built once: the float64 autograd of the recurrence is the slow part, and every config of every
     kernel checks against the same numbers."""
     if not _candidate_bwd_reference:
-        B, T, H, K, V, M = _CANDIDATE_BWD_SHAPE
-        leaves = make_inputs(B, T, H, K, V, M, torch.float16, "model", seed=812)
-        do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(813)).to(torch.float16)
+        leaves, do = candidate_bwd_inputs()
         ref = [x.double().requires_grad_() for x in leaves]
         ro, _ = naive_recurrent_gsa(*ref[:5], initial_state=tuple(ref[5:]))
         ro.backward(do.double())
@@ -412,7 +455,7 @@ def candidate_bwd_case():
 
 @pytest.mark.parametrize("BT", [32, 64])
 @pytest.mark.parametrize("kernel", ["chunk_bwd_dscores", "chunk_bwd_keys", "chunk_bwd_values"])
-def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
+def test_every_backward_chunk_candidate_config_agrees(kernel, BT, compile_pool):
     """The backward twin of the test above: every config the sweep may pick for a backward chunk
     kernel, and the default, gives every gradient within the bound. Their default at chunk 64 is
     8 warps, the warp count that Triton 3.6 miscompiles in the forward chunk kernels on the H100."""
@@ -420,13 +463,10 @@ def test_every_backward_chunk_candidate_config_agrees(kernel, BT):
     dtype = torch.float16
     case = candidate_bwd_case()
     space = candidate_configs(kernel, K, V, M, BT, dtype, seqs=B * H)
+    compile_pool(compile_candidate, [("bwd", kernel, BT, cfg) for cfg in space])
     bad = {}
     for cfg in space:
-        ins = [x.detach().clone().to(DEVICE).requires_grad_() for x in case["leaves"]]   # fresh .grad per config
-        with override({kernel: cfg}):
-            o, _ = chunk_gsa(*ins[:5], initial_state=tuple(ins[5:]), chunk_size=BT)
-            o.backward(case["do"].to(DEVICE))
-        assert last_launches()[kernel]["config"] == cfg, f"{kernel} did not launch: {last_launches()}"
+        ins = run_backward_candidate(kernel, BT, cfg, case["leaves"], case["do"])
         errors = {n: rel_err(x.grad, r) for n, x, r in zip(GRAD_NAMES, ins, case["grads"])}
         worst = max(errors, key=errors.get)
         if errors[worst] > BOUNDS[dtype][1]:
