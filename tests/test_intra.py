@@ -57,3 +57,11 @@ def test_intra_helpers_match_definition(BT, BM, gate):
     for name, got, ref in zip(["apply_causal", "matrix_causal", "apply_anticausal"], outs, want):
         err = ((got.double().cpu() - ref).norm() / ref.norm()).item()
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_intra_probe_matches_definition():
+    """benchmarks/intra_probe.py times the slot work split out of the chunk kernels: it must compute
+    that work (forward: scores, softmax, Av; backward: dA and the anticausal product)."""
+    from benchmarks import intra_probe
+    errors = intra_probe.check(DEVICE)
+    assert max(errors.values()) < 1e-6, errors
