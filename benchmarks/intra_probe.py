@@ -5,8 +5,8 @@
 Each chunk kernel runs its intra-chunk helpers (kernels/intra.py) inside a program that also holds the
 K / V loops' tiles: 231-255 registers and two programs an SM (`python -m tuning.registers`), so the
 helpers' chain of log2(BT) dependent levels has little to hide its latency behind. At shape d that part
-of the step (the time that does not scale with K and V) is about half of it (docs/history/perf-notes.md,
-"Session 28"). Split into a kernel of its own, the same work would hold a few [BT, BM] tiles and fit
+of the step (the time that does not scale with K and V) is about half of it (docs/history/perf-notes.md:
+"The profile at d and a"). Split into a kernel of its own, the same work would hold a few [BT, BM] tiles and fit
 many programs an SM; it would cost the bytes of its inputs and outputs instead. This probe times that
 kernel at a shape's chunk grid, so the split can be judged before it is built:
 

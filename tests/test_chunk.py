@@ -370,6 +370,7 @@ _CANDIDATE_BWD_SHAPE = (2, 242, 1, 128, 64, 16) if ON_GPU else (1, 70, 1, 40, 24
 
 
 def candidate_fwd_inputs():
+    """(q, k, v, s, g, hk0, hv0) of the forward candidate test: steep gates, where miscompiles showed."""
     return make_inputs(*_CANDIDATE_FWD_SHAPE, torch.float16, "steep", seed=699, initial_state=True)
 
 
