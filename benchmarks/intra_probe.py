@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from gsa_kernels.kernels.intra import apply_anticausal, apply_causal, load_gates, load_rows, matrix_causal
+from reference.quadratic import causal_decay
 
 SHAPES = {"a": (8, 2048, 4, 64), "c": (2, 8192, 4, 64), "d": (32, 512, 4, 64)}   # B, T, H, M
 
@@ -89,9 +90,7 @@ def expected(case, H, BT, backward):
     G, s, x, A = (t.double().cpu() for t in case)
     chunks = A.shape[0]
     G, s, x = (t.reshape(chunks, BT, H, -1).transpose(1, 2) for t in (G, s, x))    # [chunks, H, BT, M]
-    d = G[:, :, :, None, :] - G[:, :, None, :, :]                                    # [c, h, i, j, m]
-    causal = torch.ones(BT, BT, dtype=torch.bool).tril()[:, :, None]
-    decay = torch.where(causal, d, torch.full_like(d, -torch.inf)).exp()
+    decay = causal_decay(G)                                                          # [c, h, i, j, m]
     if backward:
         square = torch.einsum('chim,chjm,chijm->chij', x, s, decay)
         rows = torch.einsum('chij,chim,chijm->chjm', A, x, decay)

@@ -11,7 +11,7 @@ import torch
 from gsa_kernels.torch_common import masked_exp, run_per_sequence
 
 
-def _causal_decay(gc: torch.Tensor) -> torch.Tensor:
+def causal_decay(gc: torch.Tensor) -> torch.Tensor:
     """exp(Gc_t - Gc_j) for j <= t, exactly 0 above the diagonal: [B, H, T, T, M] from gc [B, H, T, M].
 
     The difference is masked before exp, so the positive exponents above the diagonal (which
@@ -29,7 +29,7 @@ def _quadratic_core(q, k, v, s, g, scale, hk0, hv0):
     q, k, v, s, g = (x.transpose(1, 2) for x in (q, k, v, s, g))       # [B, H, T, *]
     gc = g.cumsum(2)                                                     # Gc_t, log decay since t=0
     # w[t, j, m] = s_j[m] exp(Gc_t - Gc_j): how much of step j's slot write survives at step t
-    w = s[:, :, None, :, :] * _causal_decay(gc)                          # [B, H, t, j, M]
+    w = s[:, :, None, :, :] * causal_decay(gc)                          # [B, H, t, j, M]
 
     # keys side: scores over slots, then the slot softmax
     qk = q @ k.transpose(-1, -2)                                         # [B, H, t, j]
