@@ -6,7 +6,7 @@
 #               packing its results into $OUT/fla_autotune.tgz until it ends or DEADLINE seconds pass
 #     fla-wait  wait for that warm-up (DEADLINE) and pack it, so that a bench step after it times FLA
 #               with its tuned configs and nothing else on the GPU while FLA tunes
-#     tests     the test suite on CUDA (default targets: tests)
+#     tests     the test suite on CUDA (default targets: tests) at HYPOTHESIS_PROFILE=triage unless set
 #     sweep     python -m tuning.sweep --arch sm90 SWEEP_ARGS into $OUT/sm90.yaml (e.g. "--seed
 #               tuned_configs/sm90.yaml --kernels states_bwd --shapes bench --dtypes bf16 --max-candidates 1
 #               --compile-backend off"); the steps after it read that file (GSA_KERNELS_TUNED_CONFIGS)
@@ -104,7 +104,9 @@ for step in ${steps//,/ }; do
       wait_for_warm ;;
     tests)
       [ $# -gt 0 ] || set -- tests
-      python3 -m pytest -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/tests.log" || status=1 ;;
+      # triage unless told otherwise: at the default profile (60 examples, each compiling its own
+      # specializations) test_chunk_matches_naive alone outlasts a 10-minute call
+      HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-triage} python3 -m pytest -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/tests.log" || status=1 ;;
     sweep)
       python3 -m tuning.sweep --arch sm90 ${SWEEP_ARGS:-} --output "$OUT/sm90.yaml" 2>&1 | tee "$OUT/sweep.log" || status=1
       export GSA_KERNELS_TUNED_CONFIGS=$OUT/sm90.yaml ;;
@@ -129,7 +131,7 @@ for step in ${steps//,/ }; do
       rm -rf /tmp/ab && mkdir -p /tmp/ab
       cp -r gsa_kernels reference tuning benchmarks tuned_configs tests docs examples README.md pyproject.toml /tmp/ab/
       if (cd /tmp/ab && patch -p1 --quiet --forward -i "$OLDPWD/${AB_PATCH:?set AB_PATCH}"); then
-        [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
+        [ -n "${AB_TESTS:-}" ] && (cd /tmp/ab && HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-triage} PYTHONPATH=/tmp/ab:/tmp/site python3 -m pytest -q -rs $AB_TESTS) 2>&1 \
           | tee -a "$OUT/ab.log"
         # without a sweep each side runs its own tree's shipped file (a kernel the patch edits is stale
         # there and falls back to its defaults alone)
