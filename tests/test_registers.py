@@ -22,3 +22,15 @@ def test_the_decode_steps_kernels_are_compiled_with_the_given_tiles(BK):
         assert 16 <= r["regs"] <= 255 and r["stack"] >= 0 and r["local"] >= 0 and r["shared"] >= 0
         assert 1 <= r["programs_per_sm"] <= registers.BLOCKS_PER_SM
     assert by_kernel["decode_keys_kernel"]["programs_per_sm"] == registers.BLOCKS_PER_SM   # 1 warp, few registers
+
+
+def test_the_checkpoint_level_reaches_the_op():
+    # level 2 rebuilds the chunk states in the backward (a second forward walk) and walks the keys'
+    # and values' gradients apart; level 0 saves the states and walks both in one launch
+    def names(level):
+        launches = registers._child("record", {"shape": [1, 40, 1, 16, 16, 8], "dtype": "float32", "op": "chunk",
+                                               "configs": {}, "level": level}, interpret=True)
+        return [x["name"] for x in launches]
+    level0, level2 = names(0), names(2)
+    assert level0.count("states_fwd_kernel") == 1 and level0.count("states_bwd_kernel") == 1
+    assert level2.count("states_fwd_kernel") == 2 and level2.count("states_bwd_kernel") == 2

@@ -48,8 +48,9 @@ def _describe(x):
     raise TypeError(f"an argument of type {type(x).__name__}")
 
 
-def record(shape, dtype: str, op: str, configs: dict) -> list[dict]:
-    """The distinct launches of the op at shape [B, T, H, K, V, M] (run in the interpreter)."""
+def record(shape, dtype: str, op: str, configs: dict, level: int | None = None) -> list[dict]:
+    """The distinct launches of the op at shape [B, T, H, K, V, M] (run in the interpreter); level: the
+    chunk op's checkpoint_level (None: its default), whose forms of the backward kernels differ."""
     import torch
     from triton.runtime.interpreter import InterpretedFunction
     from gsa_kernels import checks, chunk_gsa, fused_recurrent_gsa, launches
@@ -75,8 +76,9 @@ def record(shape, dtype: str, op: str, configs: dict) -> list[dict]:
     try:
         xs = make_inputs(Shape(*shape), dtype, "cpu")
         fn = chunk_gsa if op == "chunk" else fused_recurrent_gsa
+        kw = {} if level is None else {"checkpoint_level": level}
         with launches.override(configs):
-            o = fn(*xs)[0]
+            o = fn(*xs, **kw)[0]
             torch.autograd.grad(o, xs, torch.randn_like(o))
             with torch.no_grad():
                 fn(*xs)
@@ -166,10 +168,11 @@ def _child(what: str, payload: dict, interpret: bool):
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def report(shape, dtype: str, op: str, configs: dict, arch: int = 90) -> list[dict]:
+def report(shape, dtype: str, op: str, configs: dict, arch: int = 90, level: int | None = None) -> list[dict]:
     """One row per distinct launch: recorded in an interpreter child, compiled in a child without the
     interpreter (the kernels must be imported as JIT functions), whatever this process runs under."""
-    launches = _child("record", {"shape": shape, "dtype": dtype, "op": op, "configs": configs}, interpret=True)
+    launches = _child("record", {"shape": shape, "dtype": dtype, "op": op, "configs": configs, "level": level},
+                      interpret=True)
     return _child("compile", {"launches": launches, "arch": arch}, interpret=False)
 
 
@@ -192,13 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--entry", default=None, help="a tuned file: take the configs of its entry for --entry-shape")
     p.add_argument("--entry-shape", default=None, help="B,T,H,K,V,M of that entry")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    p.add_argument("--checkpoint-level", type=int, choices=(0, 1, 2), default=None,
+                   help="the chunk op's checkpoint_level (default: its own default)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--record", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compile", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.record:
         cfg = json.loads(args.record)
-        print(json.dumps(record(cfg["shape"], cfg["dtype"], cfg["op"], cfg["configs"])))
+        print(json.dumps(record(cfg["shape"], cfg["dtype"], cfg["op"], cfg["configs"], cfg.get("level"))))
         return 0
     if args.compile:
         cfg = json.loads(args.compile)
@@ -212,8 +217,11 @@ def main(argv=None) -> int:
         K, V, M = entry_shape[3:]
     else:
         K, V, M = (int(x) for x in args.shape.split(","))
-    rows = report([1, args.T, 1, K, V, M], dtype, args.op, configs, args.arch)
-    print(f"# sm_{args.arch}, [1, {args.T}, 1, {K}, {V}, {M}] {dtype}, op {args.op}")
+    if args.checkpoint_level is not None and args.op != "chunk":
+        p.error("--checkpoint-level: only for --op chunk")
+    rows = report([1, args.T, 1, K, V, M], dtype, args.op, configs, args.arch, args.checkpoint_level)
+    level = "" if args.checkpoint_level is None else f", checkpoint level {args.checkpoint_level}"
+    print(f"# sm_{args.arch}, [1, {args.T}, 1, {K}, {V}, {M}] {dtype}, op {args.op}{level}")
     print(f"{'kernel':28s} {'regs':>5s} {'stack B':>7s} {'smem KB':>8s} {'warps':>5s} {'stages':>6s} {'progs/SM':>8s} "
           f"{'cvt':>4s}  tiles")
     for r, shown in zip(rows, _shown(rows)):
